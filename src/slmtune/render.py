@@ -1,0 +1,207 @@
+"""The one place a canonical record becomes text and tokens — for training, eval, merge checks and serving.
+
+What the model sees in training is byte-for-byte what it sees in use:
+
+* `prompt_text(r, rec)` — every message before the target, rendered with the tokenizer's own chat template
+  and its generation prompt (e.g. ``<|im_start|>assistant\\n``);
+* `target_text(r, rec)` — the target assistant turn as the template closes it (e.g. ``...<|im_end|>\\n``);
+* `encode(r, rec, max_length)` — prompt tokens + target tokens, labels = -100 on the prompt. The two parts are
+  tokenized separately, exactly as generation sees them (prompt in, target out), so no BPE merge crosses the
+  boundary.
+
+**Tools when the template ignores them** (SmolLM2's and most small models' do). Then slmtune uses one
+documented format, the Hermes/Qwen convention most open models are already familiar with:
+
+* the tool specs go at the end of the system turn (a system turn is added when there is none)::
+
+      # Tools
+
+      You may call one or more functions. Function signatures, one per line, inside <tools></tools>:
+      <tools>
+      {"type": "function", "function": {"name": "get_weather", ...}}
+      </tools>
+      To call a function, reply with one JSON object per call inside <tool_call></tool_call> tags:
+      <tool_call>
+      {"name": "<function-name>", "arguments": <arguments-json-object>}
+      </tool_call>
+
+* an assistant tool call becomes ``<tool_call>\\n{"name": "get_weather", "arguments": {"city": "Paris"}}\\n</tool_call>``
+  (one block per call, after any text; JSON with `json.dumps` default separators);
+* a `tool` message becomes a `user` turn ``<tool_response>\\n...\\n</tool_response>``.
+
+When the template does handle `tools` / `tool_calls` natively (Qwen3, Llama 3.2…), the template is used as is,
+with `arguments` decoded to objects as those templates expect. `parse_output` reads the model's text back into
+an assistant message in either case.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from slmtune.errors import SlmtuneError
+from slmtune.records import split_prompt_target
+
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions. Function signatures, one per line, inside <tools></tools>:\n"
+    "<tools>\n{tools}\n</tools>\n"
+    "To call a function, reply with one JSON object per call inside <tool_call></tool_call> tags:\n"
+    '<tool_call>\n{{"name": "<function-name>", "arguments": <arguments-json-object>}}\n</tool_call>'
+)
+_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """A tokenizer plus how its chat template treats tools (decided once, from the template text)."""
+
+    tokenizer: Any
+    native_tools: bool
+    native_tool_calls: bool
+
+    @property
+    def mode(self) -> str:
+        return "native" if self.native_tools and self.native_tool_calls else "slmtune-hermes"
+
+
+def make_renderer(tokenizer) -> Renderer:
+    template = tokenizer.chat_template
+    if not template or not isinstance(template, str):
+        raise SlmtuneError(
+            "The tokenizer has no chat template.", "Use an instruct/chat model or add `chat_template` to its tokenizer."
+        )
+    return Renderer(tokenizer, native_tools="tools" in template, native_tool_calls="tool_calls" in template)
+
+
+def format_call(call: dict) -> str:
+    fn = call["function"]
+    return "<tool_call>\n" + json.dumps({"name": fn["name"], "arguments": _decode(fn.get("arguments"))},
+                                        ensure_ascii=False) + "\n</tool_call>"
+
+
+def _decode(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return {} if arguments is None else arguments
+
+
+def _fallback_message(m: dict) -> dict:
+    role, content = m["role"], m.get("content") or ""
+    if role == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"}
+    if role == "assistant" and m.get("tool_calls"):
+        blocks = "\n".join(format_call(c) for c in m["tool_calls"])
+        return {"role": "assistant", "content": f"{content}\n{blocks}" if content else blocks}
+    return {"role": role, "content": content}
+
+
+def _native_message(m: dict) -> dict:
+    out = {k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
+    out["content"] = out.get("content") or ""
+    if m.get("tool_calls"):
+        out["tool_calls"] = [
+            {**c, "function": {**c["function"], "arguments": _decode(c["function"].get("arguments"))}}
+            for c in m["tool_calls"]
+        ]
+    return out
+
+
+def chat_messages(r: Renderer, messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], list | None]:
+    """Messages (and tools, when native) as the template should receive them."""
+    if r.native_tools and r.native_tool_calls:
+        return [_native_message(m) for m in messages], tools or None
+    msgs = [_fallback_message(m) for m in messages]
+    if tools:
+        block = TOOLS_PREAMBLE.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if msgs and msgs[0]["role"] == "system":
+            msgs[0] = {"role": "system", "content": f"{msgs[0]['content']}\n\n{block}"}
+        else:
+            msgs.insert(0, {"role": "system", "content": block})
+    return msgs, None
+
+
+def _apply(r: Renderer, messages: list[dict], tools: list | None, generation_prompt: bool) -> str:
+    kwargs = {"tools": tools} if tools else {}
+    try:
+        return r.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+        )
+    except Exception as e:  # jinja raises TemplateError / ValueError for roles it refuses
+        raise SlmtuneError(f"The chat template refused these messages: {e}") from None
+
+
+def prompt_text(r: Renderer, rec: dict) -> str:
+    prompt, _ = split_prompt_target(rec)
+    msgs, tools = chat_messages(r, prompt, rec.get("tools"))
+    return _apply(r, msgs, tools, generation_prompt=True)
+
+
+def target_text(r: Renderer, rec: dict) -> str:
+    """The target turn's text, closed as the template closes an assistant turn."""
+    prompt, target = split_prompt_target(rec)
+    msgs, tools = chat_messages(r, [*prompt, target], rec.get("tools"))
+    full = _apply(r, msgs, tools, generation_prompt=False)
+    head = prompt_text(r, rec)
+    if full.startswith(head):
+        return full[len(head):]
+    # Templates that rewrite history (e.g. strip reasoning) break the prefix property; fall back to the
+    # content closed by EOS, which is what generation stops on anyway.
+    return msgs[-1]["content"] + (r.tokenizer.eos_token or "")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    n_prompt: int
+    n_target: int
+    truncated: bool
+
+
+def encode(r: Renderer, rec: dict, max_length: int) -> Encoded:
+    """Prompt + target tokens with the loss mask. Over-long examples lose prompt tokens from the left (the
+    target is what we learn), then target tokens from the right if the target alone is too long."""
+    tok = r.tokenizer
+    p = tok(prompt_text(r, rec), add_special_tokens=False)["input_ids"]
+    t = tok(target_text(r, rec), add_special_tokens=False)["input_ids"]
+    truncated = len(p) + len(t) > max_length
+    if truncated:
+        t = t[:max_length - 1] if len(t) >= max_length else t
+        p = p[len(p) - (max_length - len(t)):] if max_length - len(t) > 0 else []
+    return Encoded(p + t, [-100] * len(p) + list(t), len(p), len(t), truncated)
+
+
+def check_mask(enc: Encoded, where: str) -> None:
+    """A training example must learn something and must not learn its prompt."""
+    if enc.n_target == 0:
+        raise SlmtuneError(f"{where}: the loss mask is empty (no target tokens).",
+                           "The last assistant message renders to nothing; check the record.")
+    if enc.n_prompt == 0:
+        raise SlmtuneError(f"{where}: the loss mask covers the whole sequence (no prompt tokens left).",
+                           "Raise `data.max_length` so the prompt fits beside the target.")
+
+
+def parse_output(text: str) -> dict:
+    """Model text → assistant message {"role", "content", "tool_calls"?}. Unparseable calls are kept as raw
+    `arguments` strings so callers can score them as parse failures."""
+    calls, n = [], 0
+    for m in _CALL_RE.finditer(text):
+        body = m.group(1).strip()
+        try:
+            obj = json.loads(body)
+            name, args = obj.get("name"), obj.get("arguments", {})
+            args_s = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        except (json.JSONDecodeError, AttributeError):
+            name, args_s = None, body
+        calls.append({"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": args_s}})
+        n += 1
+    content = _CALL_RE.sub("", text).strip() if calls else text.strip()
+    msg: dict = {"role": "assistant", "content": content or None}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg

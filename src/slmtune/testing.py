@@ -1,0 +1,130 @@
+"""A tiny Llama-architecture model and tokenizer, built fully offline, for tests, CI and quick tries.
+
+`build_tiny_model(out_dir)` writes a normal Hugging Face checkpoint folder (config, safetensors, tokenizer with
+a ChatML chat template) that every stage loads like any real model. It is random-initialised, so what it
+generates is noise until trained — which is exactly what the tests need: a small loss that can fall.
+
+Sizes: hidden 32, 2 layers, 4 heads, vocab ~600 → ~60k parameters; one training step takes milliseconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# ChatML like SmolLM2's: it ignores `tools`, so the tools-in-system-turn fallback of `slmtune.render` is what
+# the tests exercise, as it is for the default SLM. `{% generation %}` marks the assistant tokens.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+_CORPUS = [
+    "You are a helpful assistant. Call the tool get_weather with the city and unit.",
+    '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+    "<tool_call> </tool_call> <tools> </tools> <tool_response> </tool_response>",
+    "What is the weather in Berlin, London, Tokyo, Madrid, Rome, Oslo, Lima, Cairo?",
+    "Classify the sentiment: positive negative neutral. Extract category urgency product.",
+    "The quick brown fox jumps over the lazy dog 0123456789 {}[]:,\"' .!?-_/\\",
+    "system user assistant tool function arguments parameters type object string integer",
+]
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on a few lines of agent-like text (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|pad|>", unk_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Llama + tokenizer checkpoint to `out_dir`; returns the folder."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"],
+        },
+    },
+}
+_CITIES = ["Paris", "Berlin", "London", "Tokyo", "Madrid", "Rome", "Oslo", "Lima", "Cairo", "Lisbon", "Vienna",
+           "Prague", "Dublin", "Athens", "Seoul", "Delhi"]
+_ASKS = ["What is the weather in {c}?", "How warm is it in {c} right now?", "Weather for {c} please",
+         "Is it raining in {c}?", "Tell me the temperature in {c}, in {u}."]
+
+
+def weather_records(n: int, seed: int = 0) -> list[dict]:
+    """`n` canonical tool-calling records (a learnable errand: the city in the question is the argument)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        city, unit = rng.choice(_CITIES), rng.choice(["celsius", "fahrenheit"])
+        ask = rng.choice(_ASKS)
+        args = {"city": city, "unit": unit} if "{u}" in ask else {"city": city}
+        call = {"id": f"call_{i}", "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps(args)}}
+        out.append({
+            "id": f"weather-{seed}-{i}",
+            "messages": [
+                {"role": "system", "content": "You are a weather assistant. Use the tools."},
+                {"role": "user", "content": ask.format(c=city, u=unit)},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+            ],
+            "tools": [WEATHER_TOOL],
+            "meta": {"source": "slmtune.testing"},
+        })
+    return out

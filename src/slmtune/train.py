@@ -1,0 +1,170 @@
+"""`slmtune train`: a recipe in, a LoRA / QLoRA adapter and a documented run directory out.
+
+Run directory (`output.dir`)::
+
+    adapter/            peft adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
+    checkpoints/        Trainer checkpoints (every `train.save_steps`), what `--resume` continues from
+    recipe.yaml         the resolved recipe (absolute paths)
+    manifest.json       base model, quantization, render mode, data fingerprints, task tags, library versions
+    metrics.json        train/eval loss history, tokens, wall time, tokens/s, peak memory
+    loss.png            the loss curve
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from slmtune.dataset import Example, encode_records, to_dataset, token_stats
+from slmtune.errors import SlmtuneError
+from slmtune.models import BaseRef, bf16_fast, load_model, load_tokenizer, pick_dtype, resolve_base
+from slmtune.recipe import Recipe
+from slmtune.render import Renderer, make_renderer
+from slmtune.runinfo import last_checkpoint, peak_memory_mb, write_run_files
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class Prepared:
+    ref: BaseRef
+    renderer: Renderer
+    train: list[Example]
+    eval: list[Example]
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Resolve the base model, load its tokenizer, render and mask every example (fails on a bad one)."""
+    ref = resolve_base(recipe.model.base, recipe.model.gguf_file)
+    renderer = make_renderer(load_tokenizer(ref, recipe.model.trust_remote_code))
+    train = encode_records(renderer, recipe.data.train, recipe.data.max_length)
+    evals = encode_records(renderer, recipe.data.eval, recipe.data.max_length) if recipe.data.eval else []
+    return Prepared(ref, renderer, train, evals)
+
+
+def dry_run(recipe: Recipe, out: Console) -> Prepared:
+    """Validate recipe and data, show two rendered examples with their loss masks and the token counts."""
+    prep = prepare(recipe)
+    for ex in prep.train[:2]:
+        out.rule(f"{ex.where}  id={ex.id}")
+        out.print(_masked_text(prep.renderer, ex))
+    table = Table(title=f"{recipe.name}: {prep.ref.name} · render mode {prep.renderer.mode}")
+    for col in ("split", "examples", "tokens", "target tokens", "max tokens", "truncated"):
+        table.add_column(col, justify="right")
+    for split, exs in (("train", prep.train), ("eval", prep.eval)):
+        if exs:
+            s = token_stats(exs)
+            table.add_row(split, *map(str, (s.n_examples, s.tokens, s.target_tokens, s.max_tokens, s.n_truncated)))
+    out.print(table)
+    out.print("[dim]Legend: [green]green[/green] tokens carry the loss; the rest is prompt. Dry run: not training.")
+    return prep
+
+
+def _masked_text(r: Renderer, ex: Example) -> Text:
+    text = Text()
+    tok = r.tokenizer
+    text.append(tok.decode(ex.enc.input_ids[:ex.enc.n_prompt]), style="dim")
+    text.append(tok.decode(ex.enc.input_ids[ex.enc.n_prompt:]), style="bold green")
+    return text
+
+
+def train(recipe: Recipe, resume: bool = False) -> TrainResult:
+    run_dir = recipe.output.dir
+    ckpt_root = run_dir / "checkpoints"
+    ckpt = last_checkpoint(ckpt_root)
+    if resume and ckpt is None:
+        raise SlmtuneError(f"--resume: no checkpoint in {ckpt_root}.",
+                           "Set `train.save_steps` so runs leave checkpoints, or drop --resume.")
+    if not resume and ckpt is not None:
+        raise SlmtuneError(f"{run_dir} already holds checkpoints of a run.",
+                           "Pass --resume to continue it, or choose another `output.dir`.")
+    prep = prepare(recipe)
+    trainer = _build_trainer(recipe, prep, ckpt_root)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    wall = time.perf_counter() - start
+    eval_metrics = trainer.evaluate() if prep.eval else {}
+    adapter_dir = run_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    prep.renderer.tokenizer.save_pretrained(adapter_dir)
+    metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt)
+    write_run_files(recipe, prep, metrics)
+    return TrainResult(run_dir, adapter_dir, metrics)
+
+
+def _precision(recipe: Recipe) -> str:
+    p = recipe.train.precision
+    return ("bf16" if bf16_fast() else "fp32") if p == "auto" else p
+
+
+def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path):
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    t, precision = recipe.train, _precision(recipe)
+    dtype = pick_dtype(recipe.model.dtype)
+    model = load_model(prep.ref, recipe.model.quantization, dtype, recipe.model.trust_remote_code)
+    lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                      target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(ckpt_root),
+        num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.lr,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, warmup_steps=min(t.warmup_ratio, 0.999),
+        lr_scheduler_type=t.scheduler, seed=t.seed, data_seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if (t.eval_steps and prep.eval) else "no", eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not _cuda(),
+        max_length=recipe.data.max_length, packing=recipe.data.packing, packing_strategy="bfd",
+        padding_free=recipe.data.packing,
+        train_sampling_strategy="random" if recipe.data.packing else "group_by_length",
+        report_to="none", disable_tqdm=False, dataloader_num_workers=0,
+    )
+    return SFTTrainer(
+        model=model, args=args, processing_class=prep.renderer.tokenizer, peft_config=lora,
+        train_dataset=to_dataset(prep.train), eval_dataset=to_dataset(prep.eval) if prep.eval else None,
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _metrics(trainer, prep: Prepared, wall: float, eval_metrics: dict, resumed_from: Path | None) -> dict:
+    state = trainer.state
+    history = [h for h in state.log_history if "loss" in h]
+    stats = token_stats(prep.train)
+    epochs_done = state.epoch or 0
+    # Tokens actually trained this process: examples seen × mean tokens/example (packing drops no tokens).
+    examples_seen = epochs_done * stats.n_examples
+    tokens_seen = examples_seen * stats.tokens / max(stats.n_examples, 1)
+    return {
+        "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history],
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "global_step": state.global_step,
+        "epochs": epochs_done,
+        "train_examples": stats.n_examples,
+        "train_tokens_per_epoch": stats.tokens,
+        "target_tokens_per_epoch": stats.target_tokens,
+        "tokens_seen": round(tokens_seen),
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(tokens_seen / wall, 2) if wall > 0 else None,
+        "peak_memory_mb": peak_memory_mb(),
+        "resumed_from": str(resumed_from) if resumed_from else None,
+    }

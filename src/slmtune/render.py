@@ -165,14 +165,15 @@ class Encoded:
 
 def encode(r: Renderer, rec: dict, max_length: int) -> Encoded:
     """Prompt + target tokens with the loss mask. Over-long examples lose prompt tokens from the left (the
-    target is what we learn), then target tokens from the right if the target alone is too long."""
+    target is what we learn); a target that alone fills `max_length` leaves no prompt, which `check_mask`
+    rejects."""
     tok = r.tokenizer
     p = tok(prompt_text(r, rec), add_special_tokens=False)["input_ids"]
     t = tok(target_text(r, rec), add_special_tokens=False)["input_ids"]
     truncated = len(p) + len(t) > max_length
     if truncated:
-        t = t[:max_length - 1] if len(t) >= max_length else t
-        p = p[len(p) - (max_length - len(t)):] if max_length - len(t) > 0 else []
+        t = t[:max_length]
+        p = p[len(p) - (max_length - len(t)):] if len(t) < max_length else []
     return Encoded(p + t, [-100] * len(p) + list(t), len(p), len(t), truncated)
 
 

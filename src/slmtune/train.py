@@ -90,6 +90,8 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
                            "Pass --resume to continue it, or choose another `output.dir`.")
     prep = prepare(recipe)
     trainer = _build_trainer(recipe, prep, ckpt_root)
+    counter = _step_counter()
+    trainer.add_callback(counter)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     wall = time.perf_counter() - start
@@ -98,8 +100,22 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     trainer.model.save_pretrained(adapter_dir)
     prep.renderer.tokenizer.save_pretrained(adapter_dir)
     metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt)
+    metrics["steps_this_run"] = counter.steps
     write_run_files(recipe, prep, metrics)
     return TrainResult(run_dir, adapter_dir, metrics)
+
+
+def _step_counter():
+    """A callback counting optimizer steps taken by this process (a resumed run takes only the rest)."""
+    from transformers import TrainerCallback
+
+    class StepCounter(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    return StepCounter()
 
 
 def _precision(recipe: Recipe) -> str:
@@ -167,4 +183,5 @@ def _metrics(trainer, prep: Prepared, wall: float, eval_metrics: dict, resumed_f
         "tokens_per_s": round(tokens_seen / wall, 2) if wall > 0 else None,
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from": str(resumed_from) if resumed_from else None,
+        "resumed_from_step": int(resumed_from.name.rsplit("-", 1)[1]) if resumed_from else 0,
     }

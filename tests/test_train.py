@@ -1,0 +1,179 @@
+"""`slmtune train` and `slmtune merge` for real on the tiny model: LoRA, QLoRA (NF4 on the CPU), resume, merge."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from slmtune.cli import app
+from slmtune.jsonl import write_jsonl
+from slmtune.recipe import load_recipe
+from slmtune.testing import weather_records
+
+RECIPE = """\
+name: tiny-weather
+task: {{name: weather, category: tool_calling}}
+model: {{base: {model}, quantization: {quant}}}
+data: {{train: train.jsonl, eval: eval.jsonl, max_length: 512, packing: true}}
+lora: {{r: 8, alpha: 16, dropout: 0.0}}
+train: {{epochs: 3, lr: 2.0e-2, batch_size: 4, warmup_ratio: 0.0, scheduler: constant, save_steps: {save}}}
+output: {{dir: {out}}}
+"""
+
+
+def make_recipe(folder: Path, model: Path, quant="none", save="null", n=16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "train.jsonl", weather_records(n, seed=0))
+    write_jsonl(folder / "eval.jsonl", weather_records(4, seed=1))
+    path = folder / "recipe.yaml"
+    path.write_text(RECIPE.format(model=model, quant=quant, save=save, out=folder / "run"))
+    return path
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    return result
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [h["loss"] for h in json.loads((run_dir / "metrics.json").read_text())["train_loss"]]
+
+
+def assert_lora_trained(adapter_dir: Path):
+    """peft initialises every lora_B to zero: after training each must have moved."""
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    b = {k: v for k, v in tensors.items() if "lora_B" in k}
+    assert b and len(b) == sum("lora_A" in k for k in tensors)
+    assert all(v.abs().sum() > 0 for v in b.values()), [k for k, v in b.items() if v.abs().sum() == 0]
+    assert not any("base_layer" in k or "embed_tokens" in k for k in tensors), "only adapter weights are saved"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, tmp_path_factory):
+    recipe = make_recipe(tmp_path_factory.mktemp("lora"), tiny_model)
+    run_cli("train", recipe)
+    return recipe.parent / "run"
+
+
+def test_lora_loss_logged_and_fell(lora_run):
+    ls = losses(lora_run)
+    assert len(ls) >= 6
+    assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls
+
+
+def test_lora_run_dir_contract(lora_run):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "recipe.yaml", "metrics.json", "manifest.json", "loss.png"):
+        assert (lora_run / name).is_file(), name
+    m = json.loads((lora_run / "metrics.json").read_text())
+    assert m["eval_loss"] > 0 and m["tokens_seen"] > 0 and m["tokens_per_s"] > 0 and m["peak_memory_mb"] > 0
+    man = json.loads((lora_run / "manifest.json").read_text())
+    assert man["task"]["name"] == "weather" and man["quantization"] == "none"
+    assert man["render_mode"] == "slmtune-hermes" and man["data"]["train"]["records"] == 16
+    assert len(man["data"]["train"]["sha256"]) == 64 and man["versions"]["trl"]
+    assert load_recipe(lora_run / "recipe.yaml").name == "tiny-weather"  # the resolved recipe reloads
+    assert (lora_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lora_changed_adapters_not_base(lora_run, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert_lora_trained(lora_run / "adapter")
+    original = load_file(Path(tiny_model) / "model.safetensors")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), lora_run / "adapter")
+    base_sd = peft_model.get_base_model().state_dict()
+    checked = 0
+    for key, before in original.items():
+        peft_key = key.replace(".weight", ".base_layer.weight")
+        after = base_sd.get(peft_key, base_sd.get(key))
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+        checked += 1
+    assert checked == len(original)
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_model, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_model, quant="4bit")
+    run_cli("train", recipe)
+    run = tmp_path / "run"
+    ls = losses(run)
+    assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls
+    assert json.loads((run / "manifest.json").read_text())["quantization"] == "4bit"
+    assert_lora_trained(run / "adapter")
+
+
+def test_merge_verifies_and_reloads(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    run_cli("merge", lora_run, "-o", out)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["max_abs_logit_diff"] < report["logit_tolerance"]
+    assert report["greedy_identical"] and report["reload_greedy_identical"] and report["prompts_checked"] == 3
+    assert (out / "model.safetensors").is_file() and (out / "slmtune_render.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "tools" not in tok.chat_template and "<|im_start|>" in tok.chat_template  # the training template
+    ids = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    assert not any(k.endswith(("lora_A.weight", "lora_B.weight")) for k in load_file(out / "model.safetensors"))
+
+
+def test_merge_of_a_non_run_fails_cleanly(tmp_path):
+    result = CliRunner().invoke(app, ["merge", str(tmp_path), "-o", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "no manifest.json" in result.stderr and not (tmp_path / "m").exists()
+
+
+def test_dry_run_shows_examples_and_counts_without_training(tiny_model, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_model)
+    out = run_cli("train", recipe, "--dry-run").output
+    assert out.count("train.jsonl:") == 2 and "target tokens" in out and "<tool_call>" in out
+    assert "│ train │       16 │" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_record_names_file_and_line(tiny_model, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_model)
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.write('{"id": "x", "messages": [{"role": "bot", "content": "hi"}]}\n')
+    result = CliRunner().invoke(app, ["train", str(recipe), "--dry-run"])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'train.jsonl'}:17" in result.stderr and "'bot'" in result.stderr
+
+
+def test_resume_after_kill_9_continues_from_checkpoint(tiny_model, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_model, save=1, n=24)  # 6 steps/epoch × 3 epochs = 18 steps
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "slmtune.cli", "train", str(recipe)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_file(), "the run never wrote its first checkpoint"
+    assert not (tmp_path / "run" / "metrics.json").exists(), "killed before finishing"
+
+    refused = CliRunner().invoke(app, ["train", str(recipe)])
+    assert refused.exit_code == 1 and "--resume" in refused.stderr
+
+    run_cli("train", recipe, "--resume")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["resumed_from_step"] >= 1 and m["global_step"] == 18
+    assert m["steps_this_run"] == 18 - m["resumed_from_step"], m
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_model, tmp_path):
+    result = CliRunner().invoke(app, ["train", str(make_recipe(tmp_path, tiny_model)), "--resume"])
+    assert result.exit_code == 1 and "no checkpoint" in result.stderr

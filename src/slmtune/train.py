@@ -101,6 +101,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     prep.renderer.tokenizer.save_pretrained(adapter_dir)
     metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt)
     metrics["steps_this_run"] = counter.steps
+    metrics["batching"] = trainer.slmtune_data_mode
     write_run_files(recipe, prep, metrics)
     return TrainResult(run_dir, adapter_dir, metrics)
 
@@ -125,34 +126,93 @@ def _precision(recipe: Recipe) -> str:
 
 def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path):
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
-    t, precision = recipe.train, _precision(recipe)
-    dtype = pick_dtype(recipe.model.dtype)
-    model = load_model(prep.ref, recipe.model.quantization, dtype, recipe.model.trust_remote_code)
+    precision = _precision(recipe)
+    model = load_model(prep.ref, recipe.model.quantization, pick_dtype(recipe.model.dtype),
+                       recipe.model.trust_remote_code)
     lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                       target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
-    args = SFTConfig(
+    data = _data_mode(recipe, prep)
+    args = _sft_config(recipe, ckpt_root, precision, data, has_eval=bool(prep.eval))
+    trainer = trainer_class()(
+        model=model, args=args, processing_class=prep.renderer.tokenizer, peft_config=lora,
+        train_dataset=data["train"], eval_dataset=data["eval"], data_collator=data["collator"],
+    )
+    trainer.slmtune_data_mode = {"mode": data["mode"], "token_saving": round(data["saving"], 4)}
+    return trainer
+
+
+def _data_mode(recipe: Recipe, prep: Prepared) -> dict:
+    """Shared-prefix batches when they pay (see slmtune.prefix), else TRL's padding-free packing or padding."""
+    from datasets import Dataset
+
+    from slmtune import prefix
+
+    wanted = recipe.data.prefix_sharing
+    possible = world_size() == 1 and not recipe.train.gradient_checkpointing
+    if wanted == "on" and not possible:
+        raise SlmtuneError("data.prefix_sharing: on needs one process and train.gradient_checkpointing: false.",
+                           "Set data.prefix_sharing: auto.")
+    if wanted != "off" and possible:
+        plan = prefix.plan_batches([e.enc for e in prep.train], recipe.train.batch_size)
+        if wanted == "on" or prefix.worth_it(plan):
+            evals = prefix.plan_batches([e.enc for e in prep.eval], recipe.train.batch_size) if prep.eval else None
+            return {"mode": "prefix", "saving": 1 - plan.computed / plan.tokens,
+                    "train": Dataset.from_list(plan.batches),
+                    "eval": Dataset.from_list(evals.batches) if evals else None,
+                    "collator": prefix.collate(prep.renderer.tokenizer.pad_token_id)}
+    mode = "packing" if recipe.data.packing else "padding"
+    return {"mode": mode, "saving": 0.0, "train": to_dataset(prep.train),
+            "eval": to_dataset(prep.eval) if prep.eval else None, "collator": None}
+
+
+def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: dict, has_eval: bool):
+    from trl import SFTConfig
+
+    t, pre = recipe.train, data["mode"] == "prefix"
+    pack = data["mode"] == "packing"
+    return SFTConfig(
         output_dir=str(ckpt_root),
         num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.lr,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        per_device_train_batch_size=1 if pre else t.batch_size, per_device_eval_batch_size=1 if pre else t.batch_size,
         gradient_accumulation_steps=t.grad_accum, warmup_steps=min(t.warmup_ratio, 0.999),
         lr_scheduler_type=t.scheduler, seed=t.seed, data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if (t.eval_steps and prep.eval) else "no", eval_steps=t.eval_steps,
+        eval_strategy="steps" if (t.eval_steps and has_eval) else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not _cuda(),
-        max_length=recipe.data.max_length, packing=recipe.data.packing, packing_strategy="bfd",
-        padding_free=recipe.data.packing,
-        train_sampling_strategy="random" if recipe.data.packing else "group_by_length",
+        max_length=recipe.data.max_length, packing=pack, packing_strategy="bfd", padding_free=pack,
+        train_sampling_strategy="group_by_length" if data["mode"] == "padding" else "random",
+        dataset_kwargs={"skip_prepare_dataset": True} if pre else None,
+        remove_unused_columns=False, prediction_loss_only=True,
         report_to="none", disable_tqdm=False, dataloader_num_workers=0,
     )
-    return SFTTrainer(
-        model=model, args=args, processing_class=prep.renderer.tokenizer, peft_config=lora,
-        train_dataset=to_dataset(prep.train), eval_dataset=to_dataset(prep.eval) if prep.eval else None,
-    )
+
+
+def trainer_class():
+    """TRL's SFTTrainer, with the shared-prefix loss for batches that carry a `prefix_ids`."""
+    from trl import SFTTrainer
+
+    from slmtune import prefix
+
+    class SlmtuneTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "prefix_ids" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = prefix.loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages, the sum is wanted
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return SlmtuneTrainer
+
+
+def world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _cuda() -> bool:

@@ -118,15 +118,21 @@ def load_tokenizer(ref: BaseRef, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(ref: BaseRef, quantization: str = "none", dtype=None, trust_remote_code: bool = False):
-    """Load a causal LM for training or inference; 4bit = NF4 + double quant with bf16/fp32 compute (QLoRA)."""
+def load_model(ref: BaseRef, quantization: str = "none", dtype=None, trust_remote_code: bool = False,
+               fsdp: bool = False):
+    """Load a causal LM for training or inference; 4bit = NF4 + double quant with bf16/fp32 compute (QLoRA).
+
+    Under FSDP the 4-bit weights are stored in the compute dtype so FSDP can shard them, and no device map is
+    set (FSDP places the shards); otherwise a quantized model goes whole onto this process's device."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32}
     if quantization != "none":
-        kwargs["quantization_config"] = _bnb_config(quantization, kwargs["dtype"])
-        kwargs["device_map"] = {"": "cuda:0" if torch.cuda.is_available() else "cpu"}
+        kwargs["quantization_config"] = _bnb_config(quantization, kwargs["dtype"], fsdp)
+        if not fsdp:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            kwargs["device_map"] = {"": f"cuda:{local}" if torch.cuda.is_available() else "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
     except OSError as e:
@@ -134,7 +140,7 @@ def load_model(ref: BaseRef, quantization: str = "none", dtype=None, trust_remot
                            "Give a local checkpoint folder, or a hub id when the hub is reachable.") from None
 
 
-def _bnb_config(quantization: str, compute_dtype):
+def _bnb_config(quantization: str, compute_dtype, fsdp: bool = False):
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -143,4 +149,11 @@ def _bnb_config(quantization: str, compute_dtype):
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=compute_dtype if fsdp else torch_uint8())
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8

@@ -91,6 +91,16 @@ class OutputConfig(_Strict):
     dir: Path = Field(description="Run directory: adapter/, checkpoints, metrics.json, manifest.json, plots.")
 
 
+class DistributedConfig(_Strict):
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none", description="Multi-device engine; `slmtune train` writes the accelerate config and relaunches itself "
+        "under `accelerate launch` (already-launched runs, e.g. by `accelerate launch -m slmtune.cli`, just train)."
+    )
+    num_processes: int = Field(2, gt=0, description="Processes (one per GPU; on a CPU-only machine, CPU workers).")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (strategy: deepspeed).")
+    cpu_offload: bool = Field(False, description="Offload parameters/optimizer state to CPU (FSDP / DeepSpeed).")
+
+
 class Recipe(_Strict):
     name: str = Field(description="Run name.")
     task: TaskTags | None = Field(None, description="Optional task tags, carried into the run manifest.")
@@ -99,6 +109,7 @@ class Recipe(_Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -40,6 +40,41 @@ def peak_memory_mb() -> float:
     return round(kib / 1024 if platform.system() == "Linux" else kib / 2**20, 1)
 
 
+def rss_anon_mb() -> float | None:
+    """Private (anonymous) resident memory now: what the run allocated, without mmap-ed checkpoint pages."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakSampler:
+    """Samples `rss_anon_mb` every 20 ms on a daemon thread; `.peak` is the highest seen (CPU runs)."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.peak = rss_anon_mb() or 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, rss_anon_mb() or 0.0)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = round(max(self.peak, rss_anon_mb() or 0.0), 1)
+
+
 def last_checkpoint(root: Path) -> Path | None:
     """Newest *complete* `checkpoint-N` (a kill -9 mid-save leaves one without trainer_state.json)."""
     if not root.is_dir():

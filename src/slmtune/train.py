@@ -25,7 +25,7 @@ from slmtune.errors import SlmtuneError
 from slmtune.models import BaseRef, bf16_fast, load_model, load_tokenizer, pick_dtype, resolve_base
 from slmtune.recipe import Recipe
 from slmtune.render import Renderer, make_renderer
-from slmtune.runinfo import last_checkpoint, peak_memory_mb, write_run_files
+from slmtune.runinfo import PeakSampler, last_checkpoint, peak_memory_mb, write_run_files
 
 
 @dataclass(frozen=True)
@@ -89,21 +89,53 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         raise SlmtuneError(f"{run_dir} already holds checkpoints of a run.",
                            "Pass --resume to continue it, or choose another `output.dir`.")
     prep = prepare(recipe)
-    trainer = _build_trainer(recipe, prep, ckpt_root)
-    counter = _step_counter()
-    trainer.add_callback(counter)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    wall = time.perf_counter() - start
+    with PeakSampler() as memory:
+        trainer = _build_trainer(recipe, prep, ckpt_root)
+        counter = _step_counter()
+        trainer.add_callback(counter)
+        peak = _device_peak(trainer)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        wall = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if prep.eval else {}
     adapter_dir = run_dir / "adapter"
+    if world_size() > 1:
+        write_rank_record(run_dir, trainer)
+    if not trainer.is_world_process_zero():
+        return TrainResult(run_dir, adapter_dir, {})
     trainer.model.save_pretrained(adapter_dir)
     prep.renderer.tokenizer.save_pretrained(adapter_dir)
-    metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt)
-    metrics["steps_this_run"] = counter.steps
+    metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
     metrics["batching"] = trainer.slmtune_data_mode
+    metrics["peak_anon_memory_mb"] = memory.peak
+    metrics.update(_utilisation(trainer, prep, metrics, peak))
     write_run_files(recipe, prep, metrics)
     return TrainResult(run_dir, adapter_dir, metrics)
+
+
+def _device_peak(trainer) -> dict:
+    """Measured matmul peak in the dtype the run computes in (bf16 under bf16 autocast, else the weights')."""
+    import torch
+
+    from slmtune.flops import peak_flops
+
+    dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else torch.float32
+    device = "cuda" if _cuda() else "cpu"
+    return {"device": device, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": peak_flops(dtype, device)}
+
+
+def _utilisation(trainer, prep: Prepared, metrics: dict, peak: dict) -> dict:
+    """Achieved model FLOP/s and MFU of this process's training (see slmtune.flops for the arithmetic)."""
+    from slmtune.flops import linear_weights, training_flops
+
+    n_linear, n_head = linear_weights(trainer.model)
+    stats = token_stats(prep.train)
+    epochs = metrics["epochs_this_run"]
+    share = 1 - metrics["batching"]["token_saving"]  # shared-prefix batches compute fewer token-passes
+    flops = training_flops(n_linear, n_head, stats.tokens * share * epochs, stats.target_tokens * epochs)
+    achieved = flops / metrics["wall_time_s"] if metrics["wall_time_s"] else 0.0
+    return {"model_flops": flops, "achieved_flops_per_s": achieved, "device_peak": peak,
+            "mfu": achieved / peak["flops_per_s"] if peak["flops_per_s"] else None}
 
 
 def _step_counter():
@@ -129,7 +161,7 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path):
 
     precision = _precision(recipe)
     model = load_model(prep.ref, recipe.model.quantization, pick_dtype(recipe.model.dtype),
-                       recipe.model.trust_remote_code)
+                       recipe.model.trust_remote_code, fsdp=recipe.distributed.strategy == "fsdp")
     lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                       target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
     data = _data_mode(recipe, prep)
@@ -209,6 +241,32 @@ def trainer_class():
     return SlmtuneTrainer
 
 
+def write_rank_record(run_dir: Path, trainer) -> None:
+    """`ranks/rank-N.json`: this rank's view of the adapter after training (DDP ranks must agree)."""
+    import hashlib
+
+    from slmtune.jsonl import write_json
+
+    h = hashlib.sha256()
+    n = 0
+    for name, p in sorted(trainer.model.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+            n += p.numel()
+    rank = trainer.args.process_index
+    write_json(run_dir / "ranks" / f"rank-{rank}.json", {
+        "rank": rank, "world_size": trainer.args.world_size, "trainable_parameters": n,
+        "adapter_sha256": h.hexdigest(), "global_step": trainer.state.global_step,
+        "backend": trainer.args.ddp_backend or _backend()})
+
+
+def _backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
 def world_size() -> int:
     import os
 
@@ -221,26 +279,28 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _metrics(trainer, prep: Prepared, wall: float, eval_metrics: dict, resumed_from: Path | None) -> dict:
+def _metrics(trainer, prep: Prepared, wall: float, eval_metrics: dict, resumed_from: Path | None,
+             steps: int) -> dict:
     state = trainer.state
     history = [h for h in state.log_history if "loss" in h]
     stats = token_stats(prep.train)
-    epochs_done = state.epoch or 0
-    # Tokens actually trained this process: examples seen × mean tokens/example (packing drops no tokens).
-    examples_seen = epochs_done * stats.n_examples
-    tokens_seen = examples_seen * stats.tokens / max(stats.n_examples, 1)
+    # This process's share of the run (a resumed run only trains the remaining steps).
+    epochs_this_run = (state.epoch or 0) * steps / max(state.global_step, 1)
+    tokens = epochs_this_run * stats.tokens  # non-pad example tokens trained by this process
     return {
         "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history],
         "eval_loss": eval_metrics.get("eval_loss"),
         "final_train_loss": history[-1]["loss"] if history else None,
         "global_step": state.global_step,
-        "epochs": epochs_done,
+        "epochs": state.epoch or 0,
+        "steps_this_run": steps,
+        "epochs_this_run": epochs_this_run,
         "train_examples": stats.n_examples,
         "train_tokens_per_epoch": stats.tokens,
         "target_tokens_per_epoch": stats.target_tokens,
-        "tokens_seen": round(tokens_seen),
+        "tokens_seen": round(tokens),
         "wall_time_s": round(wall, 3),
-        "tokens_per_s": round(tokens_seen / wall, 2) if wall > 0 else None,
+        "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from": str(resumed_from) if resumed_from else None,
         "resumed_from_step": int(resumed_from.name.rsplit("-", 1)[1]) if resumed_from else 0,

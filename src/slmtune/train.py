@@ -218,7 +218,7 @@ def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: dict, has
         max_length=recipe.data.max_length, packing=pack, packing_strategy="bfd", padding_free=pack,
         train_sampling_strategy="group_by_length" if data["mode"] == "padding" else "random",
         dataset_kwargs={"skip_prepare_dataset": True} if pre else None,
-        remove_unused_columns=False, prediction_loss_only=True,
+        remove_unused_columns=False, prediction_loss_only=True, use_liger_kernel=_liger(),
         report_to="none", disable_tqdm=False, dataloader_num_workers=0,
     )
 
@@ -271,6 +271,13 @@ def world_size() -> int:
     import os
 
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _liger() -> bool:
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA, when installed."""
+    import importlib.util
+
+    return _cuda() and importlib.util.find_spec("liger_kernel") is not None
 
 
 def _cuda() -> bool:

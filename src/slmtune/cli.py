@@ -45,9 +45,196 @@ def _edge(fn):
 
 # ----------------------------------------------------------------------------- data stages (issue 3)
 # `ingest` and `curate` are registered below by their owners.
+def _counter_progress(label: str):
+    """A rich progress line counting records; returns (context manager, callback)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    bar = Progress(SpinnerColumn(), TextColumn(f"{label} {{task.completed:,}} lines"), TimeElapsedColumn(),
+                   console=console, transient=True)
+    task = bar.add_task(label, total=None)
+    return bar, lambda n: bar.update(task, completed=n)
+
+
+@app.command()
+@_edge
+def ingest(
+    paths: Annotated[list[str], typer.Argument(
+        metavar="PATH", help="Log files, directories or globs (.jsonl, .jsonl.gz, .json, .parquet).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Canonical records JSONL to write.")],
+    format_: Annotated[str, typer.Option("--format", help="auto, openai, messages or anthropic.")] = "auto",
+    rejected: Annotated[
+        Optional[Path], typer.Option("--rejected", help="Rejected lines (default: OUT with .rejected.jsonl).")
+    ] = None,
+) -> None:
+    """Convert agent LLM logs (OpenAI, messages, Anthropic) into canonical training records."""
+    from slmtune.ingest import ingest as do_ingest
+
+    bar, tick = _counter_progress("ingest")
+    with bar:
+        s = do_ingest(paths, out, fmt=format_, rejected=rejected, progress=tick)
+    formats = ", ".join(f"{k} {v:,}" for k, v in sorted(s.by_format.items())) or "none"
+    reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(s.by_reason.items())) or "none"
+    console.print(f"ingested {s.lines_in:,} lines: [green]{s.kept:,} records[/] ({formats}), "
+                  f"[yellow]{s.rejected:,} rejected[/] ({reasons})")
+    console.print(f"records: {s.out}\nrejected: {s.rejected_path}")
+
+
+@app.command()
+@_edge
+def curate(
+    records: Annotated[Path, typer.Argument(help="Records JSONL written by `slmtune ingest`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Curated records JSONL to write.")],
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the counts as JSON here.")] = None,
+    on_secret: Annotated[str, typer.Option("--on-secret", help="redact or drop records holding secrets.")] = "redact",
+    near_dup: Annotated[float, typer.Option("--near-dup", help="Prompt similarity for near duplicates; 0 = off.")
+                        ] = 0.9,
+    max_chars: Annotated[int, typer.Option("--max-chars", help="Drop records longer than this.")] = 32_000,
+    scrubber: Annotated[str, typer.Option("--scrubber", help="regex (built in) or presidio (if installed).")
+                        ] = "regex",
+    workers: Annotated[
+        int, typer.Option("--workers", help="Worker processes; 0 = one per idle core for inputs over 8 MB.")
+    ] = 0,
+) -> None:
+    """Scrub PII and secrets, filter broken records, and drop duplicates."""
+    from slmtune.curate import CurateConfig
+    from slmtune.curate import curate as do_curate
+
+    config = CurateConfig(on_secret=on_secret, near_dup=near_dup, max_chars=max_chars, scrubber=scrubber,
+                          workers=workers)
+    bar, tick = _counter_progress("curate")
+    with bar:
+        rep = do_curate(records, out, report=report, config=config, progress=tick)
+    reasons = ", ".join(f"{k} {v:,}" for k, v in rep["rejected_by_reason"].items()) or "none"
+    pii = ", ".join(f"{k} {v:,}" for k, v in rep["pii_placeholders"].items()) or "none"
+    console.print(f"curated {rep['records_in']:,} records: [green]{rep['kept']:,} kept[/], "
+                  f"[yellow]{rep['rejected']:,} rejected[/] ({reasons})")
+    console.print(f"placeholders: {pii}\nkept: {rep['output']}\nrejected: {rep['rejected_output']}")
+
 
 # ----------------------------------------------------------------------------- tasks (issue 4)
-# `cluster` and `plan` are registered below by their owners.
+@app.command()
+@_edge
+def cluster(
+    curated: Annotated[Path, typer.Argument(help="Curated canonical records (JSONL).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Tasks directory to write.")],
+    min_size: Annotated[int, typer.Option("--min-size", help="Smaller groups go to `unassigned`.")] = 20,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of each task held out.")] = 0.2,
+    embedder: Annotated[
+        str, typer.Option("--embedder", help="Prompt features: tfidf, or minilm if installed locally.")
+    ] = "tfidf",
+) -> None:
+    """Find the agent's recurring tasks and write one train/eval dir per task."""
+    from slmtune.cluster import cluster as do_cluster
+
+    with _stage_progress() as tick:
+        result = do_cluster(curated, out, min_size=min_size, eval_fraction=eval_fraction, embedder=embedder,
+                            progress=tick)
+    _print_tasks(result)
+
+
+@app.command()
+@_edge
+def plan(
+    tasks_dir: Annotated[Path, typer.Argument(help="Tasks directory written by `slmtune cluster`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Directory for the recipe YAMLs.")],
+    gpu: Annotated[str, typer.Option("--gpu", help="cpu, 8gb, 16gb, 24gb, 48gb or 80gb.")] = "24gb",
+    base_model: Annotated[
+        Optional[str],
+        typer.Option("--base-model", help="Use this model for every task (catalog key, hub id or folder)."),
+    ] = None,
+) -> None:
+    """Propose one recipe per task that fits the GPU's memory."""
+    from rich.table import Table
+
+    from slmtune.plan import plan as do_plan
+
+    planned = do_plan(tasks_dir, out, gpu=gpu, base_model=base_model)
+    table = Table(title=f"{len(planned)} recipes for --gpu {gpu}")
+    for col in ("recipe", "model", "quant", "batch×accum", "max_length", "est. memory"):
+        table.add_column(col)
+    for p in planned:
+        table.add_row(str(p.path), p.model, p.quantization, f"{p.batch_size}×{p.grad_accum}", str(p.max_length),
+                      f"{p.memory_gib:.2f} / {p.budget_gib:.2f} GiB")
+    Console().print(table)
+
+
+def _stage_progress():
+    """A rich progress bar fed by a library `progress(stage, done, total)` callback."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    @contextlib.contextmanager
+    def cm():
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+                      transient=True) as bar:
+            task = bar.add_task("reading", total=None)
+
+            def tick(stage: str, done: int, total: int) -> None:
+                bar.update(task, description=stage, completed=done, total=total or None)
+
+            yield tick
+
+    return cm()
+
+
+def _print_tasks(result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(result.tasks)} tasks from {result.n_records:,} records "
+                        f"({result.n_unassigned:,} unassigned)")
+    for col in ("task", "category", "train", "eval", "schema", "top terms"):
+        table.add_column(col)
+    for t in result.tasks:
+        table.add_row(t["name"], t["category"], str(t["n_train"]), str(t["n_eval"]), t["schema_hash"] or "-",
+                      ", ".join(t["top_terms"][:4]))
+    Console().print(table)
+    typer.echo(f"index: {result.index_path}")
+    typer.echo(f"map:   {result.map_path}")
+
+
+# ----------------------------------------------------------------------------- eval (issue 5)
+@app.command("eval")
+@_edge
+def eval_(
+    data: Annotated[Path, typer.Option("--data", help="Eval records (JSONL); task.json beside it gives the schema.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Report directory to write.")],
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="Run dir, merged/exported checkpoint, or base model.")
+    ] = None,
+    baseline: Annotated[
+        Optional[str], typer.Option("--baseline", help="Second model to compare (default for a run dir: its base; "
+                                    "`none` to skip).")
+    ] = None,
+    predictions: Annotated[
+        Optional[Path], typer.Option("--predictions", help="Score existing outputs: {id, message|text} lines.")
+    ] = None,
+    constrained: Annotated[
+        bool, typer.Option("--constrained", help="Also decode under the task's grammar (needs llguidance).")
+    ] = False,
+    gate: Annotated[
+        Optional[Path], typer.Option("--gate", help="Thresholds per metric (JSON/YAML); exit 3 when one is missed.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records generated together.")] = 16,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option("--max-new-tokens", min=1, help="Default: 1.5 × longest teacher target + 16.")
+    ] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N records.")] = None,
+) -> None:
+    """Score a model's outputs against the teacher's: parse, schema, tool calls, labels, text overlap."""
+    from slmtune.eval import GenSettings, evaluate
+    from slmtune.eval_report import markdown
+
+    with _stage_progress() as tick:
+        result = evaluate(data, out, model=model, baseline=baseline, predictions=predictions,
+                          constrained=constrained, gate=gate, limit=limit, progress=tick,
+                          settings=GenSettings(batch_size=batch_size, max_new_tokens=max_new_tokens))
+    typer.echo(markdown(result.report))
+    typer.echo(f"report: {out / 'report.json'}")
+    if not result.gate_passed:
+        failed = ", ".join(f["metric"] for f in result.report["gate"]["failures"])
+        typer.echo(f"gate failed: {failed}", err=True)
+        raise typer.Exit(3)
 
 
 # ----------------------------------------------------------------------------- train / merge (issue 2)
@@ -72,11 +259,16 @@ def train(
 
         do_dry_run(rec, out=Console())
         return
+    from slmtune import distributed
+
+    if rec.distributed.strategy != "none" and not distributed.launched():
+        raise typer.Exit(distributed.relaunch(rec, recipe, set_ or [], resume))
     from slmtune.train import train as do_train
 
     result = do_train(rec, resume=resume)
-    typer.echo(f"adapter: {result.adapter_dir}")
-    typer.echo(f"metrics: {result.run_dir / 'metrics.json'}")
+    if result.metrics:  # only rank 0 reports (and writes the run files)
+        typer.echo(f"adapter: {result.adapter_dir}")
+        typer.echo(f"metrics: {result.run_dir / 'metrics.json'}")
 
 
 @app.command()
@@ -92,6 +284,141 @@ def merge(
     report = merge_run(run_dir, out, dtype=dtype)
     typer.echo(f"merged: {out}  max |logit diff| = {report['max_abs_logit_diff']:.2e}  "
                f"greedy outputs identical: {report['greedy_identical']}")
+
+
+# ----------------------------------------------------------------------------- export / models / flywheel (issue 6)
+@app.command()
+@_edge
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `slmtune train`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Exports folder; the export goes in a subfolder.")],
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Export the LoRA adapter, not merged weights.")
+                            ] = False,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Eval report dir (`slmtune eval -o`).")] = None,
+) -> None:
+    """Export a run as a tagged checkpoint: weights, tokenizer, model card, slmtune.json manifest."""
+    from slmtune.export import export_run
+
+    path = export_run(run_dir, out, adapter_only=adapter_only, report=report)
+    typer.echo(f"exported: {path}")
+
+
+@app.command()
+@_edge
+def models(
+    exports_dir: Annotated[Path, typer.Argument(help="Folder of exports (`slmtune export -o`).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")] = False,
+) -> None:
+    """List exported checkpoints: task, category, schema, base, size, key metric vs base and teacher."""
+    import json
+
+    from slmtune.registry import list_models
+
+    rows = list_models(exports_dir)
+    if json_:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    _print_models(rows, exports_dir)
+
+
+def _print_models(rows: list[dict], exports_dir: Path) -> None:
+    from rich.table import Table
+
+    from slmtune.registry import human_size
+
+    table = Table(title=f"{len(rows)} exported checkpoints in {exports_dir}")
+    for col in ("task", "category", "schema", "base", "format", "size", "metric", "base", "tuned", "teacher",
+                "created"):
+        table.add_column(col)
+    for r in rows:
+        vals = [_fmt(r[k]) for k in ("base_value", "tuned", "teacher")]
+        table.add_row(r["task"], r["category"], (r["schema_hash"] or "-")[:8], r["base"], r["format"],
+                      human_size(r["size_bytes"]), r["key_metric"], *vals, r["created"] or "-")
+    Console(width=200).print(table)
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+@_edge
+def flywheel(
+    logs: Annotated[list[str], typer.Argument(metavar="LOGS", help="Log files, dirs or globs (new ones this round).")],
+    workdir: Annotated[Path, typer.Option("-w", "--workdir", help="Flywheel folder: rounds, exports, router.json.")],
+    gpu: Annotated[str, typer.Option("--gpu", help="cpu, 8gb, 16gb, 24gb, 48gb or 80gb (default cpu: runs "
+                                     "anywhere).")] = "cpu",
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="One base model for every task.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps per task.")] = None,
+    gate: Annotated[Optional[Path], typer.Option("--gate", help="Eval thresholds (JSON/YAML) a task must pass to "
+                                                 "be exported; default: tuned beats base on the key metric.")] = None,
+    max_tasks: Annotated[Optional[int], typer.Option("--max-tasks", min=1, help="Train only the N largest tasks.")
+                         ] = None,
+    eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help="Eval records scored per task.")] = 24,
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Export adapters, not merged weights.")] = False,
+    min_size: Annotated[int, typer.Option("--min-size", help="Smallest task cluster keeps.")] = 20,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Recipe override for every task (repeatable).")
+                    ] = None,
+) -> None:
+    """Run the whole loop — ingest, curate, cluster, plan, train, eval, export — as a new round in WORKDIR."""
+    import contextlib
+    import os
+    import warnings
+
+    from slmtune.flywheel import FlywheelConfig, run_flywheel
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one progress view: the trainer's own bars would tear it
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's business
+    config = FlywheelConfig(gpu=gpu, base_model=base_model, max_steps=max_steps, max_tasks=max_tasks,
+                            eval_limit=eval_limit, gate=gate, adapter_only=adapter_only, min_size=min_size,
+                            overrides=tuple(set_ or []))
+    workdir.mkdir(parents=True, exist_ok=True)
+    # The trainer prints its loss dicts to stdout; they go to a log so the progress view and summary stay readable.
+    with open(workdir / "flywheel.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
+            _flywheel_progress() as tick:
+        result = run_flywheel(logs, workdir, config, progress=tick)
+    _print_flywheel(result)
+    typer.echo(f"log:     {workdir / 'flywheel.log'}")
+
+
+def _flywheel_progress():
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def cm():
+        with Progress(TextColumn("flywheel"), TimeElapsedColumn(), TextColumn("{task.description}"), BarColumn(),
+                      MofNCompleteColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("starting", total=None)
+            yield lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total or None)
+
+    return cm()
+
+
+def _print_flywheel(result) -> None:
+    from rich.table import Table
+
+    out = Console(width=200)
+    prev = f" (previous: {result.previous.name})" if result.previous else ""
+    table = Table(title=f"flywheel {result.round_dir.name}{prev}: {len(result.tasks)} tasks")
+    for col in ("task", "category", "train", "eval", "status", "metric", "base", "tuned", "teacher", "gate", "export"):
+        table.add_column(col)
+    for o in result.tasks:
+        gate = "[green]pass[/]" if o.gate_passed else "[red]fail[/]"
+        table.add_row(o.task, o.category, str(o.n_train), str(o.n_eval), o.status, o.key_metric,
+                      *(_fmt(o.metrics.get(k)) for k in ("base", "tuned", "teacher")), gate,
+                      Path(o.export).name if o.export else "-")
+    out.print(table)
+    for t in result.not_trained:
+        out.print(f"[yellow]not exported[/] {t['task']}: {t['reason']}")
+    if result.previous:
+        for c in result.comparison:
+            out.print(f"vs {result.previous.name}: {c['task']} {c['status']}, train {c['n_train_before']} → "
+                      f"{c['n_train']}, {c['key_metric']} {_fmt(c['tuned_before'])} → {_fmt(c['tuned'])}")
+    typer.echo(f"exports: {result.exports_dir}")
+    typer.echo(f"router:  {result.router_path}")
+    typer.echo(f"round:   {result.round_dir}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole slmtune loop on the bundled example logs, on the CPU, in well under 20 minutes on 2 cores:
+# The whole slmtune loop on the bundled example logs, on the CPU (2 cores: ~13 min estimated alone; 46 min
+# measured on a machine shared with other training jobs, see README "Performance"):
 # 490 logged calls of one agent (3 formats, planted PII) -> 3 tasks tuned on SmolLM2-135M-Instruct -> gated
 # exports + router.json. Summaries and the rare errands stay with the LLM.
 #

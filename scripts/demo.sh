@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole slmtune loop on the bundled example logs, on the CPU (2 cores: ~13 min estimated alone; 46 min
-# measured on a machine shared with other training jobs, see README "Performance"):
+# The whole slmtune loop on the bundled example logs, on the CPU (2 cores: 9 min 18 s measured with the venv
+# and converted model present, ~12 min from scratch; see README "Performance"):
 # 490 logged calls of one agent (3 formats, planted PII) -> 3 tasks tuned on SmolLM2-135M-Instruct -> gated
 # exports + router.json. Summaries and the rare errands stay with the LLM.
 #

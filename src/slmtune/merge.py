@@ -13,13 +13,10 @@ All figures go to `OUT_DIR/merge_report.json`; a failed check raises (non-zero e
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from slmtune.errors import SlmtuneError
-from slmtune.jsonl import iter_jsonl, write_json
+from slmtune.jsonl import atomic_dir, iter_jsonl, write_json
 from slmtune.render import TOOLS_PREAMBLE, Renderer, make_renderer, prompt_text
 
 # fp32 merge arithmetic differs from the unmerged path only by rounding; a real mistake (wrong scale, adapter
@@ -106,9 +103,7 @@ def _save_dtype(dtype: str, model):
 def _save_atomically(model, tokenizer, r: Renderer, out_dir: Path, report: dict, prompts, expected) -> None:
     from transformers import AutoModelForCausalLM
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "slmtune_render.json", render_info(r))
@@ -117,12 +112,6 @@ def _save_atomically(model, tokenizer, r: Renderer, out_dir: Path, report: dict,
         report["saved_dtype"] = str(model.dtype).removeprefix("torch.")
         report["reload_greedy_identical"] = again == expected
         write_json(tmp / "merge_report.json", report)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def render_info(r: Renderer) -> dict:

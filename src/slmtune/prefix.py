@@ -10,8 +10,7 @@ plain batch (up to float rounding) — only the redundant work is gone:
     plain:   B × (P + S) tokens      e.g. 8 × (250 + 70) = 2,560 token-passes per step
     shared:  P + B × S tokens             250 + 8 × 70  =   810  (3.2× fewer)
 
-Logits are computed only where a target token is predicted (the LM head on SmolLM2 is 576 × 49,152 ≈ 28M MACs
-per position: a third of the model's per-token work).
+The loss itself (prefix KV broadcast, logits only at target positions) is `slmtune.loss.target_loss`.
 """
 
 from __future__ import annotations
@@ -36,17 +35,38 @@ def _lcp(a: list[int], b: list[int]) -> int:
     return i
 
 
-def plan_batches(encs: list[Encoded], batch_size: int) -> PrefixPlan:
-    """Group examples into micro-batches of `batch_size` that share the longest prefixes.
+def plan_batches(encs: list[Encoded], batch_size: int, seed: int = 0) -> PrefixPlan:
+    """Group examples into micro-batches of `batch_size` that share a long prefix, and are otherwise random.
 
-    Sorting by token ids puts examples with common prefixes side by side (as a trie would); each consecutive
-    chunk of the sorted list is one batch, its prefix the chunk's common prefix, cut so that every example keeps
-    at least one prompt token in its suffix (the position that predicts the first target token).
+    Sorting by token ids puts examples with common prefixes side by side (as a trie would). The sorted list is
+    cut into *families* wherever neighbours share fewer than `_family_cut` tokens (one family per system prompt
+    + tool set, in agent traffic). Each family is shuffled (seeded) before it is chunked, so a batch is a random
+    sample of its family — not a run of near-identical neighbours, which would make each step's gradient far
+    less diverse than plain SFT's and train worse. Leftovers of all families are chunked in sorted order.
+    A batch's prefix is its members' common prefix, cut so that every example keeps at least one prompt token
+    in its suffix (the position that predicts the first target token).
     """
+    import random
+
     order = sorted(range(len(encs)), key=lambda i: encs[i].input_ids)
+    cut = _family_cut(encs)
+    families: list[list[int]] = []
+    for prev, cur in zip([None, *order], order):
+        if prev is None or _lcp(encs[prev].input_ids, encs[cur].input_ids) < cut:
+            families.append([])
+        families[-1].append(cur)
+    rng = random.Random(seed)
+    groups, rest = [], []
+    for family in families:
+        rng.shuffle(family)
+        full = len(family) - len(family) % batch_size
+        groups += [family[i:i + batch_size] for i in range(0, full, batch_size)]
+        rest += family[full:]
+    rest.sort(key=lambda i: encs[i].input_ids)
+    groups += [rest[i:i + batch_size] for i in range(0, len(rest), batch_size)]
     batches, computed = [], 0
-    for start in range(0, len(order), batch_size):
-        group = [encs[i] for i in order[start:start + batch_size]]
+    for members in groups:
+        group = [encs[i] for i in members]
         p = min(e.n_prompt for e in group) - 1
         for e in group[1:]:
             p = min(p, _lcp(group[0].input_ids, e.input_ids))
@@ -58,6 +78,12 @@ def plan_batches(encs: list[Encoded], batch_size: int) -> PrefixPlan:
         })
         computed += p + sum(len(e.input_ids) - p for e in group)
     return PrefixPlan(batches, sum(len(e.input_ids) for e in encs), computed)
+
+
+def _family_cut(encs: list[Encoded]) -> int:
+    """Neighbours sharing fewer tokens than this start a new family: half the median prompt, at least 32."""
+    prompts = sorted(e.n_prompt for e in encs)
+    return max(32, prompts[len(prompts) // 2] // 2) if prompts else 32
 
 
 def worth_it(plan: PrefixPlan, min_saving: float = 0.2) -> bool:
@@ -84,28 +110,3 @@ def collate(pad_id: int):
                 "labels": labels, "attention_mask": mask}
 
     return fn
-
-
-def loss(model, inputs: dict, num_items_in_batch=None):
-    """Mean cross-entropy over target tokens, prefix computed once (see module docstring)."""
-    import torch
-    import torch.nn.functional as F
-
-    prefix, ids, labels = inputs["prefix_ids"], inputs["input_ids"], inputs["labels"]
-    batch, p = ids.shape[0], prefix.shape[1]
-    kwargs: dict = {}
-    if p > 0:
-        cache = model(input_ids=prefix, use_cache=True).past_key_values
-        cache.batch_repeat_interleave(batch)  # a differentiable copy: gradients reach the prefix once per example
-        kwargs = {"past_key_values": cache, "position_ids": torch.arange(p, p + ids.shape[1]).expand(batch, -1)}
-    # Position j predicts token j+1: keep only positions whose next token is a target.
-    next_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-    keep = (next_labels != -100).any(dim=0).nonzero().flatten()
-    out = model(input_ids=ids, attention_mask=inputs["attention_mask"], logits_to_keep=keep, use_cache=p > 0,
-                **kwargs)
-    logits = out.logits.float()
-    target = next_labels[:, keep]
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                            reduction="sum")
-    n = (target != -100).sum() if num_items_in_batch is None else num_items_in_batch
-    return total / torch.as_tensor(n, device=total.device).clamp(min=1)

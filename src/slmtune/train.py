@@ -13,6 +13,7 @@ Run directory (`output.dir`)::
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,9 +95,10 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         counter = _step_counter()
         trainer.add_callback(counter)
         peak = _device_peak(trainer)
-        start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        wall = time.perf_counter() - start
+        with _tensor_peak(recipe, trainer) as tensors:
+            start = time.perf_counter()
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            wall = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if prep.eval else {}
     adapter_dir = run_dir / "adapter"
     if world_size() > 1:
@@ -108,9 +110,24 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
     metrics["batching"] = trainer.slmtune_data_mode
     metrics["peak_anon_memory_mb"] = memory.peak
+    if tensors is not None:
+        metrics["peak_tensor_memory_mb"] = tensors.peak_mb
     metrics.update(_utilisation(trainer, metrics, peak))
     write_run_files(recipe, prep, metrics)
     return TrainResult(run_dir, adapter_dir, metrics)
+
+
+@contextmanager
+def _tensor_peak(recipe: Recipe, trainer):
+    """On the CPU with `train.track_tensor_memory`, count live tensor bytes (see slmtune.tensormem)."""
+    if not recipe.train.track_tensor_memory or _cuda():
+        yield None  # on CUDA, peak_memory_mb is the allocator's own peak
+        return
+    from slmtune.tensormem import TensorPeak
+
+    with TensorPeak() as mem:
+        mem.track(trainer.model)
+        yield mem
 
 
 def _device_peak(trainer) -> dict:
@@ -186,7 +203,7 @@ def _data_mode(recipe: Recipe, prep: Prepared) -> dict:
         raise SlmtuneError("data.prefix_sharing: on needs one process and train.gradient_checkpointing: false.",
                            "Set data.prefix_sharing: auto.")
     if wanted != "off" and possible:
-        plan = prefix.plan_batches([e.enc for e in prep.train], recipe.train.batch_size)
+        plan = prefix.plan_batches([e.enc for e in prep.train], recipe.train.batch_size, recipe.train.seed)
         if wanted == "on" or prefix.worth_it(plan):
             evals = prefix.plan_batches([e.enc for e in prep.eval], recipe.train.batch_size) if prep.eval else None
             return {"mode": "prefix", "saving": 1 - plan.computed / plan.tokens,
@@ -224,16 +241,14 @@ def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: dict, has
 
 
 def trainer_class():
-    """TRL's SFTTrainer, with the shared-prefix loss for batches that carry a `prefix_ids`."""
+    """TRL's SFTTrainer with slmtune's loss: logits only at target positions, shared prefixes run once."""
     from trl import SFTTrainer
 
-    from slmtune import prefix
+    from slmtune.loss import target_loss
 
     class SlmtuneTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if "prefix_ids" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = prefix.loss(model, inputs, num_items_in_batch)
+            loss = target_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages, the sum is wanted
             return (loss, {"loss": loss}) if return_outputs else loss

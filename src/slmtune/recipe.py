@@ -79,6 +79,9 @@ class TrainConfig(_Strict):
     )
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (~30% slower).")
+    track_tensor_memory: bool = Field(
+        False, description="CPU runs: record `peak_tensor_memory_mb`, the peak bytes held by torch tensors (what "
+                           "CUDA's max_memory_allocated reports on a GPU); costs one Python call per op.")
     eval_steps: int | None = Field(None, gt=0, description="Eval loss every N steps (needs data.eval); null = at end.")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (for --resume); null = at end.")
     logging_steps: int = Field(1, gt=0, description="Log loss every N steps.")

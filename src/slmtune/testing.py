@@ -55,7 +55,8 @@ def build_tokenizer():
     return fast
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 32, intermediate: int = 64,
+                     layers: int = 2) -> Path:
     """Write a tiny random Llama + tokenizer checkpoint to `out_dir`; returns the folder."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -65,9 +66,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,

@@ -9,6 +9,6 @@ import sys
 from slmtune.testing import build_tiny_model
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
     print(build_tiny_model(sys.argv[1]))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole slmtune loop on the bundled example logs, on the CPU (2 cores: 9 min 18 s measured with the venv
-# and converted model present, ~12 min from scratch; see README "Performance"):
+# The whole slmtune loop on the bundled example logs, on the CPU (2 cores: 5 min 51 s measured with the venv
+# and converted model present, ~9 min from scratch; see README "Performance"):
 # 490 logged calls of one agent (3 formats, planted PII) -> 3 tasks tuned on SmolLM2-135M-Instruct -> gated
 # exports + router.json. Summaries and the rare errands stay with the LLM.
 #
@@ -8,8 +8,8 @@
 #   DEMO_ROUND2=1 scripts/demo.sh   # then a second round with 40 new weather calls: only that task retrains
 #
 # Budget (fp32, 2 cores, ~150 tokens/s for LoRA training): per task 12 steps × batch 2 × ~870 tokens ≈ 10k
-# tokens ≈ 1-2 min (the loss is flat by step ~8), eval of 10 held-out calls by base and tuned ≈ 1 min,
-# merge + checks ≈ 0.5 min; × 3 tasks ≈ 9 min, + venv setup (~3 min) + one-time GGUF conversion (~40 s).
+# tokens ≈ 1 min (the loss is flat by step ~8), eval of 10 held-out calls by base and tuned ≈ 1 min,
+# merge + checks ≈ 0.5 min; × 3 tasks ≈ 6 min, + venv setup (~2 min) + one-time GGUF conversion (~40 s).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup_env.sh"

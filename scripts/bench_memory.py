@@ -80,7 +80,10 @@ def main() -> None:
 
     resolve_base(a.model)
     lengths = [int(x) for x in a.lengths.split(",")]
-    settings = [{"off": False, "on": True}[x.strip()] for x in a.checkpointing.split(",")]
+    names = [x.strip() for x in a.checkpointing.split(",") if x.strip()]
+    if not names or any(x not in ("off", "on") for x in names):
+        sys.exit(f"--checkpointing: off, on or off,on; got {a.checkpointing!r}")
+    settings = [x == "on" for x in names]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for ckpt in settings:

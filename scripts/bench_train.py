@@ -37,16 +37,16 @@ from pathlib import Path
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 
-def make_data(folder: Path, n: int, n_eval: int) -> tuple[Path, Path]:
+def write_records(path: Path, n: int, seed: int) -> Path:
+    """`n` weather tool-calling records (seeded: the first n of a larger set are the same records)."""
     from slmtune.jsonl import write_jsonl
     from slmtune.testing import weather_records
 
-    write_jsonl(folder / f"train-{n}.jsonl", weather_records(n, seed=0))
-    write_jsonl(folder / "eval.jsonl", weather_records(n_eval, seed=1))
-    return folder / f"train-{n}.jsonl", folder / "eval.jsonl"
+    write_jsonl(path, weather_records(n, seed=seed))
+    return path
 
 
-def target_loss(model, tokenizer, path: Path) -> float:
+def records_loss(model, tokenizer, path: Path) -> float:
     """Mean target-token cross-entropy of `model` on the records in `path`, rendered by slmtune (same for all arms)."""
     import torch
 
@@ -84,7 +84,7 @@ def arm_baseline(a, tuned: bool = False) -> dict:
         prompt, target = split_prompt_target(rec)
         msgs, _ = chat_messages(r, [*prompt, target], rec.get("tools"))
         rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
-    model = load_model(ref)  # default precision: float32 weights, no autocast
+    model = load_model(ref)  # float32 weights; the compute precision is SFTConfig's (bf16 autocast by default)
     args = SFTConfig(output_dir=a.out, per_device_train_batch_size=a.batch_size, num_train_epochs=1,
                      learning_rate=a.lr, max_length=a.max_length, logging_steps=1, report_to="none",
                      save_strategy="no", seed=0, use_cpu=not _cuda(), lr_scheduler_type="constant",
@@ -132,11 +132,11 @@ def _result(a, wall: float, tokens: int, losses: list[float], model, tok) -> dic
     and, with the same function for every arm, the trained model's loss on all training and all held-out records."""
     from slmtune.runinfo import peak_memory_mb
 
-    peak = peak_memory_mb()  # before the loss passes below (they only lower-bound it anyway)
+    peak = peak_memory_mb()  # the training peak: taken before the loss passes below
     return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
             "last_steps_loss": round(sum(losses[-3:]) / len(losses[-3:]), 4),
-            "final_loss": round(target_loss(model, tok, Path(a.train)), 4),
-            "heldout_loss": round(target_loss(model, tok, Path(a.eval)), 4),
+            "final_loss": round(records_loss(model, tok, Path(a.train)), 4),
+            "heldout_loss": round(records_loss(model, tok, Path(a.eval)), 4),
             "peak_memory_mb": peak, "losses": [round(x, 4) for x in losses]}
 
 
@@ -148,7 +148,7 @@ def _cuda() -> bool:
 
 def run_arm(name: str, a, folder: Path, n: int) -> dict:
     out = folder / name
-    train, _ = make_data(folder, n, 16)  # the first n of the same records (weather_records is seeded)
+    train = write_records(folder / f"train-{n}.jsonl", n, seed=0)
     cmd = [sys.executable, __file__, "--arm", name, "--model", a.model, "--train", str(train), "--eval",
            str(a.eval), "--out", str(out), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
            "--max-length", str(a.max_length)]
@@ -189,7 +189,7 @@ def main() -> None:
     n_defaults = a.n_defaults or (a.n if fast_bf16 else min(a.n, 8))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        _, a.eval = make_data(folder, a.n, 16)
+        a.eval = write_records(folder / "eval.jsonl", 16, seed=1)
         results = {}
         for name in arms:  # one at a time: parallel arms would share the cores and distort each other
             results[name] = run_arm(name, a, folder, n_defaults if name == "baseline" else a.n)

@@ -9,7 +9,8 @@ adapters, gradients, optimizer state, activations and temporaries.
 How: tensors that exist on entry are counted from the model (`track(model)`); after that a `TorchDispatchMode`
 sees every tensor an op returns and counts each new storage once, until a weakref finalizer sees it freed.
 Not seen: scratch memory inside a single kernel (e.g. bitsandbytes dequantizing one layer's weight inside its
-op: ~3.5 MB for SmolLM2's largest); the cost is one Python call per op (~5–10% on a small model).
+op: ~3.5 MB for SmolLM2's largest). The cost is one Python call per op: within run-to-run noise on
+SmolLM2-135M here (4 steps of 438 tokens: 134–141 tokens/s tracked, 134–162 untracked).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 
 class TensorPeak(TorchDispatchMode):
-    """`with TensorPeak() as mem: mem.track(model); ...` then `mem.peak_mb`, `mem.live_mb`."""
+    """`with TensorPeak() as mem: mem.track(model); ...` then `mem.peak_mb` (`mem.live`: bytes held now)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -34,23 +35,15 @@ class TensorPeak(TorchDispatchMode):
     def peak_mb(self) -> float:
         return round(self.peak / 2**20, 1)
 
-    @property
-    def live_mb(self) -> float:
-        return round(self.live / 2**20, 1)
-
-    def track(self, *objects) -> None:
-        """Count tensors that already exist: parameters, buffers and bitsandbytes quantization state of modules."""
-        for obj in objects:
-            if isinstance(obj, torch.nn.Module):
-                for t in (*obj.parameters(), *obj.buffers()):
-                    self._add(t)
-                    state = getattr(t, "quant_state", None)
-                    if state is not None:
-                        for v in vars(state).values():
-                            if isinstance(v, torch.Tensor):
-                                self._add(v)
-            elif isinstance(obj, torch.Tensor):
-                self._add(obj)
+    def track(self, module: torch.nn.Module) -> None:
+        """Count tensors that already exist: the module's parameters, buffers and bitsandbytes quantization state."""
+        for t in (*module.parameters(), *module.buffers()):
+            self._add(t)
+            state = getattr(t, "quant_state", None)
+            if state is not None:
+                for v in vars(state).values():
+                    if isinstance(v, torch.Tensor):
+                        self._add(v)
 
     def _add(self, t: torch.Tensor) -> None:
         if t.device.type != "cpu" or t.is_meta:

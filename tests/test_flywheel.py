@@ -1,6 +1,7 @@
 """`slmtune flywheel` end to end through the CLI on the tiny model: two rounds, reuse, pinned eval sets, resume."""
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -129,3 +130,57 @@ def test_gate_failures_and_skipped_tasks_are_listed_not_exported(rounds, tmp_pat
     assert router["routes"] == [] and len(reasons) == 2
     assert any("over --max-tasks 1" in r for r in reasons) and any("parse_rate" in r for r in reasons)
     assert "not exported" in res.output
+
+
+SEVEN = ["tool_calling-get_weather", "extraction-ticket", "classification-sentiment", "classification-intent",
+         "summarization-thread", "coding-sql", "generation-reply"]
+
+
+def test_seven_task_families_one_round_a_failing_task_stays_alone(tiny_model, tmp_path):
+    """Seven recurring errands plus one whose every record is longer than the CPU plan's 2,048-token cap: the round
+    trains, evaluates and exports the seven and lists the eighth with its reason (summary, round.json, router)."""
+    write_logs(tmp_path / "seven", 7 * 14, seed=11, errands=SEVEN, formats=("messages",))
+    rng = random.Random(0)
+    words = "clause party liability damages notice term fee breach renewal venue indemnity waiver".split()
+    with open(tmp_path / "seven" / "logs" / "legal.jsonl", "w") as f:
+        for i in range(16):  # distinct ~9k-character contracts (no near-duplicates): > 2,048 tiny-model tokens
+            doc = " ".join(f"{rng.choice(words)} {rng.randint(0, 99999)}" for _ in range(900))
+            f.write(json.dumps({"messages": [
+                {"role": "system", "content": "Rewrite the contract clause in plain English for a customer."},
+                {"role": "user", "content": f"Contract v{i}: {doc}"},
+                {"role": "assistant", "content": f"In short (v{i}): we only pay for direct damage."}]}) + "\n")
+    work = tmp_path / "work"
+    res = cli("flywheel", tmp_path / "seven" / "logs", "-w", work, "--gpu", "cpu", "--base-model", tiny_model,
+              "--max-steps", 2, "--eval-limit", 2, "--min-size", 8, "--gate", _no_gate(tmp_path))
+    s = summary(work / "round-001")
+    failed = {k: t for k, t in s.items() if t["status"] == "failed"}
+    ran = {k: t for k, t in s.items() if t["status"] != "failed"}
+    assert len(ran) >= 7 and all(t["export"] for t in ran.values()), {k: t["reason"] for k, t in s.items()}
+    assert {t["category"] for t in ran.values()} >= {"tool_calling", "extraction", "classification",
+                                                       "summarization", "coding", "generation"}
+    assert len(failed) == 1, failed
+    (name, bad), = failed.items()
+    assert bad["stage"] == "plan" and "longer than 2048 tokens" in bad["reason"] and not bad["export"]
+    outcome = json.loads((work / "round-001" / "round.json").read_text())["outcome"]
+    assert outcome["failed"][0]["task"] == name and sorted(outcome["exported"]) == sorted(ran)
+    router = json.loads((work / "router.json").read_text())
+    assert len(router["routes"]) == len(ran)
+    assert any(r["task"] == name and "longer than 2048 tokens" in r["reason"] for r in router["not_routed"])
+    assert f"not exported {name}" in " ".join(res.output.split())
+
+
+def test_a_round_whose_every_task_fails_exits_non_zero(tiny_model, tmp_path):
+    write_logs(tmp_path / "one", 12, seed=12, errands=[WEATHER], formats=("messages",))
+    res = cli("flywheel", tmp_path / "one" / "logs", "-w", tmp_path / "work", "--gpu", "cpu", "--base-model",
+              tiny_model, "--max-steps", 2, "--eval-limit", 2, "--min-size", 8, "--set", "lora.target_modules=nope",
+              code=1)
+    s = summary(tmp_path / "work" / "round-001")
+    assert [t["status"] for t in s.values()] == ["failed"] and "every task of round-001 failed" in res.stderr
+    (task,) = s.values()
+    assert task["stage"] == "train" and (tmp_path / "work" / "round-001" / "failures" / f"{task['task']}.txt").is_file()
+
+
+def _no_gate(tmp_path: Path) -> Path:
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("parse_rate: {min: 0.0}\n")  # the tiny model learns little in 2 steps: gate on nothing
+    return gate

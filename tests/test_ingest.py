@@ -69,6 +69,22 @@ def test_openai_log_keeps_id_tools_and_meta(tmp_path):
     assert by_id(records)["chatcmpl-fx004"]["meta"]["finish_reason"] == "length"  # curate drops it, not ingest
 
 
+def test_envelope_id_is_kept_as_log_id(tmp_path):
+    """A gateway's own request id (top-level `id`) survives beside the response id, for OpenAI and Anthropic logs."""
+    lines = []
+    for name in ("openai.jsonl", "anthropic.jsonl"):
+        first = json.loads((FIXTURES / name).read_text().splitlines()[0])
+        lines.append(json.dumps({"id": f"gw-{name}", **{k: v for k, v in first.items() if k != "id"}}))
+    (tmp_path / "logs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "records.jsonl"
+    assert run_ingest(str(tmp_path / "logs.jsonl"), "-o", str(out)).exit_code == 0
+    records = read_jsonl(out)
+    assert [r["meta"]["log_id"] for r in records] == ["gw-openai.jsonl", "gw-anthropic.jsonl"]
+    assert records[0]["id"] == "chatcmpl-fx001"  # the record id stays the response's own
+    no_envelope_id, _ = ingest_files(tmp_path / "plain", "openai.jsonl")
+    assert "log_id" not in by_id(no_envelope_id)["chatcmpl-fx001"]["meta"]
+
+
 def test_anthropic_blocks_become_openai_roles_and_tool_calls(tmp_path):
     records, rejected = ingest_files(tmp_path, "anthropic.jsonl")
     first = by_id(records)["msg_01fx001"]

@@ -9,7 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from slmtune.cli import app
-from slmtune.jsonl import write_jsonl
+from slmtune.jsonl import read_jsonl, write_jsonl
+from slmtune.lengths import record_lengths, tokenizer_for
 from slmtune.memory import GiB
 from slmtune.plan import budget_bytes
 from slmtune.recipe import load_recipe
@@ -51,9 +52,13 @@ def test_cpu_recipes_load_and_carry_the_task(tasks_dir, tmp_path):
         assert recipe.task.output_schema == task["schema"] and recipe.task.schema_hash == task["schema_hash"]
         assert recipe.data.train == (tasks_dir / path.stem / "train.jsonl").resolve()
         assert recipe.data.eval == (tasks_dir / path.stem / "eval.jsonl").resolve()
-        # minutes on 2 cores: ≤ 512 tokens and ~45k tokens of work
-        assert recipe.data.max_length <= 512 and 10 <= recipe.train.max_steps <= 60
-        assert recipe.data.max_length >= min(task["tokens"]["p95"], 512)  # CPU runs cap at 512 tokens
+        # minutes on 2 cores: ~45k tokens of work; max_length covers the longest record in SmolLM2's own tokens
+        assert 128 <= recipe.data.max_length <= 2048 and 10 <= recipe.train.max_steps <= 60
+        longest = max(x.total for x in record_lengths(tokenizer_for("smollm2-135m"), recipe.data.train))
+        assert longest <= recipe.data.max_length < longest + 64, (path.stem, longest, recipe.data.max_length)
+    planned = json.loads((tmp_path / "recipes" / "plan.json").read_text())
+    assert planned["failed"] == [] and all(p["lengths"]["source"] == "tokenizer" and not p["lengths"]["dropped"]
+                                           for p in planned["planned"])
 
 
 def test_header_has_purpose_hardware_command_override_and_arithmetic(tasks_dir, tmp_path):
@@ -115,6 +120,47 @@ def test_each_recipe_passes_train_dry_run_with_the_tiny_model(tasks_dir, tmp_pat
         assert load_recipe(path).model.base == str(Path(model).resolve())
         res = runner.invoke(app, ["train", str(path), "--dry-run"])
         assert res.exit_code == 0, (path.name, res.output)
+
+
+def test_plan_measures_real_tokens_drops_over_long_records_and_isolates_a_task(tasks_dir, tmp_path):
+    """Lengths in the model's own tokens (equal to what `slmtune train` encodes); a record over the 2,048-token CPU
+    cap is left out of training, never truncated; a task with no record under the cap fails alone."""
+    pytest.importorskip("torch")
+    import shutil
+
+    from slmtune.recipe import load_recipe
+    from slmtune.testing import build_tiny_model
+    from slmtune.train import prepare
+
+    model = build_tiny_model(tmp_path / "tiny")
+    tasks = tmp_path / "tasks"
+    shutil.copytree(tasks_dir, tasks)
+    names = sorted(t["name"] for t in json.loads((tasks / "index.json").read_text())["tasks"])
+    grow, doomed = names[0], names[1]
+    rows = read_jsonl(tasks / grow / "train.jsonl")
+    long = json.loads(json.dumps(rows[0]))
+    long["messages"][-2]["content"] = "the quick brown fox 0123 " * 400  # ~10k characters: over 2,048 tokens
+    write_jsonl(tasks / grow / "train.jsonl", [*rows, long])
+    write_jsonl(tasks / doomed / "train.jsonl", [long] * 3)
+
+    res = runner.invoke(app, ["plan", str(tasks), "-o", str(tmp_path / "r"), "--gpu", "cpu", "--base-model",
+                              str(model)])
+    assert res.exit_code == 0, res.output
+    assert f"not planned {doomed}" in res.stderr and "longer than 2048 tokens" in res.stderr
+    plan_json = json.loads((tmp_path / "r" / "plan.json").read_text())
+    assert [f["task"] for f in plan_json["failed"]] == [doomed]
+    grown = next(p for p in plan_json["planned"] if p["task"] == grow)
+    assert grown["lengths"]["dropped"] == [len(rows) + 1]
+    recipe = load_recipe(tmp_path / "r" / f"{grow}.yaml")
+    assert recipe.data.train == (tmp_path / "r" / "data" / f"{grow}.train.jsonl").resolve()
+    assert "Left out: 1 of" in (tmp_path / "r" / f"{grow}.yaml").read_text()
+    for name in set(names) - {doomed}:
+        recipe = load_recipe(tmp_path / "r" / f"{name}.yaml")
+        prep = prepare(recipe)  # what training encodes, with transformers' tokenizer
+        assert not any(e.enc.truncated for e in prep.train)
+        assert max(len(e.enc.input_ids) for e in prep.train) > recipe.data.max_length - 64
+        light = record_lengths(tokenizer_for(str(model)), recipe.data.train)
+        assert [x.total for x in light] == [len(e.enc.input_ids) for e in prep.train]
 
 
 def test_data_stages_do_not_import_the_training_stack():

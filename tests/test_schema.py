@@ -117,6 +117,11 @@ def test_categorize_text_tasks():
         == "summarization"
     assert categorize(Counter(text=10), Counter(), [long_prompt] * 10, ["Ann's router drops."] * 10) \
         == "summarization"
+    notes = "Attendees: Ann, Bob, Chen. Budget review moved to Friday; Chen owns the vendor shortlist. " * 3
+    assert categorize(Counter(text=10), Counter(), [notes] * 10, ["Budget review moves to Friday."] * 10,
+                      ["Summarize the meeting notes in one sentence."] * 10) == "summarization"
+    assert categorize(Counter(text=10), Counter(), [notes] * 10, ["Dear team, here is the plan for the week ..." * 6] * 10,
+                      ["Draft a friendly e-mail to the team."] * 10) == "generation"
     assert categorize(Counter(text=10), Counter(), ["Write a reply to Bob."] * 10, ["Hi Bob, thanks"] * 10) \
         == "generation"
     # short answers that never repeat are not a label set

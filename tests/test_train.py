@@ -1,5 +1,6 @@
 """`slmtune train` and `slmtune merge` for real on the tiny model: LoRA, QLoRA (NF4 on the CPU), resume, merge."""
 
+import copy
 import json
 import os
 import signal
@@ -101,14 +102,86 @@ def test_lora_changed_adapters_not_base(lora_run, tiny_model):
     assert checked == len(original)
 
 
-def test_qlora_4bit_trains_on_cpu(tiny_model, tmp_path):
+def pin_precision(recipe: Path, precision: str, extra: str = "") -> None:
+    """Pin the compute precision and the weights' dtype to one path, whatever this CPU would pick on `auto`."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    text = recipe.read_text().replace("scheduler: constant,", f"scheduler: constant, precision: {precision},{extra}")
+    recipe.write_text(text.replace("model: {base:", f"model: {{dtype: {dtype}, base:"))
+
+
+# Both precision paths on every machine: an AVX512-BF16 CPU picks bf16 on `auto`, an AVX2-only one fp32, so each
+# kind of CI would otherwise test one path only. bf16 on an AVX2-only CPU is emulated: slow, correct, tiny here.
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_trains_in_both_precisions(tiny_model, tmp_path, precision):
+    recipe = make_recipe(tmp_path, tiny_model)
+    pin_precision(recipe, precision)
+    run_cli("train", recipe)
+    ls = losses(tmp_path / "run")
+    assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["precision"] == {"requested": precision, "used": precision, "reason": "set by train.precision",
+                              "weights_dtype": {"fp32": "float32", "bf16": "bfloat16"}[precision]}
+    assert_lora_trained(tmp_path / "run" / "adapter")
+
+
+def test_auto_precision_follows_the_cpu_flags_and_says_why(lora_run):
+    """The shared run uses `precision: auto`: bf16 exactly when the CPU computes it in hardware."""
+    m = json.loads((lora_run / "metrics.json").read_text())["precision"]
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    fast = bool(flags & {"avx512_bf16", "amx_bf16"}) and not torch.cuda.is_available()
+    assert m["requested"] == "auto" and m["used"] == ("bf16" if fast else "fp32")
+    assert ("CPU has" if fast else "CPU lacks") in m["reason"], m
+
+
+# QLoRA with an evaluation every 2 steps and at the end: eval-mode, no-grad forwards of the 4-bit model, which on an
+# AVX512-BF16 CPU is where bitsandbytes would repack the weights (see models.keep_4bit_off_cpu_repacking).
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_qlora_4bit_trains_on_cpu_with_mid_run_eval(tiny_model, tmp_path, precision):
     recipe = make_recipe(tmp_path, tiny_model, quant="4bit")
+    pin_precision(recipe, precision, extra=" eval_steps: 2,")
     run_cli("train", recipe)
     run = tmp_path / "run"
     ls = losses(run)
-    assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls
+    assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls  # still learning after the evals in between
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["eval_loss"] is not None and m["precision"]["used"] == precision
     assert json.loads((run / "manifest.json").read_text())["quantization"] == "4bit"
     assert_lora_trained(run / "adapter")
+
+
+def test_4bit_layers_kept_off_cpu_repacking_and_tiny_widths_repackable(tiny_model, tmp_path):
+    """On any CPU: slmtune disarms bitsandbytes' AVX512-BF16 repack while training, eval-mode forwards then equal
+    train-mode ones, and the tiny model's widths are ones the repack takes (a 32-wide layer is not: its repack
+    raises, on every CPU, since the repack itself is plain torch)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+
+    from slmtune.models import cpu_repackable, keep_4bit_off_cpu_repacking, load_model, resolve_base
+    from slmtune.testing import build_tiny_model
+
+    model = load_model(resolve_base(str(tiny_model)), "4bit", torch.float32)
+    keep_4bit_off_cpu_repacking(model)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14 and not any(m.support_avx512bf16_for_cpu for m in layers)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    model.train()
+    train_logits = model(ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(ids).logits
+    assert torch.equal(train_logits, eval_logits)
+    for m in layers:
+        assert cpu_repackable(m), (m.in_features, m.out_features)
+        packed, state = _convert_weight_packed_for_cpu(m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+        back, _ = _convert_weight_packed_for_cpu_inverse(packed, state)
+        assert torch.equal(back, m.weight.data)
+
+    narrow = load_model(resolve_base(str(build_tiny_model(tmp_path / "narrow", hidden=32, intermediate=64))), "4bit",
+                        torch.float32)
+    q = next(m for m in narrow.modules() if isinstance(m, Linear4bit))
+    assert not cpu_repackable(q)
+    with pytest.raises(RuntimeError, match="invalid for input"):
+        _convert_weight_packed_for_cpu(q.weight.data.clone(), copy.deepcopy(q.weight.quant_state))
 
 
 def test_merge_verifies_and_reloads(lora_run, tmp_path):

@@ -148,14 +148,16 @@ def plan(
 
     from slmtune.plan import plan as do_plan
 
-    planned = do_plan(tasks_dir, out, gpu=gpu, base_model=base_model)
-    table = Table(title=f"{len(planned)} recipes for --gpu {gpu}")
-    for col in ("recipe", "model", "quant", "batch×accum", "max_length", "est. memory"):
+    result = do_plan(tasks_dir, out, gpu=gpu, base_model=base_model)
+    table = Table(title=f"{len(result.planned)} recipes for --gpu {gpu}")
+    for col in ("recipe", "model", "quant", "batch×accum", "max_length", "left out", "est. memory"):
         table.add_column(col)
-    for p in planned:
+    for p in result.planned:
         table.add_row(str(p.path), p.model, p.quantization, f"{p.batch_size}×{p.grad_accum}", str(p.max_length),
-                      f"{p.memory_gib:.2f} / {p.budget_gib:.2f} GiB")
+                      str(len(p.lengths.dropped)), f"{p.memory_gib:.2f} / {p.budget_gib:.2f} GiB")
     Console().print(table)
+    for f in result.failed:
+        Console(stderr=True).print(f"[yellow]not planned[/yellow] {f['task']}: {f['reason']}", highlight=False)
 
 
 def _stage_progress():
@@ -379,6 +381,11 @@ def flywheel(
         result = run_flywheel(logs, workdir, config, progress=tick)
     _print_flywheel(result)
     typer.echo(f"log:     {workdir / 'flywheel.log'}")
+    from slmtune.flywheel import ran_through
+
+    if result.tasks and not any(ran_through(o) for o in result.tasks):
+        raise SlmtuneError(f"every task of {result.round_dir.name} failed; reasons above and in "
+                           f"{result.round_dir / 'summary.json'}.")
 
 
 def _flywheel_progress():
@@ -405,7 +412,7 @@ def _print_flywheel(result) -> None:
     for col in ("task", "category", "train", "eval", "status", "metric", "base", "tuned", "teacher", "gate", "export"):
         table.add_column(col)
     for o in result.tasks:
-        gate = "[green]pass[/]" if o.gate_passed else "[red]fail[/]"
+        gate = "-" if o.status == "failed" else "[green]pass[/]" if o.gate_passed else "[red]fail[/]"
         table.add_row(o.task, o.category, str(o.n_train), str(o.n_eval), o.status, o.key_metric,
                       *(_fmt(o.metrics.get(k)) for k in ("base", "tuned", "teacher")), gate,
                       Path(o.export).name if o.export else "-")

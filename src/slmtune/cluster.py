@@ -161,7 +161,7 @@ def describe(rows: np.ndarray, recs: list[dict], views: list[cf.View], feats: cf
     task_recs = [recs[i] for i in rows]
     kinds = Counter(v.kind for v in vs)
     labels = Counter(v.target_text.strip() for v in vs if v.kind == "label" and is_label(v.target_text))
-    category = categorize(kinds, labels, [v.prompt for v in vs], [v.target_text for v in vs])
+    category = categorize(kinds, labels, [v.prompt for v in vs], [v.target_text for v in vs], [v.system for v in vs])
     schema = task_schema(category, task_recs)
     called = Counter(c for v in vs for c in v.called)
     terms = top_terms(rows, feats)

@@ -15,8 +15,14 @@ Work dir::
       train/<task>/                run dir (`slmtune train`), or only a marker naming an earlier round's run
       eval/<task>/                 eval report (`slmtune eval`), or a marker naming an earlier one
       export/<task>/               marker naming the export folder
+      failures/<task>.txt          the traceback of a task whose stage failed (its one-line reason is in summary)
       summary.json                 one row per task (see `TaskOutcome`) + the tasks not trained, with reasons
       comparison.json              this round vs the previous one, per task
+
+Tasks are isolated: a task whose plan, train, eval or export fails is recorded as `failed` (stage and one-line
+reason) in `summary.json`, in `round.json`'s `outcome` and in the router's `not_routed`, and every other task goes
+on. `slmtune flywheel` exits 0 when at least one task ran through (or none was trainable), 1 when every task it
+tried failed.
 
 Every stage dir gets `stage.done.json` (fingerprint of inputs + parameters) written last. A rerun skips a
 stage whose marker matches; a training run interrupted mid-way resumes from its last checkpoint; a task whose
@@ -73,7 +79,8 @@ class TaskOutcome:
     category: str
     n_train: int
     n_eval: int
-    status: str = "pending"  # trained | resumed | reused
+    status: str = "pending"  # trained | resumed | reused | failed
+    stage: str = "plan"  # the last stage started: plan | train | eval | export
     trained_in: str | None = None
     run_dir: str | None = None
     key_metric: str = ""
@@ -115,11 +122,16 @@ def run_flywheel(logs: Sequence[str | Path], workdir: str | Path, config: Flywhe
                                               "config": _config_json(config), "started": st.now()})
     selection = _data_stages(files, round_dir, registry, config, tick)
     tasks = selection["tasks"]
+    plan_failed = {f["task"]: f["reason"] for f in st.read_json_or_none(round_dir / "plan" / "plan.json")["failed"]}
     outcomes = []
     for i, task in enumerate(tasks):
         step = lambda s, d, t, i=i, name=task["name"]: tick(f"[{i + 1}/{len(tasks)}] {name}: {s}", d, t)
-        outcomes.append(_task_stages(task, round_dir, prev, workdir, config, step))
+        outcomes.append(_isolated(task, round_dir, prev, workdir, config, step, plan_failed.get(task["name"])))
     return _finish(workdir, round_dir, prev, registry, inputs, selection, outcomes)
+
+
+def ran_through(outcome: TaskOutcome) -> bool:
+    return outcome.status != "failed"
 
 
 def _config_json(config: FlywheelConfig) -> dict:
@@ -169,25 +181,48 @@ def _stage(stage_dir: Path, name: str, inputs: list, tick: Progress, run: Callab
 
 
 # ----------------------------------------------------------------------------- per-task stages
-def _task_stages(task: dict, round_dir: Path, prev: Path | None, workdir: Path, config: FlywheelConfig,
-                 tick: Progress) -> TaskOutcome:
+def _isolated(task: dict, round_dir: Path, prev: Path | None, workdir: Path, config: FlywheelConfig,
+              tick: Progress, plan_failure: str | None) -> TaskOutcome:
+    """One task's stages; whatever fails is this task's outcome, never the round's."""
+    out = TaskOutcome(task["name"], task["category"], task["n_train"], task["n_eval"],
+                      key_metric=key_metric(task["category"]))
+    if plan_failure:
+        out.status, out.reason = "failed", f"plan: {plan_failure}"
+        return out
+    try:
+        _task_stages(task, out, round_dir, prev, workdir, config, tick)
+    except Exception as e:  # noqa: BLE001 - one task's crash (bad data, OOM, a library bug) must not sink the round
+        import traceback
+
+        out.status = "failed"
+        first = (e.message if isinstance(e, SlmtuneError) else f"{type(e).__name__}: {e}").strip().splitlines()
+        out.reason = f"{out.stage}: {first[0] if first else type(e).__name__}"
+        path = round_dir / "failures" / f"{task['name']}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(e)), encoding="utf-8")
+    return out
+
+
+def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | None, workdir: Path,
+                 config: FlywheelConfig, tick: Progress) -> None:
     name = task["name"]
-    out = TaskOutcome(name, task["category"], task["n_train"], task["n_eval"], key_metric=key_metric(task["category"]))
     recipe, train_fp = _recipe(round_dir, name, config)
+    out.stage = "train"
     run = _train(round_dir / "train" / name, prev and prev / "train" / name, recipe, train_fp, tick)
     out.status, out.trained_in, out.run_dir = run["status"], run["trained_in"], run["run_dir"]
     eval_fp = st.fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
                               config.eval_limit, config.eval_batch_size,
                               file_fingerprint(config.gate) if config.gate else None])
+    out.stage = "eval"
     report = _eval(round_dir / "eval" / name, prev and prev / "eval" / name, run, eval_fp, round_dir, name,
                    config, tick)
     out.metrics = {row: report["models"][row]["metrics"][out.key_metric]["value"]
                    for row in ("base", "tuned", "teacher") if row in report["models"]}
     out.gate_passed, out.reason = _gate(report, out, config)
     if out.gate_passed:
+        out.stage = "export"
         out.export = _export(round_dir / "export" / name, prev and prev / "export" / name, run, eval_fp, workdir,
                              round_dir, config, tick)
-    return out
 
 
 def _recipe(round_dir: Path, name: str, config: FlywheelConfig):
@@ -290,23 +325,30 @@ def _finish(workdir: Path, round_dir: Path, prev: Path | None, registry: dict, i
     from slmtune.router import build_router, route_entry, write_router
 
     not_trained = selection["not_trained"]
-    gated = [{"task": o.task, "reason": f"gate: {o.reason}"} for o in outcomes if not o.gate_passed]
+    failed = [{"task": o.task, "reason": f"failed at {o.reason}"} for o in outcomes if not ran_through(o)]
+    gated = [{"task": o.task, "reason": f"gate: {o.reason}"} for o in outcomes if ran_through(o) and not o.gate_passed]
     comparison = _compare(prev, outcomes)
     write_json(round_dir / "summary.json", {"round": round_dir.name, "tasks": [asdict(o) for o in outcomes],
-                                            "not_trained": not_trained})
+                                            "not_trained": not_trained + failed})
+    round_info = st.read_json_or_none(round_dir / "round.json") or {}
+    write_json(round_dir / "round.json", round_info | {"finished": st.now(), "outcome": {
+        "ran_through": [o.task for o in outcomes if ran_through(o)],
+        "exported": [o.task for o in outcomes if o.export],
+        "failed": [{"task": o.task, "stage": o.stage, "reason": o.reason} for o in outcomes if not ran_through(o)],
+        "not_trained": not_trained}})
     write_json(round_dir / "comparison.json", {"round": round_dir.name,
                                                "previous": prev.name if prev else None, "tasks": comparison})
     by_name = {t["name"]: t for t in selection["tasks"]}
     routes = [route_entry(by_name[o.task], Path(o.export), "adapter" if _is_adapter(o.export) else "merged",
                           {o.key_metric: o.metrics}) for o in outcomes if o.export]
     router_path = workdir / "router.json"
-    write_router(router_path, build_router(routes, not_trained + gated, round_dir.name))
+    write_router(router_path, build_router(routes, not_trained + failed + gated, round_dir.name))
     registry["tasks"] = selection["registry_tasks"]
     registry["inputs"] = inputs
     registry["rounds"] = [r for r in registry["rounds"] if r != round_dir.name] + [round_dir.name]
     st.save_registry(workdir, registry)
-    return FlywheelResult(workdir, round_dir, prev, outcomes, not_trained + gated, comparison, router_path,
-                          workdir / "exports")
+    return FlywheelResult(workdir, round_dir, prev, outcomes, not_trained + failed + gated, comparison,
+                          router_path, workdir / "exports")
 
 
 def _is_adapter(export_dir: str) -> bool:

@@ -14,7 +14,8 @@ Each line's format is detected on its own (or forced with `fmt`):
 Record `meta` keys: `source` (file as given), `line`, `format`, and when the log has them `model`,
 `timestamp`, `usage` (always `{prompt_tokens, completion_tokens, total_tokens}`, Anthropic's input/output
 tokens included), `latency_ms`, `finish_reason` (OpenAI vocabulary: stop, tool_calls, length, ...)
-and the log's tags (`metadata`, `tags`, `agent`, `workload`, `user`, `session_id`). `id` is the log's
+and the log's tags (`metadata`, `tags`, `agent`, `workload`, `user`, `session_id`), and `log_id`: the envelope's
+own top-level `id` (a gateway's request id) where an OpenAI or Anthropic log line has one. `id` is the log's
 own id (response id, else top-level `id`), else `h_` + a content hash of messages and tools.
 
 Rejected lines go to `<out>.rejected.jsonl` (or `rejected`), one per line:
@@ -254,6 +255,8 @@ def _meta(obj: dict, req: dict, resp: dict, **extra: Any) -> dict:
             if holder.get(key) is not None and key not in meta:
                 meta[key] = holder[key]
     meta["_id"] = resp.get("id") or obj.get("id")
+    if isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
+        meta["log_id"] = obj["id"]  # the logger's own request id, to trace a record back to the gateway's log
     return {k: v for k, v in meta.items() if v is not None}
 
 

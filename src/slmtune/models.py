@@ -91,15 +91,24 @@ def pick_dtype(dtype: str):
 
 
 def bf16_fast() -> bool:
+    return bf16_verdict()[0]
+
+
+def bf16_verdict() -> tuple[bool, str]:
+    """(is bf16 the fast precision here, why) — what `auto` precision and dtype decide on."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"CUDA device {'supports' if ok else 'lacks'} bf16"
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+        return False, "CPU flags unreadable (no /proc/cpuinfo): fp32 is the safe choice"
+    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if found:
+        return True, f"CPU has {'/'.join(found)}: bf16 matmuls run in hardware"
+    return False, "CPU lacks AVX512-BF16/AMX: bf16 matmuls are emulated, far slower than fp32"
 
 
 def load_tokenizer(ref: BaseRef, trust_remote_code: bool = False):
@@ -144,3 +153,32 @@ def _bnb_config(quantization: str, compute_dtype, fsdp: bool = False):
     storage = {"bnb_4bit_quant_storage": compute_dtype} if fsdp else {}  # else bitsandbytes' uint8 default
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype, **storage)
+
+
+def keep_4bit_off_cpu_repacking(model) -> int:
+    """Keep bitsandbytes' AVX512-BF16 weight repacking off every 4-bit layer of a model being trained; returns
+    how many layers it had been armed on.
+
+    bitsandbytes ≥ 0.48 on a CPU with AVX512-BF16 repacks a `Linear4bit`'s weights for its bf16 inference kernel
+    the first time the layer runs in eval mode without grad (the Trainer's `eval_steps` and final evaluation).
+    Two hazards for training: the repack splits rows into 64-wide quant blocks and 32-row tiles, so a layer whose
+    in_features is not a multiple of 64 (or out_features of 32) crashes (`shape '[32, 0]' is invalid`); and a
+    repacked layer keeps that layout when training resumes, while the kernel has no autograd — gradients would
+    stop flowing through the frozen 4-bit weights to earlier layers' adapters. Machines without AVX512-BF16 never
+    take the path, so this changes nothing there."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    armed = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            armed += bool(getattr(module, "support_avx512bf16_for_cpu", False))
+            module.support_avx512bf16_for_cpu = False
+    return armed
+
+
+def cpu_repackable(module) -> bool:
+    """Whether bitsandbytes' AVX512-BF16 repack (64-wide quant blocks, 32-row tiles) takes this layer's shape."""
+    blocksize = getattr(module.weight, "blocksize", 64)
+    return module.in_features % blocksize == 0 and module.out_features % 32 == 0

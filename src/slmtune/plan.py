@@ -3,9 +3,18 @@
 Per task: the model is the first of the category's preference list (or `--base-model`) whose estimate fits the
 budget; then the cheapest way to fit it — bf16 LoRA before QLoRA, no gradient checkpointing before
 checkpointing, bigger micro-batches first — with `grad_accum` making up an effective batch of 16 sequences.
-`max_length` covers the task's 95th-percentile record (estimated tokens, chars / 3.5) plus 10%, rounded up to a
-multiple of 64. On `--gpu cpu` the model is SmolLM2-135M in fp32 and `max_steps` is set so a run takes about
-five minutes on two cores.
+
+`max_length` covers the task's longest training record, measured in the candidate model's own tokens as
+`slmtune train` will render it (`slmtune.lengths`: tokenizers + the chat template, no torch), rounded up to a
+multiple of 64, within [128, 2048] on the CPU and [128, 4096] on a GPU. A record longer than that cap is not
+truncated: it is left out of the recipe's training file (`RECIPES_DIR/data/<task>.train.jsonl`) and counted in
+the header and `plan.json`. When the model's tokenizer is not on this machine, lengths are estimated from
+characters (cluster's chars / 3.5) and the header says so. On `--gpu cpu` the model is SmolLM2-135M in fp32 and
+`max_steps` is set so a run takes about five minutes on two cores.
+
+Writes `RECIPES_DIR/<task>.yaml` per task and `RECIPES_DIR/plan.json`: `{"gpu", "planned": [{task, recipe,
+model, max_length, lengths}], "failed": [{task, reason}]}` — a task that cannot be planned (every record over
+the cap, no model fits) is listed there with its reason, and the other tasks are still planned.
 """
 
 from __future__ import annotations
@@ -13,12 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slmtune.catalog import CATALOG, ModelSpec, lookup
 from slmtune.errors import SlmtuneError
-from slmtune.jsonl import atomic_open
+from slmtune.jsonl import atomic_open, iter_jsonl, write_json, write_jsonl
 from slmtune.memory import GiB, Estimate, Setup, estimate, fmt_gib
 from slmtune.recipe import Recipe, dump_recipe_yaml, load_recipe
 
@@ -29,6 +38,7 @@ CPU_RAM_BUDGET = 8 * GiB  # the flywheel's 2-core box runs other stages beside t
 # 5 minutes ≈ 150 × 300 = 45k tokens.
 CPU_TOKENS_PER_SEC = 150
 CPU_SECONDS = 300
+MAX_LENGTH_CAP = {"cpu": 2048, "gpu": 4096}
 EFFECTIVE_BATCH = 16
 # (micro-batch, gradient checkpointing), cheapest first: checkpointing costs ~30% more compute.
 BATCH_LADDER = [(16, False), (8, False), (4, False), (16, True), (8, True), (4, True), (2, False), (2, True),
@@ -57,7 +67,20 @@ class Fit:
 
 
 @dataclass(frozen=True)
+class Lengths:
+    """A task's training records in the candidate model's tokens."""
+
+    source: str  # "tokenizer" (measured) or "estimate" (chars / 3.5: the model's tokenizer is not here)
+    max_length: int  # what the recipe gets
+    longest: int  # longest record kept
+    p95: int
+    n_records: int
+    dropped: tuple[int, ...] = ()  # line numbers of records over the cap (left out of training)
+
+
+@dataclass(frozen=True)
 class Planned:
+    task: str
     path: Path
     model: str
     quantization: str
@@ -66,6 +89,13 @@ class Planned:
     max_length: int
     memory_gib: float
     budget_gib: float
+    lengths: Lengths
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    planned: list[Planned]
+    failed: list[dict]  # {"task", "reason"}: not planned; the other tasks were
 
 
 def budget_bytes(gpu: str) -> float:
@@ -91,55 +121,106 @@ def fit_model(spec: ModelSpec, max_length: int, gpu: str, lora_r: int = 16) -> F
 
 
 def choose(category: str, max_length: int, gpu: str, base_model: str | None) -> Fit:
-    """The model and setup for one task."""
+    """The model and setup for one task whose records are up to `max_length` tokens."""
+    return _first_fit(_candidates(category, gpu, base_model), lambda spec: max_length, gpu, bool(base_model))
+
+
+def _candidates(category: str, gpu: str, base_model: str | None) -> list[ModelSpec]:
     if base_model:
-        spec = lookup(base_model)
-        fit = fit_model(spec, max_length, gpu, lora_r=8 if gpu == "cpu" else 16)
-        if fit is None:
-            raise SlmtuneError(f"--base-model {base_model}: does not fit --gpu {gpu} even at batch 1 with "
-                               f"4-bit weights and gradient checkpointing ({max_length} tokens).",
-                               "Pick a smaller model or a bigger --gpu.")
-        return fit
+        return [lookup(base_model)]
     names = ["smollm2-135m"] if gpu == "cpu" else PREFERENCE.get(category, PREFERENCE["generation"])
-    for name in names:
-        fit = fit_model(CATALOG[name], max_length, gpu, lora_r=8 if gpu == "cpu" else 16)
+    return [CATALOG[n] for n in names]
+
+
+def _first_fit(specs: list[ModelSpec], length_of, gpu: str, asked: bool) -> Fit:
+    """The first model whose cheapest setup fits; `length_of(spec)` is the task's max_length in its tokens."""
+    for spec in specs:
+        fit = fit_model(spec, length_of(spec), gpu, lora_r=8 if gpu == "cpu" else 16)
         if fit:
             return fit
-    raise SlmtuneError(f"no catalog model fits --gpu {gpu} at {max_length} tokens.", "Use a bigger --gpu.")
+    if asked:
+        raise SlmtuneError(f"--base-model {specs[0].key}: does not fit --gpu {gpu} even at batch 1 with "
+                           f"4-bit weights and gradient checkpointing ({length_of(specs[0])} tokens).",
+                           "Pick a smaller model or a bigger --gpu.")
+    raise SlmtuneError(f"no catalog model fits --gpu {gpu} at this task's length.", "Use a bigger --gpu.")
 
 
-def max_length_for(tokens: dict, gpu: str) -> int:
-    """p95 tokens + 10%, rounded up to 64, within [128, 4096] (CPU: [128, 512] to finish in minutes)."""
-    want = math.ceil(tokens["p95"] * 1.1 / 64) * 64
-    return max(128, min(want, 512 if gpu == "cpu" else 4096))
+def measure(spec: ModelSpec, train: Path, task: dict, gpu: str) -> Lengths:
+    """The task's record lengths in `spec`'s tokens and the max_length that covers them (see module docstring)."""
+    from slmtune.lengths import record_lengths, tokenizer_for
+
+    cap = min(MAX_LENGTH_CAP["cpu" if gpu == "cpu" else "gpu"], spec.context)
+    tokenizer = tokenizer_for(spec.base)
+    if tokenizer is None:
+        est = task["tokens"]
+        return Lengths("estimate", _round_up(est["max"], cap), min(est["max"], cap), est["p95"], task["n_train"])
+    lengths = record_lengths(tokenizer, train)
+    kept = sorted(x.total for x in lengths if x.total <= cap)
+    if not kept:
+        raise SlmtuneError(f"{train}: all {len(lengths)} records are longer than {cap} tokens of {spec.key} "
+                           f"(shortest {min((x.total for x in lengths), default=0)}).",
+                           "Use a GPU plan (longer cap) or shorten the prompts.")
+    p95 = kept[math.ceil(0.95 * len(kept)) - 1]
+    dropped = tuple(x.line for x in lengths if x.total > cap)
+    return Lengths("tokenizer", _round_up(kept[-1], cap), kept[-1], p95, len(lengths), dropped)
 
 
-def plan(tasks_dir: str | Path, out_dir: str | Path, gpu: str = "24gb", base_model: str | None = None) -> list[Planned]:
-    """Write `<out_dir>/<task>.yaml` for every task in `tasks_dir/index.json`; each is validated on write."""
+def _round_up(tokens: int, cap: int) -> int:
+    """Up to a multiple of 64 (tensor-friendly shapes), at least 128, at most the cap."""
+    return max(128, min(cap, math.ceil(tokens / 64) * 64))
+
+
+def plan(tasks_dir: str | Path, out_dir: str | Path, gpu: str = "24gb", base_model: str | None = None) -> PlanResult:
+    """Write `<out_dir>/<task>.yaml` for every task in `tasks_dir/index.json` (each validated on write) and
+    `<out_dir>/plan.json`; a task that cannot be planned is listed as failed and the others go on."""
     tasks_dir, out_dir = Path(tasks_dir), Path(out_dir)
     budget_bytes(gpu)  # reject a bad --gpu before reading anything
+    if base_model:
+        lookup(base_model)  # an unknown model is the user's mistake, not one task's
     index = _read_json(tasks_dir / "index.json", hint="Run `slmtune cluster CURATED.jsonl -o TASKS_DIR` first.")
-    out = []
+    planned, failed = [], []
     for entry in index.get("tasks", []):
         task = _read_json(tasks_dir / entry["dir"] / "task.json", hint="The tasks dir is incomplete: re-run cluster.")
-        out.append(plan_task(tasks_dir / entry["dir"], task, out_dir, gpu, base_model))
-    return out
+        try:
+            planned.append(plan_task(tasks_dir / entry["dir"], task, out_dir, gpu, base_model))
+        except SlmtuneError as e:
+            failed.append({"task": task["name"], "reason": e.message})
+    if failed and not planned:
+        raise SlmtuneError(f"no task could be planned; {failed[0]['task']}: {failed[0]['reason']}")
+    write_json(out_dir / "plan.json", {
+        "gpu": gpu, "failed": failed,
+        "planned": [{"task": p.task, "recipe": p.path.name, "model": p.model, "max_length": p.max_length,
+                     "lengths": asdict(p.lengths)} for p in planned]})
+    return PlanResult(planned, failed)
 
 
 def plan_task(task_dir: Path, task: dict, out_dir: Path, gpu: str, base_model: str | None) -> Planned:
-    fit = choose(task["category"], max_length_for(task["tokens"], gpu), gpu, base_model)
-    recipe = build_recipe(task_dir, task, out_dir, fit, gpu)
+    measured: dict[str, Lengths] = {}
+
+    def length_of(spec: ModelSpec) -> int:
+        if spec.key not in measured:
+            measured[spec.key] = measure(spec, task_dir / "train.jsonl", task, gpu)
+        return measured[spec.key].max_length
+
+    fit = _first_fit(_candidates(task["category"], gpu, base_model), length_of, gpu, bool(base_model))
+    lengths = measured[fit.spec.key]
+    train = task_dir / "train.jsonl"
+    if lengths.dropped:
+        train = out_dir / "data" / f"{task['name']}.train.jsonl"
+        skip = set(lengths.dropped)
+        write_jsonl(train, (rec for line, rec in iter_jsonl(task_dir / "train.jsonl") if line not in skip))
+    recipe = build_recipe(task_dir, task, out_dir, fit, gpu, train)
     path = out_dir / f"{task['name']}.yaml"
-    header = recipe_header(path, task, fit, gpu)
+    header = recipe_header(path, task, fit, gpu, lengths)
     with atomic_open(path) as f:
         f.write(dump_recipe_yaml(recipe, header))
     load_recipe(path)  # the same check `slmtune train` runs: what we write must load
     s = fit.setup
-    return Planned(path, fit.spec.base, s.quantization, s.batch_size, recipe.train.grad_accum,
-                   s.max_length, fit.est.total / GiB, fit.budget / GiB)
+    return Planned(task["name"], path, fit.spec.base, s.quantization, s.batch_size, recipe.train.grad_accum,
+                   s.max_length, fit.est.total / GiB, fit.budget / GiB, lengths)
 
 
-def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str) -> Recipe:
+def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str, train_file: Path) -> Recipe:
     s = fit.setup
     n_train = max(1, task["n_train"])
     train: dict = {"batch_size": s.batch_size, "grad_accum": EFFECTIVE_BATCH // s.batch_size,
@@ -147,7 +228,7 @@ def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str) 
     if gpu == "cpu":
         train |= {"epochs": 1, "max_steps": cpu_steps(s.batch_size, s.max_length), "grad_accum": 1,
                   "precision": "fp32"}
-    data = {"train": _rel(task_dir / "train.jsonl", out_dir), "max_length": s.max_length, "packing": True}
+    data = {"train": _rel(train_file, out_dir), "max_length": s.max_length, "packing": True}
     if task.get("n_eval"):
         data["eval"] = _rel(task_dir / "eval.jsonl", out_dir)
     raw = {
@@ -169,7 +250,7 @@ def cpu_steps(batch_size: int, max_length: int) -> int:
     return max(10, CPU_TOKENS_PER_SEC * CPU_SECONDS // (batch_size * max_length))
 
 
-def recipe_header(path: Path, task: dict, fit: Fit, gpu: str) -> str:
+def recipe_header(path: Path, task: dict, fit: Fit, gpu: str, lengths: Lengths) -> str:
     s = fit.setup
     hw = "CPU (2 cores, fp32)" if gpu == "cpu" else f"one {gpu.upper()} GPU"
     method = "QLoRA (4-bit NF4 base)" if s.quantization == "4bit" else "LoRA"
@@ -185,13 +266,24 @@ def recipe_header(path: Path, task: dict, fit: Fit, gpu: str) -> str:
         f"{'on' if s.grad_ckpt else 'off'} (see slmtune.memory for each term):",
         *("  " + x for x in fit.est.lines),
         f"  fits: {fmt_gib(fit.est.total)} ≤ budget {fmt_gib(fit.budget)}",
-        f"max_length {s.max_length}: task p95 {task['tokens']['p95']} tokens (chars / 3.5) + 10%, rounded up to 64, "
-        f"within [128, {512 if gpu == 'cpu' else 4096}] and the model's {fit.spec.context:,}-token context.",
+        f"max_length {s.max_length}: the longest training record, {lengths.longest} tokens "
+        f"({_length_source(lengths, fit.spec)}; p95 {lengths.p95}), rounded up to 64, within [128, "
+        f"{min(MAX_LENGTH_CAP['cpu' if gpu == 'cpu' else 'gpu'], fit.spec.context)}].",
     ]
+    if lengths.dropped:
+        shown = ", ".join(map(str, lengths.dropped[:10])) + (" ..." if len(lengths.dropped) > 10 else "")
+        lines.append(f"Left out: {len(lengths.dropped)} of {lengths.n_records} records longer than that (lines "
+                     f"{shown} of {task['name']}/train.jsonl); training reads data/{task['name']}.train.jsonl.")
     if gpu == "cpu":
         lines.append(f"max_steps: {CPU_TOKENS_PER_SEC} tok/s × {CPU_SECONDS} s / ({s.batch_size} × {s.max_length})"
                      f" = {cpu_steps(s.batch_size, s.max_length)} steps ≈ 5 minutes.")
     return "".join(f"# {x}\n" if x else "#\n" for x in lines)
+
+
+def _length_source(lengths: Lengths, spec: ModelSpec) -> str:
+    if lengths.source == "tokenizer":
+        return f"measured with {spec.key}'s tokenizer and chat template"
+    return f"estimated as chars / 3.5: {spec.key}'s tokenizer is not on this machine"
 
 
 def _rel(target: Path, start: Path) -> str:

@@ -102,8 +102,10 @@ def code_language(texts: Iterable[str]) -> str | None:
 
 
 # ----------------------------------------------------------------------------- category of a task
-def categorize(kinds: Counter, labels: Counter, prompts: list[str], outputs: list[str]) -> str:
-    """A task's category from its records' output kinds (majority), label set and texts."""
+def categorize(kinds: Counter, labels: Counter, prompts: list[str], outputs: list[str],
+               systems: list[str] = ()) -> str:
+    """A task's category from its records' output kinds (majority), label set and texts (user-side `prompts`,
+    their `systems` prompts, target `outputs`)."""
     kind = min(kinds, key=lambda k: (-kinds[k], KINDS.index(k)))
     if kind == "tool_call":
         return "tool_calling"
@@ -113,7 +115,7 @@ def categorize(kinds: Counter, labels: Counter, prompts: list[str], outputs: lis
         return "coding"
     if kind == "label" and is_label_set(labels):
         return "classification"
-    return "summarization" if looks_like_summary(prompts, outputs) else "generation"
+    return "summarization" if looks_like_summary(prompts, outputs, systems) else "generation"
 
 
 def is_label_set(labels: Counter) -> bool:
@@ -122,11 +124,13 @@ def is_label_set(labels: Counter) -> bool:
     return 2 <= len(labels) <= CLASS_MAX_LABELS and n >= ENUM_MIN_OBS_PER_VALUE * len(labels)
 
 
-def looks_like_summary(prompts: list[str], outputs: list[str]) -> bool:
-    """Summaries: most prompts ask for one, or answers are much shorter than long inputs (< 35% of ≥ 400 chars)."""
+def looks_like_summary(prompts: list[str], outputs: list[str], systems: list[str] = ()) -> bool:
+    """Summaries: most records ask for one (in the user turns or the system prompt: "Summarize the meeting notes in
+    one sentence."), or answers are much shorter than long inputs (< 35% of ≥ 400 chars)."""
     if not prompts:
         return False
-    asks = sum(bool(_SUMMARY_WORDS.search(p)) for p in prompts)
+    systems = list(systems) or [""] * len(prompts)
+    asks = sum(bool(_SUMMARY_WORDS.search(p) or _SUMMARY_WORDS.search(s)) for p, s in zip(prompts, systems))
     if asks >= 0.5 * len(prompts):
         return True
     p_chars = sum(map(len, prompts)) / len(prompts)

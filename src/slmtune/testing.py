@@ -4,7 +4,11 @@
 a ChatML chat template) that every stage loads like any real model. It is random-initialised, so what it
 generates is noise until trained — which is exactly what the tests need: a small loss that can fall.
 
-Sizes: hidden 32, 2 layers, 4 heads, vocab ~600 → ~60k parameters; one training step takes milliseconds.
+Sizes: hidden 64, 2 layers, 4 heads (2 KV heads), vocab ~600 → ~110k parameters; a training step takes
+milliseconds. Every linear layer's widths are multiples of 64 on purpose: bitsandbytes quantizes in blocks of 64
+input features and, on CPUs with AVX512-BF16, repacks 4-bit weights for its inference kernel in blocks of 32
+output features (`_convert_weight_packed_for_cpu`: in_features // 64 blocks per row) — a 32-wide layer gives 0
+blocks there and crashes. So q/o are 64×64, k/v 32×64 (2 KV heads × head_dim 16), gate/up 128×64, down 64×128.
 """
 
 from __future__ import annotations
@@ -55,9 +59,13 @@ def build_tokenizer():
     return fast
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 32, intermediate: int = 64,
-                     layers: int = 2) -> Path:
-    """Write a tiny random Llama + tokenizer checkpoint to `out_dir`; returns the folder."""
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 64, intermediate: int = 128,
+                     layers: int = 2, init_std: float = 0.1) -> Path:
+    """Write a tiny random Llama + tokenizer checkpoint to `out_dir`; returns the folder.
+
+    `init_std` 0.1, not Llama's 0.02: with 0.02 a 64-wide model's logits start near-uniform and the gradient
+    reaching LoRA through the tied embedding is ~5× smaller — 12 steps then moved the loss 0.2 (noise), with
+    0.1 they move it 3.5 (6.6 → 2.7), on LoRA and QLoRA, fp32 and bf16 alike, so the tests can tell learning."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -76,6 +84,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 32, inter
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -23,7 +23,8 @@ from rich.text import Text
 
 from slmtune.dataset import Example, encode_records, to_dataset, token_stats
 from slmtune.errors import SlmtuneError
-from slmtune.models import BaseRef, bf16_fast, load_model, load_tokenizer, pick_dtype, resolve_base
+from slmtune.models import (BaseRef, bf16_verdict, keep_4bit_off_cpu_repacking, load_model, load_tokenizer,
+                            pick_dtype, resolve_base)
 from slmtune.recipe import Recipe
 from slmtune.render import Renderer, make_renderer
 from slmtune.runinfo import PeakSampler, last_checkpoint, peak_memory_mb, write_run_files
@@ -109,6 +110,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     prep.renderer.tokenizer.save_pretrained(adapter_dir)
     metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
     metrics["batching"] = trainer.slmtune_data_mode
+    metrics["precision"] = precision_choice(recipe) | {"weights_dtype": str(trainer.model.dtype).removeprefix("torch.")}
     metrics["peak_anon_memory_mb"] = memory.peak
     if tensors is not None:
         metrics["peak_tensor_memory_mb"] = tensors.peak_mb
@@ -168,17 +170,23 @@ def _step_counter():
     return StepCounter()
 
 
-def _precision(recipe: Recipe) -> str:
+def precision_choice(recipe: Recipe) -> dict:
+    """Which compute precision runs and why: `metrics.json["precision"]`."""
     p = recipe.train.precision
-    return ("bf16" if bf16_fast() else "fp32") if p == "auto" else p
+    if p != "auto":
+        return {"requested": p, "used": p, "reason": "set by train.precision"}
+    fast, why = bf16_verdict()
+    return {"requested": "auto", "used": "bf16" if fast else "fp32", "reason": why}
 
 
 def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path):
     from peft import LoraConfig
 
-    precision = _precision(recipe)
+    precision = precision_choice(recipe)["used"]
     model = load_model(prep.ref, recipe.model.quantization, pick_dtype(recipe.model.dtype),
                        recipe.model.trust_remote_code, fsdp=recipe.distributed.strategy == "fsdp")
+    if recipe.model.quantization == "4bit":
+        keep_4bit_off_cpu_repacking(model)
     lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                       target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
     data = _data_mode(recipe, prep)

@@ -12,7 +12,9 @@ it as ground truth for clustering tests.
 `labels.jsonl` lines are `{"file", "line", "id", "errand"}`: the log file's name, its 1-based line, the
 id `slmtune ingest` assigns to the record (null for a defective item ingest rejects) and the errand.
 `generate_logs_planted` also yields the secrets planted in each item, as
-`[(pii_type, value), ...]`, for measuring scrubber recall.
+`[(pii_type, value), ...]`, for measuring scrubber recall. `generate_logs_placed` makes support-agent logs
+with one value of a `synthetic_pii.PLANTED` kind each, in turn in the system prompt, the user turn, a tool
+call's arguments and a tool result: recall per kind and place.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from slmtune import synthetic_pii as fk
-from slmtune.synthetic_errands import BUILDERS
+from slmtune.synthetic_errands import BUILDERS, COMPANY_POLICIES
 
 FORMATS = ("openai", "messages", "anthropic")
 ERRANDS: dict[str, str] = {label: label.split("-", 1)[0] for label in BUILDERS}
@@ -94,6 +96,47 @@ def write_logs(out_dir: str | Path, n: int, seed: int = 0, formats: Sequence[str
                 rid = None  # a defective item (noise) that ingest rejects
             lab.write(dumps({"file": paths[fmt].name, "line": lines[fmt], "id": rid, "errand": errand}) + "\n")
     return paths
+
+
+# ----------------------------------------------------------------------------- one planted value per log
+UPDATE_CUSTOMER = {"type": "function", "function": {
+    "name": "update_customer", "description": "Update a customer's record.", "parameters": {
+        "type": "object", "properties": {"customer_id": {"type": "string"}}, "required": ["customer_id"]}}}
+PROBLEMS = ["My last delivery never arrived.", "I was charged twice this month.", "Please update my account.",
+            "The app logs me out every hour.", "I want to change my plan."]
+
+
+def generate_logs_placed(n: int, seed: int = 0) -> Iterator[tuple[dict, dict]]:
+    """(OpenAI-format log, truth) for n support-agent calls; kinds and places take turns, so each of the
+    9 kinds x 4 places gets n/36 logs. truth: {"id", "kind", "type", "place", "value", "ordinary"}, where
+    `ordinary` lists sentences (order ids, non-birth dates, prices, plain phrases) a scrubber must keep."""
+    r = random.Random(seed)
+    kinds = list(fk.PLANTED)
+    for i in range(n):
+        kind, place = kinds[i % len(kinds)], fk.PLACES[i // len(kinds) % len(fk.PLACES)]
+        pii_type, value, sentence, key = fk.planted(r, kind)
+        said, noted = fk.ordinary(r), fk.ordinary(r)
+        company, cid = r.choice(fk.COMPANIES), f"CUS-{fk.digits(r, 6)}"
+        system = f"You are the support agent of {company}. Keep customer records current." + COMPANY_POLICIES[company]
+        user = f"{r.choice(PROBLEMS)} {said}"
+        args, result = {"customer_id": cid}, {"customer_id": cid, "status": "updated", "message": noted}
+        planted_in = {"system": None, "user": None, "tool_args": args, "tool_result": result}[place]
+        if place == "system":
+            system += f"\nInternal note: {sentence}"
+        elif place == "user":
+            user += f" {sentence}"
+        else:  # JSON: a free-text note, or the value under its own key
+            planted_in.update({"note": sentence} if r.random() < 0.5 else {key: value})
+        call = {"id": f"call_{i}", "type": "function", "function": {"name": "update_customer",
+                                                                      "arguments": json.dumps(args)}}
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": call["id"], "content": json.dumps(result)}]
+        log = {"request": {"model": "gpt-4o-mini", "messages": messages, "tools": [UPDATE_CUSTOMER]},
+               "response": {"id": f"chatcmpl-placed{i}", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                   "role": "assistant", "content": f"Done: the record of {cid} is up to date."}}]}}
+        yield log, {"id": f"chatcmpl-placed{i}", "kind": kind, "type": pii_type, "place": place, "value": value,
+                    "ordinary": [said, noted]}
 
 
 # ----------------------------------------------------------------------------- variation and defects

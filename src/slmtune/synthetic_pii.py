@@ -3,6 +3,10 @@
 Every generator takes a `random.Random` so output is deterministic given the seed. Card numbers pass
 Luhn and IBANs pass mod-97, like the real thing; decoys (order ids, dates, prices, versions, SKUs) are
 numbers a scrubber must leave alone.
+
+`PLANTED` holds the kinds a support agent's logs carry that issue 12 found leaking (Hugging Face, Stripe
+and Google keys, UK phones, dates of birth, passport numbers, names, street addresses), each as it is
+written in prose and as a JSON field; `ordinary` gives the values around them that must survive.
 """
 
 from __future__ import annotations
@@ -143,6 +147,109 @@ def secret_sentence(r: random.Random, kinds: tuple[str, ...] | None = None) -> t
     pii_type, template, make = SECRETS[kind]
     value = make(r) if make else email(r, *person(r))
     return template.format(v=value), (pii_type, value)
+
+
+# ----------------------------------------------------------------------------- issue 12: kinds in four places
+STREETS = "High Baker Station Church Mill Elm Oak Maple Victoria King Queen Park Green Bridge Manor Cedar".split()
+STREET_TYPES = "Street Road Avenue Lane Drive Close Way Court Crescent St Rd Ave".split()
+UK_TOWNS = {"London": "SW1A", "Leeds": "LS1", "Manchester": "M1", "Bristol": "BS1", "Glasgow": "G2", "York": "YO1"}
+US_TOWNS = {"Springfield": "IL", "Portland": "OR", "Austin": "TX", "Denver": "CO", "Madison": "WI", "Salem": "MA"}
+MONTHS = ("January February March April May June July August September October November December").split()
+
+
+def hf_token(r: random.Random) -> str:
+    return "hf_" + token(r, 34, string.ascii_letters)
+
+
+def stripe_key(r: random.Random) -> str:
+    return r.choice(["sk_live_", "rk_live_", "pk_live_", "sk_test_"]) + token(r, r.choice([24, 34, 99]))
+
+
+def google_key(r: random.Random) -> str:
+    return "AIza" + token(r, 35, ALNUM + "-_")
+
+
+def uk_phone(r: random.Random) -> str:
+    """Numbers from Ofcom's ranges for drama (020 7946 0xxx, 07700 900xxx, ...), in the ways people write them."""
+    n = digits(r, 3)
+    return r.choice([f"020 7946 0{n}", f"07700 900{n}", f"+44 20 7946 0{n}", f"+44 7700 900{n}", f"0161 496 0{n}",
+                     f"(0113) 496 0{n}", f"01632 960{n}", f"0117 496 0{n}", f"07700900{n}"])
+
+
+def birth_date(r: random.Random) -> str:
+    y, m, d = r.randrange(1940, 2006), r.randrange(1, 13), r.randrange(1, 29)
+    th = {1: "st", 2: "nd", 3: "rd", 21: "st", 22: "nd", 23: "rd"}.get(d, "th")
+    return r.choice([f"{d:02d}/{m:02d}/{y}", f"{y}-{m:02d}-{d:02d}", f"{d} {MONTHS[m - 1]} {y}", f"{d:02d}.{m:02d}.{y}",
+                     f"{MONTHS[m - 1]} {d}, {y}", f"{d}{th} of {MONTHS[m - 1]} {y}", f"{m}/{d}/{y}"])
+
+
+def passport(r: random.Random) -> str:
+    up = string.ascii_uppercase
+    return r.choice([lambda: digits(r, 9), lambda: token(r, 1, up) + digits(r, 8),
+                     lambda: "C" + digits(r, 2) + token(r, 1, "FGHJKLMNPRTVWXYZ") + digits(r, 2) + token(r, 1, up)
+                     + digits(r, 2),  # German: C01X00T47
+                     lambda: digits(r, 2) + token(r, 2, up) + digits(r, 5)])()
+
+
+def full_name(r: random.Random) -> str:
+    first, last = person(r)
+    return f"{first} {last}" if r.random() < 0.8 else f"{first} {r.choice(FIRST)} {last}"
+
+
+def street_address(r: random.Random) -> str:
+    street = f"{r.randrange(1, 300)}{r.choice(['', '', '', 'A', 'B'])} {r.choice(STREETS)} {r.choice(STREET_TYPES)}"
+    if r.random() < 0.5:
+        town = r.choice(list(UK_TOWNS))
+        return f"{street}, {town} {UK_TOWNS[town]} {r.randrange(1, 10)}{token(r, 2, 'ABDEFGHJLNPQRSTUWXYZ')}"
+    if r.random() < 0.6:
+        town = r.choice(list(US_TOWNS))
+        return f"{street}, {town}, {US_TOWNS[town]} {digits(r, 5)}"
+    return street
+
+
+# kind: (placeholder TYPE, prose with a cue, JSON key, value factory). Prose goes into system prompts, user
+# turns, tool-call arguments and tool results; half of the JSON cases carry the value under its key instead.
+PLANTED = {
+    "hf_token": ("API_KEY", ["Our Hugging Face token {v} stopped working.", "Pull the model with {v} please."],
+                 "hf_token", hf_token),
+    "stripe_key": ("API_KEY", ["Payments fail since we set the Stripe key {v}.", "Stripe says {v} is revoked."],
+                   "stripe_key", stripe_key),
+    "google_key": ("API_KEY", ["The Maps widget uses {v} and shows an error.", "Google rejects {v} since Monday."],
+                   "maps_api_key", google_key),
+    "uk_phone": ("PHONE", ["You can reach me on {v} after 5pm.", "Call me back on {v}, thanks."], "phone", uk_phone),
+    "dob": ("DOB", ["My date of birth is {v}.", "For the check: DOB {v}.", "I was born on {v}."],
+            "date_of_birth", birth_date),
+    "passport": ("PASSPORT", ["My passport number is {v}.", "Passport no. {v}, expiring next year."],
+                 "passport_number", passport),
+    "person": ("PERSON", ["Hi, my name is {v} and I need help.", "This is {v}, calling about my order.",
+                          "Thanks,\n{v}", "Name: {v}"], "full_name", full_name),
+    "address": ("ADDRESS", ["I live at {v}, so please ship there.", "Please deliver to {v} instead.",
+                            "My address is {v}."], "shipping_address", street_address),
+    "email": ("EMAIL", ["Send the confirmation to {v} please."], "email", lambda r: email(r, *person(r))),
+}
+PLACES = ("system", "user", "tool_args", "tool_result")
+
+
+def planted(r: random.Random, kind: str) -> tuple[str, str, str, str]:
+    """(pii_type, value, sentence carrying it, JSON key for it) for one value of `kind`."""
+    pii_type, templates, key, make = PLANTED[kind]
+    value = make(r)
+    return pii_type, value, r.choice(templates).format(v=value), key
+
+
+def ordinary(r: random.Random) -> str:
+    """A sentence of things that are not PII (order ids, non-birth dates, prices, versions, plain phrases with
+    a name cue's words), which a scrubber must leave exactly as it is."""
+    return r.choice([
+        lambda: f"Order #{digits(r, 8)} was placed on 2026-0{r.randrange(1, 10)}-{r.randrange(10, 29)}.",
+        lambda: f"It was delivered on {r.randrange(1, 29)} {r.choice(MONTHS)} 2026.",
+        lambda: f"It cost £{r.randrange(10, 900)}.{r.randrange(10, 100)} with VAT.",
+        lambda: f"We are on version {r.randrange(1, 9)}.{r.randrange(30)}.{r.randrange(20)} of the app.",
+        lambda: f"Ticket {digits(r, 5)} was opened at {r.randrange(10, 23)}:{r.randrange(10, 59)} on "
+                f"{r.randrange(10, 28)}/03/2026.",
+        lambda: "This is urgent, I am on the Pro plan.",
+        lambda: f"Our team in {r.choice(list(UK_TOWNS))} uses the Router X2.",
+    ])()
 
 
 def decoy(r: random.Random) -> str:

@@ -58,7 +58,7 @@ class CurateConfig:
     max_chars: int = 32_000
     """Longest record kept, in characters of content + arguments (~8k tokens at ~4 chars/token)."""
     scrubber: str = "regex"
-    """`regex` (built in) or `presidio` (adds presidio-analyzer's findings when installed)."""
+    """`regex` (built in) or `presidio` (adds names and street addresses; needs presidio-analyzer; ~2.5x slower)."""
     workers: int = 0
     """Processes for scrubbing and filtering; 0 = one per idle core (max 4) for inputs over 8 MB, else 1."""
 
@@ -71,8 +71,8 @@ def curate(records: str | Path, out: str | Path, report: str | Path | None = Non
     if not records.is_file():
         raise SlmtuneError(f"{records}: no such file.", "Run `slmtune ingest` first to make records.")
     get_backend(config.scrubber)  # fail here, not in a worker, when the backend is missing
-    keyer = Keyer(config.near_dup)  # built once: workers get it pickled, without importing datasketch (0.8 s)
-    seen = Seen(keyer.b, config.near_dup)
+    keyer = Keyer(config.near_dup)  # built once: workers get it pickled
+    seen = Seen(config.near_dup)
     rep = _empty_report(records, out, config)
     with atomic_open(out) as f_out, atomic_open(default_rejected_path(out)) as f_rej:
         for batch in _prepared(records, config, keyer):

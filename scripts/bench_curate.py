@@ -34,10 +34,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from slmtune.ingest import Rejected, to_record
-from slmtune.jsonl import dumps, iter_jsonl
-from slmtune.synthetic import FORMATS, generate_logs_placed, generate_logs_planted
-from slmtune.synthetic_pii import PLACES, PLANTED
+from slmtune.data.ingest import Rejected, to_record
+from slmtune.io import dumps, iter_jsonl
+from slmtune.synthetic.logs import FORMATS, generate_logs_placed, generate_logs_planted
+from slmtune.synthetic.pii import PLACES, PLANTED
 
 NUMERIC = ("PHONE", "CARD", "IBAN", "SSN")
 SCRUBBERS = {"regex": ["regex"], "presidio": ["presidio"], "both": ["regex", "presidio"]}

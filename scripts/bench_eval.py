@@ -6,7 +6,7 @@
 Part 1 generates the first `--n-seq` records with the same prompts and `max_new_tokens`: one at a time (plain),
 one at a time with the shared-prefix cache, then batched; it prints wall time, tokens/s, the speed-up over plain
 one-at-a-time and whether the texts are identical. Part 2 runs the whole
-`slmtune.eval.evaluate` on `--n` records (model load, generation, scoring, report files) and prints its wall time.
+`slmtune.eval.evaluate.evaluate` on `--n` records (model load, generation, scoring, report files) and prints its wall time.
 Timings are noisy on a shared machine: run it when the machine is otherwise idle.
 """
 
@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from slmtune.eval import GenSettings, evaluate, load, resolve_model
-from slmtune.generate import generate, token_budget, wall_time
-from slmtune.jsonl import write_jsonl
+from slmtune.eval.evaluate import GenSettings, evaluate, load, resolve_model
+from slmtune.eval.generate import generate, token_budget, wall_time
+from slmtune.io import write_jsonl
 from slmtune.render import make_renderer, prompt_text, target_text
-from slmtune.testing import weather_records
+from slmtune.synthetic.tiny import weather_records
 
 
 def compare_batching(model_spec: str, records: list[dict], batch_sizes: list[int]) -> list[dict]:

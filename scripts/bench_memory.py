@@ -34,7 +34,7 @@ FILLER = ("The customer wrote again about the delayed parcel, the wrong invoice 
 
 def records(n_tokens: int, n: int) -> list[dict]:
     """Weather tool-calling records padded with a long user message to ~n_tokens SmolLM2 tokens."""
-    from slmtune.testing import weather_records
+    from slmtune.synthetic.tiny import weather_records
 
     out = []
     for rec in weather_records(n, seed=2):
@@ -45,7 +45,7 @@ def records(n_tokens: int, n: int) -> list[dict]:
 
 
 def run_cell(folder: Path, model: str, length: int, quant: str, steps: int, ckpt: bool) -> dict:
-    from slmtune.jsonl import write_jsonl
+    from slmtune.io import write_jsonl
 
     cell = folder / f"{quant}-{length}-{'gc' if ckpt else 'nogc'}"
     cell.mkdir(parents=True)
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run: off, on or both")
     p.add_argument("--out-dir", default="runs/bench", help="where bench_memory.json and bench_memory.png go")
     a = p.parse_args()
-    from slmtune.jsonl import write_json
+    from slmtune.io import write_json
     from slmtune.models import resolve_base
 
     resolve_base(a.model)
@@ -128,7 +128,7 @@ def plot(results: dict, lengths: list[int], settings: list[bool], path: Path, mo
     ax.set(xlabel="tokens per example (batch 1)", ylabel="peak tensor memory (MB)", title=f"{model}: training peak")
     ax.legend()
     fig.tight_layout()
-    from slmtune.jsonl import atomic_open
+    from slmtune.io import atomic_open
 
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)

@@ -14,7 +14,7 @@
 (a') baseline-fp32 — the same script with `bf16=False, gradient_checkpointing=False`: what a user who knows the
     hardware would write. On a CPU without native bf16 (AVX2 only) TRL's bf16 default is the single biggest
     loss, so this arm shows how much of slmtune's lead is *not* just the precision choice.
-(b) slmtune — `slmtune.train.train(recipe)` with default settings (shared-prefix batches / packing, dtype auto).
+(b) slmtune — `slmtune.train.trainer.train(recipe)` with default settings (shared-prefix batches / packing, dtype auto).
 
 Each arm runs in its own process, one after the other (clean peak-memory figures, no shared cores). Prints per
 arm: trained (non-pad) tokens/s, wall time, peak memory and three losses — the logged mean of the last 3 steps
@@ -39,8 +39,8 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 def write_records(path: Path, n: int, seed: int) -> Path:
     """`n` weather tool-calling records (seeded: the first n of a larger set are the same records)."""
-    from slmtune.jsonl import write_jsonl
-    from slmtune.testing import weather_records
+    from slmtune.io import write_jsonl
+    from slmtune.synthetic.tiny import weather_records
 
     write_jsonl(path, weather_records(n, seed=seed))
     return path
@@ -50,7 +50,7 @@ def records_loss(model, tokenizer, path: Path) -> float:
     """Mean target-token cross-entropy of `model` on the records in `path`, rendered by slmtune (same for all arms)."""
     import torch
 
-    from slmtune.dataset import encode_records
+    from slmtune.train.dataset import encode_records
 
     from slmtune.render import make_renderer
 
@@ -71,7 +71,7 @@ def arm_baseline(a, tuned: bool = False) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from slmtune.jsonl import read_jsonl
+    from slmtune.io import read_jsonl
     from slmtune.models import load_model, load_tokenizer, resolve_base
     from slmtune.records import split_prompt_target
     from slmtune.render import chat_messages, make_renderer
@@ -105,7 +105,7 @@ def arm_slmtune(a) -> dict:
     import yaml
 
     from slmtune.recipe import load_recipe
-    from slmtune.train import train
+    from slmtune.train.trainer import train
 
     recipe = {"name": "bench", "model": {"base": a.model},
               "data": {"train": a.train, "eval": None, "max_length": a.max_length},
@@ -130,7 +130,7 @@ def arm_slmtune(a) -> dict:
 def _result(a, wall: float, tokens: int, losses: list[float], model, tok) -> dict:
     """Speed, memory and three losses: the logged mean of the last 3 steps (different batches per arm, so noisy)
     and, with the same function for every arm, the trained model's loss on all training and all held-out records."""
-    from slmtune.runinfo import peak_memory_mb
+    from slmtune.train.runfiles import peak_memory_mb
 
     peak = peak_memory_mb()  # the training peak: taken before the loss passes below
     return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
@@ -216,7 +216,7 @@ def main() -> None:
             summary[f"vs_{name}"] = {k: round(v, 4) for k, v in ratios.items()}
     print(f"slmtune batching {ours.get('batching')}")
     out = Path(a.out_dir)
-    from slmtune.jsonl import write_json
+    from slmtune.io import write_json
 
     write_json(out / "bench_train.json", summary)
     plot(results, out / "bench_train.png", f"{a.model}: {a.n} records, batch {a.batch_size}")
@@ -241,7 +241,7 @@ def plot(results: dict, path: Path, title: str) -> None:
     right.set(ylabel="trained tokens / s", title="speed")
     fig.suptitle(title)
     fig.tight_layout()
-    from slmtune.jsonl import atomic_open
+    from slmtune.io import atomic_open
 
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)

@@ -2,7 +2,7 @@
 
     python scripts/make_demo_logs.py
 
-One synthetic agent (`slmtune.synthetic`), logged in three formats (OpenAI proxy, messages, Anthropic), with
+One synthetic agent (`slmtune.synthetic.logs`), logged in three formats (OpenAI proxy, messages, Anthropic), with
 planted PII and secrets and ~5% realistic defects (truncated, errored, broken tool calls). Its traffic is
 uneven, as real agents' is:
 
@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from slmtune.synthetic import write_logs
+from slmtune.synthetic.logs import write_logs
 
 OUT = Path(__file__).resolve().parent.parent / "src" / "slmtune" / "examples"
 BATCHES = [  # (folder, file prefix, calls, seed, errands)

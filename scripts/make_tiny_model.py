@@ -6,7 +6,7 @@ Usage: python scripts/make_tiny_model.py OUT_DIR
 
 import sys
 
-from slmtune.testing import build_tiny_model
+from slmtune.synthetic.tiny import build_tiny_model
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):

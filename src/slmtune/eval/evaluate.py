@@ -1,0 +1,363 @@
+"""`slmtune eval`: does the small model do the agent's errand as the logged LLM (the teacher) did?
+
+Every model evaluated generates the target turn of every eval record from the prompt `slmtune.render` builds
+(the training rendering, tools included), batched and greedy; its text is parsed back with
+`render.parse_output` and scored against the teacher's own target by `slmtune.eval.metrics`, per the task's
+category and schema (`task.json` beside the data, else inferred with `slmtune.tasks.schema`). `--predictions`
+scores existing outputs instead of generating. `--constrained` also decodes the primary model under the
+task's grammar (`slmtune.eval.constrain`).
+
+Output directory::
+
+    predictions.jsonl   one line per eval record, in data order: {"id", "reference": teacher message,
+                        "outputs": {row: {"text", "message", "verdicts", "n_tokens", "finished", "latency_s"}}}
+                        (rows: tuned, base, predictions, teacher, and "<row>+constrained"; verdicts are
+                        {metric: [unit scores]}, see `slmtune.eval.metrics`)
+    report.json         the contract below
+    report.md           the metrics table, one column per row
+    report.png          bar chart of the category's main metrics
+
+`report.json` keys (version 1)::
+
+    version   1
+    task      {"name", "category", "schema_hash", "schema_source": "task.json" | "inferred"}
+    data      {"path", "sha256", "records"}
+    n         number of eval records
+    primary   the row the gate checks: "tuned" (the --model row, whatever it is), else "predictions"
+    models    {row: {"source", "kind", "metrics", "perf", "missing"}} for rows tuned | base | predictions |
+              teacher. `kind`: run | checkpoint | base | predictions | teacher. `metrics`:
+              {metric: {"value": float | null, "count": int}} (value = mean over count units; null when the
+              metric has no unit); the names per category are `slmtune.eval.metrics.METRICS`: tool_calling →
+              parse_rate, schema_valid_rate, tool_name_accuracy, arguments_exact_match, arguments_f1,
+              exact_match; extraction → parse_rate, schema_valid_rate, fields_f1, exact_match;
+              classification → parse_rate, schema_valid_rate, label_accuracy; summarization / coding /
+              generation → parse_rate, token_f1, rouge_l, exact_match. `perf` (generated rows, else null):
+              {"batch_size", "max_new_tokens", "render_mode", "wall_s", "s_per_record", "generated_tokens",
+              "tokens_per_s", "unfinished"} (unfinished = outputs cut by max_new_tokens). `missing`: records
+              without a prediction (predictions row only; scored as empty output).
+    constrained   present with --constrained: {row: same shape as in models} for the primary model,
+              plus "backend": "llguidance"; for text tasks only {"backend", "skipped": reason}
+    gate      null without --gate, else {"passed": bool, "thresholds": {...}, "failures": [{"metric", "value",
+              "op", "threshold"}]}
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmtune.errors import SlmtuneError
+from slmtune.io import file_fingerprint, iter_jsonl
+from slmtune.eval.metrics import CATEGORIES, aggregate, score
+from slmtune.records import record_problems, split_prompt_target
+
+Progress = Callable[[str, int, int], None]
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    category: str
+    schema: Any
+    schema_hash: str | None
+    source: str  # "task.json" or "inferred"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What to load for one model row: weights (+ adapter) and the tokenizer whose template renders prompts."""
+
+    spec: str
+    kind: str  # run | checkpoint | base
+    path: str
+    adapter: Path | None
+    tokenizer: str
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str
+    source: str
+    outputs: list[dict]  # per record: text, message, n_tokens, finished, latency_s; verdicts added by scoring
+    perf: dict | None = None
+    missing: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    report: dict
+    out_dir: Path
+
+    @property
+    def gate_passed(self) -> bool:
+        return self.report["gate"] is None or self.report["gate"]["passed"]
+
+
+# ----------------------------------------------------------------------------- inputs
+def read_records(path: Path) -> list[dict]:
+    """Eval records in file order; a record without `id` gets `line-N`. Ids must be unique."""
+    recs = []
+    for lineno, rec in iter_jsonl(path):
+        problems = record_problems(rec)
+        if problems:
+            raise SlmtuneError(f"{path}:{lineno}: not a canonical record: {problems[0]}.")
+        recs.append({**rec, "id": str(rec.get("id", f"line-{lineno}"))})
+    dupes = [i for i, c in Counter(r["id"] for r in recs).items() if c > 1]
+    if dupes:
+        raise SlmtuneError(f"{path}: duplicate record ids ({', '.join(dupes[:3])}).", "Ids must be unique.")
+    if not recs:
+        raise SlmtuneError(f"{path}: no records.")
+    return recs
+
+
+def load_task(data: Path, records: list[dict]) -> Task:
+    """The task from `task.json` beside the data, else inferred from the records' targets."""
+    from slmtune.tasks import schema as sch
+
+    path = data.parent / "task.json"
+    if path.is_file():
+        t = json.loads(path.read_text())
+        category = t.get("category")
+        if category not in CATEGORIES:
+            raise SlmtuneError(f"{path}: category {category!r} is not one of {', '.join(CATEGORIES)}.")
+        return Task(t.get("name") or data.parent.name, category, t.get("schema"),
+                    t.get("schema_hash") or sch.schema_hash(t.get("schema")), "task.json")
+    targets = [split_prompt_target(r)[1] for r in records]
+    kinds = [sch.output_kind(t) for t in targets]
+    texts = [(t.get("content") or "").strip() for t in targets]
+    labels = Counter(x for x, k in zip(texts, kinds) if k == "label")
+    prompts = [" ".join(m.get("content") or "" for m in split_prompt_target(r)[0]) for r in records]
+    category = sch.categorize(Counter(kinds), labels, prompts, texts)
+    schema = sch.task_schema(category, records)
+    return Task(data.parent.name or data.stem, category, schema, sch.schema_hash(schema), "inferred")
+
+
+def read_predictions(path: Path, records: list[dict]) -> Row:
+    """A predictions row: `{"id", "message"}` or `{"id", "text"}` lines; records without a line score as empty."""
+    from slmtune.render import parse_output
+
+    known, by_id = {r["id"] for r in records}, {}
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or "id" not in obj or not ("message" in obj or "text" in obj):
+            raise SlmtuneError(f"{path}:{lineno}: a prediction needs `id` and `message` or `text`.")
+        if str(obj["id"]) in known:
+            by_id[str(obj["id"])] = obj
+    if not by_id:
+        raise SlmtuneError(f"{path}: no prediction id matches an eval record id.")
+    outputs = []
+    for r in records:
+        obj = by_id.get(r["id"], {"text": ""})
+        if isinstance(obj.get("message"), dict):
+            msg = obj["message"]
+            text = obj.get("text", msg.get("content"))
+        else:
+            text = obj.get("text") or ""
+            msg = parse_output(text)
+        outputs.append({"text": text, "message": msg})
+    return Row("predictions", "predictions", str(path), outputs, missing=len(records) - len(by_id))
+
+
+def teacher_row(records: list[dict]) -> Row:
+    outs = [{"text": None, "message": split_prompt_target(r)[1]} for r in records]
+    return Row("teacher", "teacher", "the logged targets", outs)
+
+
+# ----------------------------------------------------------------------------- models
+def resolve_model(spec: str) -> ModelRef:
+    """A run dir (base + adapter from its manifest), a checkpoint folder, or anything `resolve_base` takes."""
+    from slmtune.models import resolve_base
+
+    p = Path(spec)
+    if (p / "manifest.json").is_file():
+        from slmtune.ship.merge import read_run
+
+        manifest = read_run(p)
+        return ModelRef(spec, "run", manifest["base_model"]["path"], p / "adapter", str(p / "adapter"))
+    if (p / "config.json").is_file():
+        return ModelRef(spec, "checkpoint", str(p), None, str(p))
+    ref = resolve_base(spec)
+    return ModelRef(spec, "base", ref.path, None, ref.path)
+
+
+def base_of(ref: ModelRef) -> ModelRef:
+    """A run's base model, rendered with the run's tokenizer so both rows see identical prompts."""
+    return ModelRef(ref.path, "base", ref.path, None, ref.tokenizer)
+
+
+def load(ref: ModelRef, dtype: str = "auto"):
+    """(model, tokenizer) ready for inference; an adapter is merged in memory (faster generation)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmtune.models import pick_dtype
+
+    try:
+        tok = AutoTokenizer.from_pretrained(ref.tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=pick_dtype(dtype))
+    except OSError as e:
+        raise SlmtuneError(f"--model {ref.spec!r} could not be loaded: {str(e).splitlines()[0]}",
+                           "Give a run dir, a checkpoint folder, smollm2-135m or a cached hub id.") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if ref.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, ref.adapter).merge_and_unload()
+    return model.eval(), tok
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # None: from the teacher targets (`generate.token_budget`)
+    dtype: str = "auto"
+
+
+def generate_rows(ref: ModelRef, name: str, records: list[dict], task: Task, gs: GenSettings,
+                  constrained: bool, progress: Progress) -> list[Row]:
+    """The model's row (and its constrained row) over `records`."""
+    from slmtune.eval.generate import generate, stop_ids, token_budget
+    from slmtune.render import make_renderer, prompt_text, target_text
+
+    model, tok = load(ref, gs.dtype)
+    r = make_renderer(tok)
+    prompts = [prompt_text(r, rec) for rec in records]
+    budget = gs.max_new_tokens or token_budget(tok, [target_text(r, rec) for rec in records])
+    rows = [_run(name, ref, generate(model, tok, prompts, budget, gs.batch_size, progress=_label(progress, name)),
+                 gs, budget, r.mode)]
+    factory = _grammar_factory(model, tok, records, task, stop_ids(tok, model)) if constrained else None
+    if factory is not None:
+        cbudget = gs.max_new_tokens or 2 * budget  # room for the grammar's longest strings (see constrain.caps_from)
+        gens = generate(model, tok, prompts, cbudget, gs.batch_size, factory, _label(progress, f"{name}+constrained"))
+        rows.append(_run(f"{name}+constrained", ref, gens, gs, cbudget, r.mode))
+    return rows
+
+
+def _grammar_factory(model, tok, records: list[dict], task: Task, stops: list[int]):
+    """Per-batch logits-processor factory for constrained decoding; None when the task has no grammar."""
+    from slmtune.eval import constrain
+
+    constrain.require()
+    caps = constrain.caps_from([split_prompt_target(rec)[1] for rec in records])
+    grammars = [constrain.grammar_for(task.category, task.schema, rec.get("tools"), caps) for rec in records]
+    if not any(grammars):
+        return None
+    ll = constrain.ll_tokenizer(tok, model.get_output_embeddings().weight.shape[0], stops)
+    for g in set(filter(None, grammars)):
+        constrain.compile_grammar(ll, g)
+    return lambda idx, prompt_len: constrain.make_processor(ll, [grammars[i] for i in idx], prompt_len, stops)
+
+
+def _label(progress: Progress, name: str) -> Progress:
+    return lambda stage, done, total: progress(f"{name}: {stage}", done, total)
+
+
+def _run(name: str, ref: ModelRef, gens: list, gs: GenSettings, budget: int, mode: str) -> Row:
+    from slmtune.eval.generate import wall_time
+    from slmtune.render import parse_output
+
+    outs = [{"text": g.text, "message": parse_output(g.text), "n_tokens": g.n_tokens, "finished": g.finished,
+             "latency_s": g.latency_s} for g in gens]
+    wall = wall_time(gens)
+    tokens = sum(g.n_tokens for g in gens)
+    perf = {"batch_size": gs.batch_size, "max_new_tokens": budget, "render_mode": mode, "wall_s": round(wall, 3),
+            "s_per_record": round(wall / max(len(gens), 1), 4), "generated_tokens": tokens,
+            "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
+            "unfinished": sum(not g.finished for g in gens)}
+    return Row(name, ref.kind, ref.spec, outs, perf)
+
+
+# ----------------------------------------------------------------------------- scoring and the whole run
+def score_row(row: Row, records: list[dict], task: Task) -> Row:
+    for out, rec in zip(row.outputs, records):
+        out["verdicts"] = score(task.category, task.schema, out["message"], split_prompt_target(rec)[1],
+                                rec.get("tools"))
+    row.metrics = aggregate([o["verdicts"] for o in row.outputs], task.category)
+    return row
+
+
+def evaluate(data: str | Path, out_dir: str | Path, model: str | None = None, baseline: str | None = None,
+             predictions: str | Path | None = None, constrained: bool = False, gate: str | Path | None = None,
+             settings: GenSettings = GenSettings(), limit: int | None = None,
+             progress: Progress | None = None) -> EvalResult:
+    """Score `model` (and `baseline`, `predictions`, the teacher) on `data`; write the report files to `out_dir`.
+
+    `baseline`: a model spec, "none", or None (= the run's base when `model` is a run dir).
+    """
+    from slmtune.eval import report as eval_report
+
+    data, out_dir = Path(data), Path(out_dir)
+    tick = progress or (lambda *_: None)
+    if model is None and predictions is None:
+        raise SlmtuneError("Nothing to evaluate.", "Give --model MODEL_OR_RUN_DIR and/or --predictions PRED.jsonl.")
+    if constrained and model is None:
+        raise SlmtuneError("--constrained needs --model (it decodes under the task's grammar).")
+    thresholds = eval_report.read_gate(Path(gate)) if gate else None
+    records = read_records(data)[:limit] if limit else read_records(data)
+    task = load_task(data, records)
+    rows: list[Row] = []
+    if model is not None:
+        ref = resolve_model(model)
+        rows += generate_rows(ref, "tuned", records, task, settings, constrained, tick)
+        base = _baseline(ref, baseline)
+        if base is not None:
+            rows += generate_rows(base, "base", records, task, settings, False, tick)
+    if predictions is not None:
+        rows.append(read_predictions(Path(predictions), records))
+    rows.append(teacher_row(records))
+    for row in rows:
+        score_row(row, records, task)
+    report = _report(data, task, records, rows, primary="tuned" if model is not None else "predictions")
+    if constrained and "constrained" not in report:
+        report["constrained"] = {"backend": "llguidance", "skipped": f"{task.category} tasks have no output grammar"}
+    report["gate"] = eval_report.check_gate(report, thresholds) if thresholds is not None else None
+    eval_report.write_all(out_dir, report, prediction_lines(records, rows))
+    return EvalResult(report, out_dir)
+
+
+def _baseline(ref: ModelRef, baseline: str | None) -> ModelRef | None:
+    if baseline is None:
+        return base_of(ref) if ref.kind == "run" else None
+    if baseline.lower() == "none":
+        return None
+    return resolve_model(baseline)
+
+
+def _row_json(row: Row) -> dict:
+    out = {"source": row.source, "kind": row.kind, "metrics": row.metrics, "perf": row.perf}
+    if row.kind == "predictions":
+        out["missing"] = row.missing
+    return out
+
+
+def _report(data: Path, task: Task, records: list[dict], rows: list[Row], primary: str) -> dict:
+    plain = {r.name: _row_json(r) for r in rows if not r.name.endswith("+constrained")}
+    report = {
+        "version": REPORT_VERSION,
+        "task": {"name": task.name, "category": task.category, "schema_hash": task.schema_hash,
+                 "schema_source": task.source},
+        "data": {"path": str(data.resolve()), "sha256": file_fingerprint(data), "records": len(records)},
+        "n": len(records),
+        "primary": primary,
+        "models": plain,
+    }
+    cons = {r.name.removesuffix("+constrained"): _row_json(r) for r in rows if r.name.endswith("+constrained")}
+    if cons:
+        report["constrained"] = {**cons, "backend": "llguidance"}
+    return report
+
+
+def prediction_lines(records: list[dict], rows: list[Row]) -> list[dict]:
+    """One line per record: the teacher's message and every row's output with its verdicts."""
+    lines = []
+    for i, rec in enumerate(records):
+        outs = {r.name: {k: v for k, v in r.outputs[i].items() if v is not None or k == "message"} for r in rows}
+        lines.append({"id": rec["id"], "reference": split_prompt_target(rec)[1], "outputs": outs})
+    return lines
+

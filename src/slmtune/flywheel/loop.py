@@ -1,0 +1,371 @@
+"""`slmtune flywheel`: logs in; ingest → curate → cluster → tasks → plan → train → eval → export, by rounds.
+
+Work dir::
+
+    WORKDIR/flywheel.json          registry: inputs, finished rounds, each task's pinned eval set (flywheel_state)
+    WORKDIR/router.json            which export serves which requests (see `slmtune.ship.router`)
+    WORKDIR/exports/<export>/      gated, tagged checkpoints (see `slmtune.ship.export`)
+    WORKDIR/round-NNN/
+      round.json                   inputs, their fingerprint, settings, start time
+      ingest/records.jsonl         `slmtune ingest` of every input so far
+      curate/curated.jsonl, report.json
+      cluster/                     `slmtune cluster` output
+      tasks/                       task dirs with eval sets pinned across rounds (see `slmtune.flywheel.tasks`)
+      recipes/<task>.yaml          `slmtune plan`
+      train/<task>/                run dir (`slmtune train`), or only a marker naming an earlier round's run
+      eval/<task>/                 eval report (`slmtune eval`), or a marker naming an earlier one
+      export/<task>/               marker naming the export folder
+      failures/<task>.txt          the traceback of a task whose stage failed (its one-line reason is in summary)
+      summary.json                 one row per task (see `TaskOutcome`) + the tasks not trained, with reasons
+      comparison.json              this round vs the previous one, per task
+
+Tasks are isolated: a task whose plan, train, eval or export fails is recorded as `failed` (stage and one-line
+reason) in `summary.json`, in `round.json`'s `outcome` and in the router's `not_routed`, and every other task goes
+on. `slmtune flywheel` exits 0 when at least one task ran through (or none was trainable), 1 when every task it
+tried failed.
+
+Every stage dir gets `stage.done.json` (fingerprint of inputs + parameters) written last. A rerun skips a
+stage whose marker matches; a training run interrupted mid-way resumes from its last checkpoint; a task whose
+train data and recipe match a previous round's reuses that round's run, eval and export instead of retraining.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from slmtune.flywheel import state as st
+from slmtune.errors import SlmtuneError
+from slmtune.ship.export import export_run, key_metric
+from slmtune.io import file_fingerprint, write_json
+
+Progress = Callable[[str, int, int], None]
+DATA_STAGES = ("ingest", "curate", "cluster", "tasks", "plan")
+STARTED = "stage.started.json"  # a run dir's fingerprint, written first: resume only the same training
+
+
+@dataclass(frozen=True)
+class FlywheelConfig:
+    gpu: str = "cpu"
+    """Hardware class for `slmtune plan` (cpu, 8gb, ..., 80gb)."""
+    base_model: str | None = None
+    """Base model for every task (catalog key, hub id or folder); None = plan's choice per task."""
+    max_steps: int | None = None
+    """Optimizer steps per task, overriding plan's estimate."""
+    max_tasks: int | None = None
+    """Train only the N largest tasks; the rest stay with the LLM."""
+    eval_limit: int | None = 24
+    """Score at most this many records of each task's eval set (the first N: the same ones every round)."""
+    eval_batch_size: int = 8
+    """Records generated together during eval."""
+    gate: Path | None = None
+    """Eval thresholds (JSON/YAML, see `slmtune.eval.report`); None = tuned must beat base on the key metric."""
+    adapter_only: bool = False
+    """Export adapters instead of merged weights."""
+    min_size: int = 20
+    """Smallest task `slmtune cluster` keeps."""
+    eval_fraction: float = 0.2
+    """Share of a new task held out for eval (its first round only)."""
+    overrides: tuple[str, ...] = ()
+    """Extra recipe overrides for every task, as `slmtune train --set` (e.g. `train.lr=1e-3`)."""
+
+
+@dataclass
+class TaskOutcome:
+    task: str
+    category: str
+    n_train: int
+    n_eval: int
+    status: str = "pending"  # trained | resumed | reused | failed
+    stage: str = "plan"  # the last stage started: plan | train | eval | export
+    trained_in: str | None = None
+    run_dir: str | None = None
+    key_metric: str = ""
+    metrics: dict = field(default_factory=dict)  # {tuned|base|teacher: key metric value}
+    gate_passed: bool | None = None
+    reason: str | None = None
+    export: str | None = None
+
+
+@dataclass(frozen=True)
+class FlywheelResult:
+    workdir: Path
+    round_dir: Path
+    previous: Path | None
+    tasks: list[TaskOutcome]
+    not_trained: list[dict]
+    comparison: list[dict]
+    router_path: Path
+    exports_dir: Path
+
+
+def run_flywheel(logs: Sequence[str | Path], workdir: str | Path, config: FlywheelConfig = FlywheelConfig(),
+                 progress: Progress | None = None) -> FlywheelResult:
+    """One flywheel round over every log given now or in earlier rounds (see the module docstring)."""
+    from slmtune.data.ingest import expand_inputs
+
+    workdir = Path(workdir).resolve()
+    tick = progress or (lambda *_: None)
+    registry = st.load_registry(workdir)
+    inputs = list(dict.fromkeys([*registry["inputs"], *(str(Path(p).resolve()) for p in logs)]))
+    files = expand_inputs(inputs)
+    if not files:
+        raise SlmtuneError(f"no log files in {', '.join(map(str, logs))}.", "Give .jsonl/.json/.parquet logs.")
+    inputs_fp = st.fingerprint([file_fingerprint(f) for f in files])
+    round_dir, prev = st.pick_round(workdir, registry, inputs_fp)
+    if not (round_dir / "round.json").is_file():
+        write_json(round_dir / "round.json", {"round": round_dir.name, "inputs": inputs,
+                                              "files": [str(f) for f in files], "inputs_fingerprint": inputs_fp,
+                                              "config": _config_json(config), "started": st.now()})
+    selection = _data_stages(files, round_dir, registry, config, tick)
+    tasks = selection["tasks"]
+    plan_failed = {f["task"]: f["reason"] for f in st.read_json_or_none(round_dir / "plan" / "plan.json")["failed"]}
+    outcomes = []
+    for i, task in enumerate(tasks):
+        step = lambda s, d, t, i=i, name=task["name"]: tick(f"[{i + 1}/{len(tasks)}] {name}: {s}", d, t)
+        outcomes.append(_isolated(task, round_dir, prev, workdir, config, step, plan_failed.get(task["name"])))
+    return _finish(workdir, round_dir, prev, registry, inputs, selection, outcomes)
+
+
+def ran_through(outcome: TaskOutcome) -> bool:
+    return outcome.status != "failed"
+
+
+def _config_json(config: FlywheelConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+
+
+# ----------------------------------------------------------------------------- data stages
+def _data_stages(files: list[Path], round_dir: Path, registry: dict, config: FlywheelConfig, tick: Progress) -> dict:
+    from slmtune.data.curate import curate
+    from slmtune.flywheel.tasks import build_tasks
+    from slmtune.data.ingest import ingest
+    from slmtune.plan.planner import plan
+
+    d = {s: round_dir / s for s in DATA_STAGES}
+    records, curated = d["ingest"] / "records.jsonl", d["curate"] / "curated.jsonl"
+    _stage(d["ingest"], "ingest", [file_fingerprint(f) for f in files], tick,
+           lambda: ingest(files, records, progress=lambda n: tick("ingest", n, 0)))
+    _stage(d["curate"], "curate", [file_fingerprint(records)], tick,
+           lambda: curate(records, curated, report=d["curate"] / "report.json"))
+    _stage(d["cluster"], "cluster", [file_fingerprint(curated), config.min_size, config.eval_fraction], tick,
+           lambda: _cluster(curated, d["cluster"], config, tick))
+    known = registry["tasks"]
+    _stage(d["tasks"], "tasks", [file_fingerprint(d["cluster"] / "index.json"), known, config.max_tasks], tick,
+           lambda: build_tasks(d["cluster"], d["tasks"], known, round_dir.parent, round_dir.name, config.max_tasks,
+                               d["curate"] / "report.json"))
+    _stage(d["plan"], "plan", [file_fingerprint(d["tasks"] / "index.json"), config.gpu, config.base_model], tick,
+           lambda: plan(d["tasks"], d["plan"], gpu=config.gpu, base_model=config.base_model))
+    return json.loads((d["tasks"] / "selection.json").read_text(encoding="utf-8"))
+
+
+def _cluster(curated: Path, out: Path, config: FlywheelConfig, tick: Progress) -> None:
+    from slmtune.tasks.cluster import cluster
+
+    cluster(curated, out, min_size=config.min_size, eval_fraction=config.eval_fraction,
+            progress=lambda s, d, t: tick(f"cluster: {s}", d, t))
+
+
+def _stage(stage_dir: Path, name: str, inputs: list, tick: Progress, run: Callable[[], object]) -> bool:
+    """Run `run` unless the stage's marker matches `inputs`; True when it ran."""
+    fp = st.fingerprint([name, inputs])
+    if st.is_done(stage_dir, fp):
+        return False
+    tick(name, 0, 0)
+    run()
+    st.mark_done(stage_dir, name, fp)
+    return True
+
+
+# ----------------------------------------------------------------------------- per-task stages
+def _isolated(task: dict, round_dir: Path, prev: Path | None, workdir: Path, config: FlywheelConfig,
+              tick: Progress, plan_failure: str | None) -> TaskOutcome:
+    """One task's stages; whatever fails is this task's outcome, never the round's."""
+    out = TaskOutcome(task["name"], task["category"], task["n_train"], task["n_eval"],
+                      key_metric=key_metric(task["category"]))
+    if plan_failure:
+        out.status, out.reason = "failed", f"plan: {plan_failure}"
+        return out
+    try:
+        _task_stages(task, out, round_dir, prev, workdir, config, tick)
+    except Exception as e:  # noqa: BLE001 - one task's crash (bad data, OOM, a library bug) must not sink the round
+        import traceback
+
+        out.status = "failed"
+        first = (e.message if isinstance(e, SlmtuneError) else f"{type(e).__name__}: {e}").strip().splitlines()
+        out.reason = f"{out.stage}: {first[0] if first else type(e).__name__}"
+        path = round_dir / "failures" / f"{task['name']}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(e)), encoding="utf-8")
+    return out
+
+
+def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | None, workdir: Path,
+                 config: FlywheelConfig, tick: Progress) -> None:
+    name = task["name"]
+    recipe, train_fp = _recipe(round_dir, name, config)
+    out.stage = "train"
+    run = _train(round_dir / "train" / name, prev and prev / "train" / name, recipe, train_fp, tick)
+    out.status, out.trained_in, out.run_dir = run["status"], run["trained_in"], run["run_dir"]
+    eval_fp = st.fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
+                              config.eval_limit, config.eval_batch_size,
+                              file_fingerprint(config.gate) if config.gate else None])
+    out.stage = "eval"
+    report = _eval(round_dir / "eval" / name, prev and prev / "eval" / name, run, eval_fp, round_dir, name,
+                   config, tick)
+    out.metrics = {row: report["models"][row]["metrics"][out.key_metric]["value"]
+                   for row in ("base", "tuned", "teacher") if row in report["models"]}
+    out.gate_passed, out.reason = _gate(report, out, config)
+    if out.gate_passed:
+        out.stage = "export"
+        out.export = _export(round_dir / "export" / name, prev and prev / "export" / name, run, eval_fp, workdir,
+                             round_dir, config, tick)
+
+
+def _recipe(round_dir: Path, name: str, config: FlywheelConfig):
+    from slmtune.recipe import load_recipe, recipe_to_dict
+
+    path = round_dir / "plan" / f"{name}.yaml"
+    probe = load_recipe(path, list(config.overrides))
+    steps = config.max_steps if config.max_steps else probe.train.max_steps
+    # Checkpoint ~4 times a run so an interrupted flywheel loses at most a quarter of a task's training.
+    save = max(1, steps // 4) if steps > 0 else 200
+    sets = [f"output.dir={round_dir / 'train' / name}", "data.eval=null", f"train.save_steps={save}",
+            *([f"train.max_steps={config.max_steps}"] if config.max_steps else []), *config.overrides]
+    recipe = load_recipe(path, sets)
+    d = recipe_to_dict(recipe)
+    d["data"].pop("train"), d["data"].pop("eval"), d["output"].pop("dir")  # round-specific paths
+    return recipe, st.fingerprint(["train", file_fingerprint(recipe.data.train), d])
+
+
+def _train(stage_dir: Path, prev_dir: Path | None, recipe, fp: str, tick: Progress) -> dict:
+    from slmtune.train.runfiles import last_checkpoint
+    from slmtune.train.trainer import train
+
+    for d in (stage_dir, prev_dir):
+        marker = st.read_marker(d) if d else None
+        if marker and marker["fingerprint"] == fp and Path(marker["run_dir"], "adapter").is_dir():
+            run = {"status": "reused" if d == prev_dir else marker["status"], "run_dir": marker["run_dir"],
+                   "trained_in": marker["trained_in"]}
+            if d == prev_dir:
+                st.mark_done(stage_dir, "train", fp, **run)
+            return run
+    started = st.read_json_or_none(stage_dir / STARTED) or {}
+    resume = started.get("fingerprint") == fp and last_checkpoint(stage_dir / "checkpoints") is not None
+    if stage_dir.exists() and not resume:
+        shutil.rmtree(stage_dir)  # died before its first checkpoint, or trained other data/settings: start over
+    if not resume:
+        write_json(stage_dir / STARTED, {"fingerprint": fp, "started": st.now()})
+    tick(f"train ({recipe.train.max_steps} steps{', resuming' if resume else ''})", 0, 0)
+    train(recipe, resume=resume)
+    status = "resumed" if resume else "trained"
+    st.mark_done(stage_dir, "train", fp, run_dir=str(stage_dir), trained_in=stage_dir.parent.parent.name,
+                 status=status)
+    return {"status": status, "run_dir": str(stage_dir), "trained_in": stage_dir.parent.parent.name}
+
+
+def _eval(stage_dir: Path, prev_dir: Path | None, run: dict, fp: str, round_dir: Path, name: str,
+          config: FlywheelConfig, tick: Progress) -> dict:
+    from slmtune.eval.evaluate import GenSettings, evaluate
+
+    for d in (stage_dir, prev_dir):
+        marker = st.read_marker(d) if d else None
+        if marker and marker["fingerprint"] == fp and Path(marker["report_dir"], "report.json").is_file():
+            if d == prev_dir:
+                st.mark_done(stage_dir, "eval", fp, report_dir=marker["report_dir"])
+            return json.loads(Path(marker["report_dir"], "report.json").read_text(encoding="utf-8"))
+    result = evaluate(round_dir / "tasks" / name / "eval.jsonl", stage_dir, model=run["run_dir"], gate=config.gate,
+                      settings=GenSettings(batch_size=config.eval_batch_size), limit=config.eval_limit,
+                      progress=lambda s, d, t: tick(f"eval {s}", d, t))
+    st.mark_done(stage_dir, "eval", fp, report_dir=str(stage_dir))
+    return result.report
+
+
+def _gate(report: dict, out: TaskOutcome, config: FlywheelConfig) -> tuple[bool, str | None]:
+    if config.gate is not None:
+        gate = report["gate"]
+        why = "; ".join(f"{f['metric']} = {_fmt(f['value'])} (needs {f['op']} {f['threshold']})"
+                        for f in gate["failures"])
+        return gate["passed"], why or None
+    tuned, base = out.metrics.get("tuned"), out.metrics.get("base")
+    if tuned is None or base is None or tuned <= base:
+        return False, f"tuned {out.key_metric} {_fmt(tuned)} does not beat base {_fmt(base)}"
+    return True, None
+
+
+def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, workdir: Path, round_dir: Path,
+            config: FlywheelConfig, tick: Progress) -> str:
+    fp = st.fingerprint(["export", eval_fp, config.adapter_only])
+    for d in (stage_dir, prev_dir):
+        marker = st.read_marker(d) if d else None
+        if marker and marker["fingerprint"] == fp and Path(marker["export_dir"], "slmtune.json").is_file():
+            if d == prev_dir:
+                st.mark_done(stage_dir, "export", fp, export_dir=marker["export_dir"])
+            return marker["export_dir"]
+    tick("export", 0, 0)
+    eval_marker = st.read_marker(round_dir / "eval" / stage_dir.name) or {}
+    path = export_run(run["run_dir"], workdir / "exports", adapter_only=config.adapter_only,
+                      report=eval_marker.get("report_dir"),
+                      extra={"flywheel": {"workdir": str(workdir), "round": round_dir.name,
+                                          "trained_in": run["trained_in"]}})
+    st.mark_done(stage_dir, "export", fp, export_dir=str(path))
+    return str(path)
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+# ----------------------------------------------------------------------------- round end
+def _finish(workdir: Path, round_dir: Path, prev: Path | None, registry: dict, inputs: list[str], selection: dict,
+            outcomes: list[TaskOutcome]) -> FlywheelResult:
+    from slmtune.ship.router import build_router, route_entry, write_router
+
+    not_trained = selection["not_trained"]
+    failed = [{"task": o.task, "reason": f"failed at {o.reason}"} for o in outcomes if not ran_through(o)]
+    gated = [{"task": o.task, "reason": f"gate: {o.reason}"} for o in outcomes if ran_through(o) and not o.gate_passed]
+    comparison = _compare(prev, outcomes)
+    write_json(round_dir / "summary.json", {"round": round_dir.name, "tasks": [asdict(o) for o in outcomes],
+                                            "not_trained": not_trained + failed})
+    round_info = st.read_json_or_none(round_dir / "round.json") or {}
+    write_json(round_dir / "round.json", round_info | {"finished": st.now(), "outcome": {
+        "ran_through": [o.task for o in outcomes if ran_through(o)],
+        "exported": [o.task for o in outcomes if o.export],
+        "failed": [{"task": o.task, "stage": o.stage, "reason": o.reason} for o in outcomes if not ran_through(o)],
+        "not_trained": not_trained}})
+    write_json(round_dir / "comparison.json", {"round": round_dir.name,
+                                               "previous": prev.name if prev else None, "tasks": comparison})
+    by_name = {t["name"]: t for t in selection["tasks"]}
+    routes = [route_entry(by_name[o.task], Path(o.export), "adapter" if _is_adapter(o.export) else "merged",
+                          {o.key_metric: o.metrics}) for o in outcomes if o.export]
+    router_path = workdir / "router.json"
+    write_router(router_path, build_router(routes, not_trained + failed + gated, round_dir.name))
+    registry["tasks"] = selection["registry_tasks"]
+    registry["inputs"] = inputs
+    registry["rounds"] = [r for r in registry["rounds"] if r != round_dir.name] + [round_dir.name]
+    st.save_registry(workdir, registry)
+    return FlywheelResult(workdir, round_dir, prev, outcomes, not_trained + failed + gated, comparison,
+                          router_path, workdir / "exports")
+
+
+def _is_adapter(export_dir: str) -> bool:
+    return (Path(export_dir) / "adapter_config.json").is_file()
+
+
+def _compare(prev: Path | None, outcomes: list[TaskOutcome]) -> list[dict]:
+    """Per task: train size and key metric of the previous round beside this one's."""
+    before = {}
+    if prev is not None and (prev / "summary.json").is_file():
+        before = {t["task"]: t for t in json.loads((prev / "summary.json").read_text(encoding="utf-8"))["tasks"]}
+    rows = []
+    for o in outcomes:
+        b = before.get(o.task) or {}
+        rows.append({"task": o.task, "status": o.status, "key_metric": o.key_metric,
+                     "n_train_before": b.get("n_train"), "n_train": o.n_train,
+                     "tuned_before": (b.get("metrics") or {}).get("tuned"), "tuned": o.metrics.get("tuned"),
+                     "base": o.metrics.get("base"), "teacher": o.metrics.get("teacher"),
+                     "exported_before": b.get("export"), "export": o.export})
+    return rows

@@ -1,0 +1,299 @@
+"""`slmtune plan`: one recipe per task that fits the GPU, with the memory arithmetic in its header.
+
+Per task: the model is the first of the category's preference list (or `--base-model`) whose estimate fits the
+budget; then the cheapest way to fit it — bf16 LoRA before QLoRA, no gradient checkpointing before
+checkpointing, bigger micro-batches first — with `grad_accum` making up an effective batch of 16 sequences.
+
+`max_length` covers the task's longest training record, measured in the candidate model's own tokens as
+`slmtune train` will render it (`slmtune.plan.lengths`: tokenizers + the chat template, no torch), rounded up to a
+multiple of 64, within [128, 2048] on the CPU and [128, 4096] on a GPU. A record longer than that cap is not
+truncated: it is left out of the recipe's training file (`RECIPES_DIR/data/<task>.train.jsonl`) and counted in
+the header and `plan.json`. When the model's tokenizer is not on this machine, lengths are estimated from
+characters (cluster's chars / 3.5) and the header says so. On `--gpu cpu` the model is SmolLM2-135M in fp32 and
+`max_steps` is set so a run takes about five minutes on two cores.
+
+Writes `RECIPES_DIR/<task>.yaml` per task and `RECIPES_DIR/plan.json`: `{"gpu", "planned": [{task, recipe,
+model, max_length, lengths}], "failed": [{task, reason}]}` — a task that cannot be planned (every record over
+the cap, no model fits) is listed there with its reason, and the other tasks are still planned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from slmtune.plan.catalog import CATALOG, ModelSpec, lookup
+from slmtune.errors import SlmtuneError
+from slmtune.io import atomic_open, iter_jsonl, write_json, write_jsonl
+from slmtune.plan.estimate import GiB, Estimate, Setup, estimate, fmt_gib
+from slmtune.recipe import Recipe, dump_recipe_yaml, load_recipe
+
+GPUS = {"cpu": 0, "8gb": 8, "16gb": 16, "24gb": 24, "48gb": 48, "80gb": 80}
+CPU_RAM_BUDGET = 8 * GiB  # the flywheel's 2-core box runs other stages beside training
+# SmolLM2-135M LoRA (r=8, all-linear), fp32 forward+backward+AdamW on a 2-core box: measured ~105 tokens/s at
+# batch 2 × 512 with a second job sharing the cores, so ~150 tokens/s alone is the planning figure;
+# 5 minutes ≈ 150 × 300 = 45k tokens.
+CPU_TOKENS_PER_SEC = 150
+CPU_SECONDS = 300
+MAX_LENGTH_CAP = {"cpu": 2048, "gpu": 4096}
+EFFECTIVE_BATCH = 16
+# (micro-batch, gradient checkpointing), cheapest first: checkpointing costs ~30% more compute.
+BATCH_LADDER = [(16, False), (8, False), (4, False), (16, True), (8, True), (4, True), (2, False), (2, True),
+                (1, False), (1, True)]
+# On the CPU, small micro-batches: the same tokens give more optimizer steps in the few minutes there are.
+CPU_LADDER = [(4, False), (2, False), (1, False), (4, True), (2, True), (1, True)]
+PREFERENCE = {
+    "tool_calling": ["qwen3-4b", "llama3.2-3b", "qwen3-1.7b", "llama3.2-1b", "qwen3-0.6b", "smollm2-360m",
+                     "smollm2-135m"],
+    "coding": ["qwen3-4b", "phi4-mini", "qwen3-1.7b", "qwen3-0.6b", "smollm2-360m", "smollm2-135m"],
+    "extraction": ["qwen3-1.7b", "llama3.2-1b", "qwen3-0.6b", "gemma3-270m", "smollm2-360m", "smollm2-135m"],
+    "classification": ["qwen3-0.6b", "gemma3-270m", "smollm2-360m", "smollm2-135m"],
+    "summarization": ["qwen3-4b", "llama3.2-3b", "qwen3-1.7b", "gemma3-1b", "qwen3-0.6b", "smollm2-360m",
+                      "smollm2-135m"],
+    "generation": ["qwen3-4b", "llama3.2-3b", "qwen3-1.7b", "gemma3-1b", "qwen3-0.6b", "smollm2-360m",
+                   "smollm2-135m"],
+}
+
+
+@dataclass(frozen=True)
+class Fit:
+    spec: ModelSpec
+    setup: Setup
+    est: Estimate
+    budget: float
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """A task's training records in the candidate model's tokens."""
+
+    source: str  # "tokenizer" (measured) or "estimate" (chars / 3.5: the model's tokenizer is not here)
+    max_length: int  # what the recipe gets
+    longest: int  # longest record kept
+    p95: int
+    n_records: int
+    dropped: tuple[int, ...] = ()  # line numbers of records over the cap (left out of training)
+
+
+@dataclass(frozen=True)
+class Planned:
+    task: str
+    path: Path
+    model: str
+    quantization: str
+    batch_size: int
+    grad_accum: int
+    max_length: int
+    memory_gib: float
+    budget_gib: float
+    lengths: Lengths
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    planned: list[Planned]
+    failed: list[dict]  # {"task", "reason"}: not planned; the other tasks were
+
+
+def budget_bytes(gpu: str) -> float:
+    """Usable memory: 90% of the card (allocator fragmentation) minus 0.5 GiB of CUDA context; CPU: 8 GiB."""
+    if gpu not in GPUS:
+        raise SlmtuneError(f"--gpu must be one of {', '.join(GPUS)}, got {gpu!r}.")
+    return CPU_RAM_BUDGET if gpu == "cpu" else GPUS[gpu] * GiB * 0.9 - 0.5 * GiB
+
+
+def fit_model(spec: ModelSpec, max_length: int, gpu: str, lora_r: int = 16) -> Fit | None:
+    """The cheapest setup of `spec` within the budget, or None when even batch 1 + checkpointing + 4-bit is over."""
+    budget = budget_bytes(gpu)
+    cpu = gpu == "cpu"
+    quants = ["none"] if cpu or spec.gguf else ["none", "4bit"]
+    length = min(max_length, spec.context)
+    for quant in quants:
+        for bs, ckpt in CPU_LADDER if cpu else BATCH_LADDER:
+            setup = Setup(quant, cpu, lora_r, bs, length, ckpt)
+            est = estimate(spec.arch, setup)
+            if est.total <= budget:
+                return Fit(spec, setup, est, budget)
+    return None
+
+
+def choose(category: str, max_length: int, gpu: str, base_model: str | None) -> Fit:
+    """The model and setup for one task whose records are up to `max_length` tokens."""
+    return _first_fit(_candidates(category, gpu, base_model), lambda spec: max_length, gpu, bool(base_model))
+
+
+def _candidates(category: str, gpu: str, base_model: str | None) -> list[ModelSpec]:
+    if base_model:
+        return [lookup(base_model)]
+    names = ["smollm2-135m"] if gpu == "cpu" else PREFERENCE.get(category, PREFERENCE["generation"])
+    return [CATALOG[n] for n in names]
+
+
+def _first_fit(specs: list[ModelSpec], length_of, gpu: str, asked: bool) -> Fit:
+    """The first model whose cheapest setup fits; `length_of(spec)` is the task's max_length in its tokens."""
+    for spec in specs:
+        fit = fit_model(spec, length_of(spec), gpu, lora_r=8 if gpu == "cpu" else 16)
+        if fit:
+            return fit
+    if asked:
+        raise SlmtuneError(f"--base-model {specs[0].key}: does not fit --gpu {gpu} even at batch 1 with "
+                           f"4-bit weights and gradient checkpointing ({length_of(specs[0])} tokens).",
+                           "Pick a smaller model or a bigger --gpu.")
+    raise SlmtuneError(f"no catalog model fits --gpu {gpu} at this task's length.", "Use a bigger --gpu.")
+
+
+def measure(spec: ModelSpec, train: Path, task: dict, gpu: str) -> Lengths:
+    """The task's record lengths in `spec`'s tokens and the max_length that covers them (see module docstring)."""
+    from slmtune.plan.lengths import record_lengths, tokenizer_for
+
+    cap = min(MAX_LENGTH_CAP["cpu" if gpu == "cpu" else "gpu"], spec.context)
+    tokenizer = tokenizer_for(spec.base)
+    if tokenizer is None:
+        est = task["tokens"]
+        return Lengths("estimate", _round_up(est["max"], cap), min(est["max"], cap), est["p95"], task["n_train"])
+    lengths = record_lengths(tokenizer, train)
+    kept = sorted(x.total for x in lengths if x.total <= cap)
+    if not kept:
+        raise SlmtuneError(f"{train}: all {len(lengths)} records are longer than {cap} tokens of {spec.key} "
+                           f"(shortest {min((x.total for x in lengths), default=0)}).",
+                           "Use a GPU plan (longer cap) or shorten the prompts.")
+    p95 = kept[math.ceil(0.95 * len(kept)) - 1]
+    dropped = tuple(x.line for x in lengths if x.total > cap)
+    return Lengths("tokenizer", _round_up(kept[-1], cap), kept[-1], p95, len(lengths), dropped)
+
+
+def _round_up(tokens: int, cap: int) -> int:
+    """Up to a multiple of 64 (tensor-friendly shapes), at least 128, at most the cap."""
+    return max(128, min(cap, math.ceil(tokens / 64) * 64))
+
+
+def plan(tasks_dir: str | Path, out_dir: str | Path, gpu: str = "24gb", base_model: str | None = None) -> PlanResult:
+    """Write `<out_dir>/<task>.yaml` for every task in `tasks_dir/index.json` (each validated on write) and
+    `<out_dir>/plan.json`; a task that cannot be planned is listed as failed and the others go on."""
+    tasks_dir, out_dir = Path(tasks_dir), Path(out_dir)
+    budget_bytes(gpu)  # reject a bad --gpu before reading anything
+    if base_model:
+        lookup(base_model)  # an unknown model is the user's mistake, not one task's
+    index = _read_json(tasks_dir / "index.json", hint="Run `slmtune cluster CURATED.jsonl -o TASKS_DIR` first.")
+    planned, failed = [], []
+    for entry in index.get("tasks", []):
+        task = _read_json(tasks_dir / entry["dir"] / "task.json", hint="The tasks dir is incomplete: re-run cluster.")
+        try:
+            planned.append(plan_task(tasks_dir / entry["dir"], task, out_dir, gpu, base_model))
+        except SlmtuneError as e:
+            failed.append({"task": task["name"], "reason": e.message})
+    if failed and not planned:
+        raise SlmtuneError(f"no task could be planned; {failed[0]['task']}: {failed[0]['reason']}")
+    write_json(out_dir / "plan.json", {
+        "gpu": gpu, "failed": failed,
+        "planned": [{"task": p.task, "recipe": p.path.name, "model": p.model, "max_length": p.max_length,
+                     "lengths": asdict(p.lengths)} for p in planned]})
+    return PlanResult(planned, failed)
+
+
+def plan_task(task_dir: Path, task: dict, out_dir: Path, gpu: str, base_model: str | None) -> Planned:
+    measured: dict[str, Lengths] = {}
+
+    def length_of(spec: ModelSpec) -> int:
+        if spec.key not in measured:
+            measured[spec.key] = measure(spec, task_dir / "train.jsonl", task, gpu)
+        return measured[spec.key].max_length
+
+    fit = _first_fit(_candidates(task["category"], gpu, base_model), length_of, gpu, bool(base_model))
+    lengths = measured[fit.spec.key]
+    train = task_dir / "train.jsonl"
+    if lengths.dropped:
+        train = out_dir / "data" / f"{task['name']}.train.jsonl"
+        skip = set(lengths.dropped)
+        write_jsonl(train, (rec for line, rec in iter_jsonl(task_dir / "train.jsonl") if line not in skip))
+    recipe = build_recipe(task_dir, task, out_dir, fit, gpu, train)
+    path = out_dir / f"{task['name']}.yaml"
+    header = recipe_header(path, task, fit, gpu, lengths)
+    with atomic_open(path) as f:
+        f.write(dump_recipe_yaml(recipe, header))
+    load_recipe(path)  # the same check `slmtune train` runs: what we write must load
+    s = fit.setup
+    return Planned(task["name"], path, fit.spec.base, s.quantization, s.batch_size, recipe.train.grad_accum,
+                   s.max_length, fit.est.total / GiB, fit.budget / GiB, lengths)
+
+
+def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str, train_file: Path) -> Recipe:
+    s = fit.setup
+    n_train = max(1, task["n_train"])
+    train: dict = {"batch_size": s.batch_size, "grad_accum": EFFECTIVE_BATCH // s.batch_size,
+                   "gradient_checkpointing": s.grad_ckpt, "epochs": 3 if n_train < 2000 else 1, "lr": 2.0e-4}
+    if gpu == "cpu":
+        train |= {"epochs": 1, "max_steps": cpu_steps(s.batch_size, s.max_length), "grad_accum": 1,
+                  "precision": "fp32"}
+    data = {"train": _rel(train_file, out_dir), "max_length": s.max_length, "packing": True}
+    if task.get("n_eval"):
+        data["eval"] = _rel(task_dir / "eval.jsonl", out_dir)
+    raw = {
+        "name": task["name"],
+        "task": {"name": task["name"], "category": task["category"], "schema": task["schema"],
+                 "schema_hash": task["schema_hash"]},
+        "model": {"base": fit.spec.base, "quantization": s.quantization,
+                  "dtype": "float32" if gpu == "cpu" else "auto"},
+        "data": data,
+        "lora": {"r": s.lora_r, "alpha": 2 * s.lora_r},
+        "train": train,
+        "output": {"dir": f"runs/{task['name']}"},
+    }
+    return Recipe.model_validate(raw)
+
+
+def cpu_steps(batch_size: int, max_length: int) -> int:
+    """Optimizer steps that fit ~5 minutes: 150 tok/s × 300 s = 45k tokens / (batch × max_length) per step."""
+    return max(10, CPU_TOKENS_PER_SEC * CPU_SECONDS // (batch_size * max_length))
+
+
+def recipe_header(path: Path, task: dict, fit: Fit, gpu: str, lengths: Lengths) -> str:
+    s = fit.setup
+    hw = "CPU (2 cores, fp32)" if gpu == "cpu" else f"one {gpu.upper()} GPU"
+    method = "QLoRA (4-bit NF4 base)" if s.quantization == "4bit" else "LoRA"
+    lines = [
+        f"{method} fine-tune of {fit.spec.hf_id} for task `{task['name']}` ({task['category']}, "
+        f"{task['n_train']} train / {task['n_eval']} eval records); written by `slmtune plan`.",
+        f"Purpose: replace the LLM on this errand; output schema hash {task['schema_hash'] or '-'}.",
+        f"Hardware: {hw}; memory budget {fmt_gib(fit.budget)}.",
+        f"Command:  slmtune train {path}",
+        f"Override: slmtune train {path} --set train.lr=1e-4 --set train.batch_size={max(1, s.batch_size // 2)}",
+        "",
+        f"Memory estimate: batch {s.batch_size} × {s.max_length} tokens, gradient checkpointing "
+        f"{'on' if s.grad_ckpt else 'off'} (see slmtune.plan.estimate for each term):",
+        *("  " + x for x in fit.est.lines),
+        f"  fits: {fmt_gib(fit.est.total)} ≤ budget {fmt_gib(fit.budget)}",
+        f"max_length {s.max_length}: the longest training record, {lengths.longest} tokens "
+        f"({_length_source(lengths, fit.spec)}; p95 {lengths.p95}), rounded up to 64, within [128, "
+        f"{min(MAX_LENGTH_CAP['cpu' if gpu == 'cpu' else 'gpu'], fit.spec.context)}].",
+    ]
+    if lengths.dropped:
+        shown = ", ".join(map(str, lengths.dropped[:10])) + (" ..." if len(lengths.dropped) > 10 else "")
+        lines.append(f"Left out: {len(lengths.dropped)} of {lengths.n_records} records longer than that (lines "
+                     f"{shown} of {task['name']}/train.jsonl); training reads data/{task['name']}.train.jsonl.")
+    if gpu == "cpu":
+        lines.append(f"max_steps: {CPU_TOKENS_PER_SEC} tok/s × {CPU_SECONDS} s / ({s.batch_size} × {s.max_length})"
+                     f" = {cpu_steps(s.batch_size, s.max_length)} steps ≈ 5 minutes.")
+    return "".join(f"# {x}\n" if x else "#\n" for x in lines)
+
+
+def _length_source(lengths: Lengths, spec: ModelSpec) -> str:
+    if lengths.source == "tokenizer":
+        return f"measured with {spec.key}'s tokenizer and chat template"
+    return f"estimated as chars / 3.5: {spec.key}'s tokenizer is not on this machine"
+
+
+def _rel(target: Path, start: Path) -> str:
+    return os.path.relpath(target.resolve(), start.resolve())
+
+
+def _read_json(path: Path, hint: str) -> dict:
+    if not path.is_file():
+        raise SlmtuneError(f"{path}: no such file.", hint)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise SlmtuneError(f"{path}: not valid JSON ({e}).", hint) from None

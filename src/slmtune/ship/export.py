@@ -1,0 +1,245 @@
+"""`slmtune export`: a finished run in, a tagged, self-describing checkpoint folder out.
+
+Export folder (`EXPORTS_DIR/<task>-<base>-<schema_hash[:8]>/`)::
+
+    model.safetensors, config.json, generation_config.json   merged weights (default; via `slmtune merge`,
+                        whose logit / greedy / reload checks must pass), loadable with
+                        `AutoModelForCausalLM.from_pretrained(folder)`
+    adapter_config.json, adapter_model.safetensors           instead, with --adapter-only: the LoRA adapter,
+                        loadable with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)`
+    tokenizer files     with the chat template used in training
+    slmtune_render.json how training rendered prompts and tool calls (serving must do the same)
+    merge_report.json   the merge verification (merged exports only)
+    README.md           model card: YAML front matter (base_model, library_name, license, tags, model-index)
+    slmtune.json        the manifest below
+
+`slmtune.json` keys (version 1): `version`, `name` (folder name), `format` (merged | adapter), `task` {name,
+category, schema, schema_hash}, `tags`, `base_model` {spec, name, path}, `recipe` (as trained), `data`
+{train, eval: {sha256, records}}, `curate` ({records_in, kept, rejected, rejected_by_reason, pii_placeholders}
+or null when no curate report is found), `eval` ({n, key_metric, metrics: {tuned, base, teacher: {metric:
+value}}, gate, report_sha256} or null without --report), `merge` (merge_report.json, null for adapters),
+`training` {global_step, final_train_loss, wall_time_s}, `source_run`, `versions`, `created`.
+
+The folder is built in a temp dir beside it and swapped in with `os.replace`: a failed export leaves the
+previous one (or nothing) in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from slmtune.errors import SlmtuneError
+from slmtune.io import atomic_open, file_fingerprint, write_json
+
+MANIFEST = "slmtune.json"
+MANIFEST_VERSION = 1
+# What decides whether the tuned model does the errand; the first metric of each list the task measures.
+KEY_METRICS = {"tool_calling": ("exact_match", "schema_valid_rate"), "extraction": ("exact_match", "schema_valid_rate"),
+               "classification": ("label_accuracy", "schema_valid_rate")}
+TEXT_KEY_METRICS = ("rouge_l", "token_f1")
+
+
+def key_metric(category: str) -> str:
+    return KEY_METRICS.get(category, TEXT_KEY_METRICS)[0]
+
+
+def export_name(task: str, base: str, schema_hash: str | None) -> str:
+    """`<task>-<base>-<schema_hash[:8]>`, the base shortened to its last path part, lower-case."""
+    short = re.sub(r"[^a-z0-9.]+", "-", base.rstrip("/").rsplit("/", 1)[-1].lower()).strip("-")
+    return f"{task}-{short}-{(schema_hash or 'text')[:8]}"
+
+
+def export_run(run_dir: str | Path, exports_dir: str | Path, adapter_only: bool = False,
+               report: str | Path | None = None, curate_report: str | Path | None = None,
+               extra: dict | None = None) -> Path:
+    """Export `run_dir` into `exports_dir/<name>/`; returns that folder. `report`: an eval report dir or json."""
+    run_dir, exports_dir = Path(run_dir), Path(exports_dir)
+    run = _read_run(run_dir)
+    task = _task_tags(run["manifest"])
+    if not task.get("name"):
+        raise SlmtuneError(f"{run_dir}: the run has no task tags (recipe `task.name`).",
+                           "Export needs a task: train from a recipe written by `slmtune plan`.")
+    name = export_name(task["name"], run["manifest"]["base_model"]["name"], task.get("schema_hash"))
+    eval_report = _read_report(report) if report else None
+    curate = _read_curate(curate_report, run["manifest"])
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=exports_dir))
+    try:
+        stage = tmp / "export"
+        merge = None if adapter_only else _merged(run_dir, stage)
+        if adapter_only:
+            shutil.copytree(run_dir / "adapter", stage)
+        manifest = build_manifest(name, run, task, eval_report, curate, merge, extra)
+        write_json(stage / MANIFEST, manifest)
+        with atomic_open(stage / "README.md") as f:
+            f.write(model_card(manifest))
+        final = exports_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(stage, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _merged(run_dir: Path, out: Path) -> dict:
+    from slmtune.ship.merge import merge_run
+
+    return merge_run(run_dir, out, dtype="auto")
+
+
+# ----------------------------------------------------------------------------- inputs
+def _read_run(run_dir: Path) -> dict:
+    from slmtune.ship.merge import read_run
+
+    manifest = read_run(run_dir)  # raises a clear error for a folder that is not a finished run
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    return {"dir": run_dir, "manifest": manifest, "recipe": recipe, "metrics": metrics}
+
+
+def _task_tags(manifest: dict) -> dict:
+    """The run's task tags, completed from `task.json` beside its training data (cluster's task dir)."""
+    task = dict(manifest.get("task") or {})
+    train = ((manifest.get("data") or {}).get("train") or {}).get("path")
+    task_json = Path(train).parent / "task.json" if train else None
+    if task_json is not None and task_json.is_file():
+        info = json.loads(task_json.read_text(encoding="utf-8"))
+        if info.get("name") == task.get("name") or not task.get("name"):
+            for k in ("name", "category", "schema", "schema_hash"):
+                task[k] = task.get(k) if task.get(k) is not None else info.get(k)
+    return task
+
+
+def _read_report(report: str | Path) -> dict:
+    path = Path(report)
+    path = path / "report.json" if path.is_dir() else path
+    if not path.is_file():
+        raise SlmtuneError(f"--report {report}: no report.json there.", "Give the folder `slmtune eval -o` wrote.")
+    rep = json.loads(path.read_text(encoding="utf-8"))
+    rep["_sha256"] = file_fingerprint(path)
+    return rep
+
+
+def _read_curate(curate_report: str | Path | None, manifest: dict) -> dict | None:
+    """The curate report given, else `curate_report.json` beside the tasks index the training data came from."""
+    path = Path(curate_report) if curate_report else None
+    train = ((manifest.get("data") or {}).get("train") or {}).get("path")
+    if path is None and train:
+        path = Path(train).parent.parent / "curate_report.json"
+    if path is None or not path.is_file():
+        return None
+    rep = json.loads(path.read_text(encoding="utf-8"))
+    keys = ("records_in", "kept", "rejected", "rejected_by_reason", "pii_placeholders", "records_with_secrets")
+    return {k: rep.get(k) for k in keys}
+
+
+# ----------------------------------------------------------------------------- manifest and card
+def tags_for(task: dict) -> list[str]:
+    return ["slmtune", f"task:{task['name']}", f"category:{task.get('category')}",
+            f"schema:{task.get('schema_hash') or 'none'}"]
+
+
+def eval_summary(report: dict) -> dict:
+    category = report["task"]["category"]
+    rows = {row: {m: v["value"] for m, v in report["models"][row]["metrics"].items()}
+            for row in ("tuned", "base", "teacher") if row in report["models"]}
+    return {"n": report["n"], "key_metric": key_metric(category), "metrics": rows, "gate": report.get("gate"),
+            "report_sha256": report.get("_sha256")}
+
+
+def build_manifest(name: str, run: dict, task: dict, report: dict | None, curate: dict | None, merge: dict | None,
+                   extra: dict | None) -> dict:
+    from slmtune.train.runfiles import versions
+    from slmtune.flywheel.state import now
+
+    m, metrics = run["manifest"], run["metrics"]
+    data = {k: ({"sha256": v["sha256"], "records": v["records"]} if v else None)
+            for k, v in (m.get("data") or {}).items()}
+    return {
+        "version": MANIFEST_VERSION, "name": name, "format": "adapter" if merge is None else "merged",
+        "task": {"name": task["name"], "category": task.get("category"), "schema": task.get("schema"),
+                 "schema_hash": task.get("schema_hash")},
+        "tags": tags_for(task),
+        "base_model": {k: m["base_model"].get(k) for k in ("spec", "name", "path")},
+        "recipe": run["recipe"], "data": data, "curate": curate,
+        "eval": eval_summary(report) if report else None, "merge": merge,
+        "training": {k: metrics.get(k) for k in ("global_step", "final_train_loss", "wall_time_s")},
+        "source_run": str(run["dir"].resolve()), "versions": versions(), "created": now(), **(extra or {}),
+    }
+
+
+def _licence(base_name: str) -> str:
+    from slmtune.plan.catalog import CATALOG
+
+    for spec in CATALOG.values():
+        if spec.hf_id == base_name:
+            return spec.licence.lower()
+    return "other"
+
+
+def model_card(manifest: dict) -> str:
+    task, ev = manifest["task"], manifest["eval"]
+    front = {"base_model": manifest["base_model"]["name"],
+             "library_name": "peft" if manifest["format"] == "adapter" else "transformers",
+             "license": _licence(manifest["base_model"]["name"]), "pipeline_tag": "text-generation",
+             "tags": manifest["tags"]}
+    if ev:
+        front["model-index"] = [{"name": manifest["name"], "results": [{
+            "task": {"type": "text-generation", "name": task["category"]},
+            "dataset": {"name": f"{task['name']} eval (held out agent logs)", "type": f"slmtune/{task['name']}"},
+            "metrics": [{"type": k, "name": f"{k} (vs teacher)", "value": round(v, 4)}
+                        for k, v in ev["metrics"].get("tuned", {}).items() if v is not None]}]}]
+    body = [f"# {manifest['name']}", "",
+            f"A {manifest['base_model']['name']} fine-tune by slmtune for one agent errand: "
+            f"task `{task['name']}` ({task['category']}), output schema hash `{task['schema_hash'] or '-'}`.", "",
+            f"Format: **{manifest['format']}**. Load it without slmtune:", "", "```python",
+            *_load_snippet(manifest), "```", ""]
+    body += _eval_lines(ev) + _data_lines(manifest)
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body) + "\n"
+
+
+def _load_snippet(manifest: dict) -> list[str]:
+    if manifest["format"] == "adapter":
+        return ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                f"base = AutoModelForCausalLM.from_pretrained({manifest['base_model']['path']!r})",
+                "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')",
+                "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')"]
+    return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')",
+            "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')"]
+
+
+def _eval_lines(ev: dict | None) -> list[str]:
+    if not ev:
+        return ["No eval report was attached (`slmtune export --report`).", ""]
+    rows = [r for r in ("base", "tuned", "teacher") if r in ev["metrics"]]
+    metrics = list(ev["metrics"].get("tuned") or ev["metrics"]["teacher"])
+    lines = [f"## Eval ({ev['n']} held-out records; 1.0 = as the logged teacher LLM)", "",
+             "| metric | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
+    for m in metrics:
+        vals = [ev["metrics"][r].get(m) for r in rows]
+        lines.append(f"| {m} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
+    gate = ev.get("gate")
+    if gate is not None:
+        lines += ["", f"Gate: {'passed' if gate['passed'] else 'failed'}."]
+    return lines + [""]
+
+
+def _data_lines(manifest: dict) -> list[str]:
+    d, c = manifest["data"], manifest["curate"]
+    lines = ["## Data", "", f"Train records: {(d.get('train') or {}).get('records')}, "
+             f"eval records: {(d.get('eval') or {}).get('records')} (sha256 in slmtune.json)."]
+    if c:
+        pii = ", ".join(f"{k} {v}" for k, v in (c.get("pii_placeholders") or {}).items()) or "none"
+        lines.append(f"Curated from {c['records_in']} logged calls: {c['kept']} kept, {c['rejected']} rejected; "
+                     f"PII replaced by placeholders: {pii}.")
+    return lines

@@ -1,0 +1,127 @@
+"""`slmtune merge`: fold a run's LoRA adapter into full-precision base weights, prove it, save a checkpoint.
+
+The merge always happens on the full-precision base (a QLoRA adapter is merged into the dequantized-free
+original weights, never into 4-bit ones). Before saving we check, on a few training prompts rendered by
+`slmtune.render`, that the merged model's logits match base+adapter (max |diff| recorded) and that greedy
+outputs are identical; after saving we reload the checkpoint with plain `from_pretrained` and generate again.
+All figures go to `OUT_DIR/merge_report.json`; a failed check raises (non-zero exit) and leaves no checkpoint.
+
+`OUT_DIR` holds: model.safetensors + config, tokenizer with the training chat template, `slmtune_render.json`
+(how prompts and tool calls were rendered in training), `merge_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slmtune.errors import SlmtuneError
+from slmtune.io import atomic_dir, iter_jsonl, write_json
+from slmtune.render import TOOLS_PREAMBLE, Renderer, make_renderer, prompt_text
+
+# fp32 merge arithmetic differs from the unmerged path only by rounding; a real mistake (wrong scale, adapter
+# not applied) moves logits by whole units.
+LOGIT_TOLERANCE = 1e-3
+N_PROMPTS, NEW_TOKENS = 3, 16
+
+
+def read_run(run_dir: Path) -> dict:
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        raise SlmtuneError(f"{run_dir}: no manifest.json; not a run directory written by `slmtune train`.")
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise SlmtuneError(f"{run_dir}/adapter: no adapter; did the run finish?")
+    return json.loads(path.read_text())
+
+
+def check_prompts(r: Renderer, manifest: dict) -> list[str]:
+    """A few training prompts, rendered exactly as in training (falls back to a fixed one if data moved)."""
+    train = (manifest.get("data") or {}).get("train") or {}
+    prompts = []
+    if train.get("path") and Path(train["path"]).is_file():
+        for _, rec in iter_jsonl(train["path"]):
+            prompts.append(prompt_text(r, rec))
+            if len(prompts) == N_PROMPTS:
+                break
+    return prompts or [prompt_text(r, {"messages": [{"role": "user", "content": "Hello"},
+                                                     {"role": "assistant", "content": ""}]})]
+
+
+def _logits_and_greedy(model, tokenizer, prompts: list[str]):
+    import torch
+
+    logits, outs = [], []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)
+            logits.append(model(**ids).logits.float())
+            gen = model.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            outs.append(gen[0, ids["input_ids"].shape[1]:].tolist())
+    return logits, outs
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    manifest = read_run(run_dir)
+    base_path = manifest["base_model"]["path"]
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    r = make_renderer(tokenizer)
+    prompts = check_prompts(r, manifest)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    ref_logits, ref_out = _logits_and_greedy(model, tokenizer, prompts)
+    merged = model.merge_and_unload().eval()
+    new_logits, new_out = _logits_and_greedy(merged, tokenizer, prompts)
+    diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, new_logits))
+    report = {"run_dir": str(run_dir.resolve()), "base_model": manifest["base_model"]["name"],
+              "quantization_trained": manifest.get("quantization"), "prompts_checked": len(prompts),
+              "max_abs_logit_diff": diff, "logit_tolerance": LOGIT_TOLERANCE,
+              "greedy_identical": ref_out == new_out}
+    if diff > LOGIT_TOLERANCE or ref_out != new_out:
+        raise SlmtuneError(f"merge check failed: max |logit diff| {diff:.3g} (tolerance {LOGIT_TOLERANCE}), "
+                           f"greedy identical: {ref_out == new_out}.", "Nothing was written.")
+    save_dtype = _save_dtype(dtype, merged)
+    _save_atomically(merged.to(save_dtype), tokenizer, r, out_dir, report, prompts, new_out)
+    return json.loads((out_dir / "merge_report.json").read_text())
+
+
+def _save_dtype(dtype: str, model):
+    import torch
+
+    if dtype == "auto":
+        return getattr(model.config, "dtype", None) or torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SlmtuneError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}.")
+    return getattr(torch, dtype)
+
+
+def _save_atomically(model, tokenizer, r: Renderer, out_dir: Path, report: dict, prompts, expected) -> None:
+    from transformers import AutoModelForCausalLM
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "slmtune_render.json", render_info(r))
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp).eval()
+        _, again = _logits_and_greedy(reloaded, tokenizer, prompts)
+        report["saved_dtype"] = str(model.dtype).removeprefix("torch.")
+        report["reload_greedy_identical"] = again == expected
+        write_json(tmp / "merge_report.json", report)
+
+
+def render_info(r: Renderer) -> dict:
+    """How training rendered records; serving code must render the same way (see slmtune.render)."""
+    return {
+        "mode": r.mode,
+        "tools": "native chat template" if r.mode == "native" else "appended to the system turn",
+        "tools_preamble": None if r.mode == "native" else TOOLS_PREAMBLE,
+        "tool_call_format": None if r.mode == "native" else
+        '<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>',
+        "tool_result_format": None if r.mode == "native" else "user turn: <tool_response>\n...\n</tool_response>",
+        "target": "the last assistant message",
+    }

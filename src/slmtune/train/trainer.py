@@ -1,0 +1,337 @@
+"""`slmtune train`: a recipe in, a LoRA / QLoRA adapter and a documented run directory out.
+
+Run directory (`output.dir`)::
+
+    adapter/            peft adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
+    checkpoints/        Trainer checkpoints (every `train.save_steps`), what `--resume` continues from
+    recipe.yaml         the resolved recipe (absolute paths)
+    manifest.json       base model, quantization, render mode, data fingerprints, task tags, library versions
+    metrics.json        train/eval loss history, tokens, wall time, tokens/s, peak memory
+    loss.png            the loss curve
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from slmtune.train.dataset import Example, encode_records, to_dataset, token_stats
+from slmtune.errors import SlmtuneError
+from slmtune.models import (BaseRef, bf16_verdict, keep_4bit_off_cpu_repacking, load_model, load_tokenizer,
+                            pick_dtype, resolve_base)
+from slmtune.recipe import Recipe
+from slmtune.render import Renderer, make_renderer
+from slmtune.train.runfiles import PeakSampler, last_checkpoint, peak_memory_mb, write_run_files
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class Prepared:
+    ref: BaseRef
+    renderer: Renderer
+    train: list[Example]
+    eval: list[Example]
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Resolve the base model, load its tokenizer, render and mask every example (fails on a bad one)."""
+    ref = resolve_base(recipe.model.base, recipe.model.gguf_file)
+    renderer = make_renderer(load_tokenizer(ref, recipe.model.trust_remote_code))
+    train = encode_records(renderer, recipe.data.train, recipe.data.max_length)
+    evals = encode_records(renderer, recipe.data.eval, recipe.data.max_length) if recipe.data.eval else []
+    return Prepared(ref, renderer, train, evals)
+
+
+def dry_run(recipe: Recipe, out: Console) -> Prepared:
+    """Validate recipe and data, show two rendered examples with their loss masks and the token counts."""
+    prep = prepare(recipe)
+    for ex in prep.train[:2]:
+        out.rule(f"{ex.where}  id={ex.id}")
+        out.print(_masked_text(prep.renderer, ex))
+    table = Table(title=f"{recipe.name}: {prep.ref.name} · render mode {prep.renderer.mode}")
+    for col in ("split", "examples", "tokens", "target tokens", "max tokens", "truncated"):
+        table.add_column(col, justify="right")
+    for split, exs in (("train", prep.train), ("eval", prep.eval)):
+        if exs:
+            s = token_stats(exs)
+            table.add_row(split, *map(str, (s.n_examples, s.tokens, s.target_tokens, s.max_tokens, s.n_truncated)))
+    out.print(table)
+    out.print("[dim]Legend: [green]green[/green] tokens carry the loss; the rest is prompt. Dry run: not training.")
+    return prep
+
+
+def _masked_text(r: Renderer, ex: Example) -> Text:
+    text = Text()
+    tok = r.tokenizer
+    text.append(tok.decode(ex.enc.input_ids[:ex.enc.n_prompt]), style="dim")
+    text.append(tok.decode(ex.enc.input_ids[ex.enc.n_prompt:]), style="bold green")
+    return text
+
+
+def train(recipe: Recipe, resume: bool = False) -> TrainResult:
+    run_dir = recipe.output.dir
+    ckpt_root = run_dir / "checkpoints"
+    ckpt = last_checkpoint(ckpt_root)
+    if resume and ckpt is None:
+        raise SlmtuneError(f"--resume: no checkpoint in {ckpt_root}.",
+                           "Set `train.save_steps` so runs leave checkpoints, or drop --resume.")
+    if not resume and ckpt is not None:
+        raise SlmtuneError(f"{run_dir} already holds checkpoints of a run.",
+                           "Pass --resume to continue it, or choose another `output.dir`.")
+    prep = prepare(recipe)
+    with PeakSampler() as memory:
+        trainer = _build_trainer(recipe, prep, ckpt_root)
+        counter = _step_counter()
+        trainer.add_callback(counter)
+        peak = _device_peak(trainer)
+        with _tensor_peak(recipe, trainer) as tensors:
+            start = time.perf_counter()
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            wall = time.perf_counter() - start
+    eval_metrics = trainer.evaluate() if prep.eval else {}
+    adapter_dir = run_dir / "adapter"
+    if world_size() > 1:
+        write_rank_record(run_dir, trainer)
+    if not trainer.is_world_process_zero():
+        return TrainResult(run_dir, adapter_dir, {})
+    trainer.model.save_pretrained(adapter_dir)
+    prep.renderer.tokenizer.save_pretrained(adapter_dir)
+    metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
+    metrics["batching"] = trainer.slmtune_data_mode
+    metrics["precision"] = precision_choice(recipe) | {"weights_dtype": str(trainer.model.dtype).removeprefix("torch.")}
+    metrics["peak_anon_memory_mb"] = memory.peak
+    if tensors is not None:
+        metrics["peak_tensor_memory_mb"] = tensors.peak_mb
+    metrics.update(_utilisation(trainer, metrics, peak))
+    write_run_files(recipe, prep, metrics)
+    return TrainResult(run_dir, adapter_dir, metrics)
+
+
+@contextmanager
+def _tensor_peak(recipe: Recipe, trainer):
+    """On the CPU with `train.track_tensor_memory`, count live tensor bytes (see slmtune.train.tensormem)."""
+    if not recipe.train.track_tensor_memory or _cuda():
+        yield None  # on CUDA, peak_memory_mb is the allocator's own peak
+        return
+    from slmtune.train.tensormem import TensorPeak
+
+    with TensorPeak() as mem:
+        mem.track(trainer.model)
+        yield mem
+
+
+def _device_peak(trainer) -> dict:
+    """Measured matmul peak in the dtype the run computes in (bf16 under bf16 autocast, else the weights')."""
+    import torch
+
+    from slmtune.train.flops import peak_flops
+
+    dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else torch.float32
+    device = "cuda" if _cuda() else "cpu"
+    return {"device": device, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": peak_flops(dtype, device)}
+
+
+def _utilisation(trainer, metrics: dict, peak: dict) -> dict:
+    """Achieved model FLOP/s and MFU of this process's training (see slmtune.train.flops for the arithmetic)."""
+    from slmtune.train.flops import linear_weights, training_flops
+
+    n_linear, n_head = linear_weights(trainer.model)
+    epochs = metrics["epochs_this_run"]
+    share = 1 - metrics["batching"]["token_saving"]  # shared-prefix batches compute fewer token-passes
+    flops = training_flops(n_linear, n_head, metrics["train_tokens_per_epoch"] * share * epochs,
+                           metrics["target_tokens_per_epoch"] * epochs)
+    achieved = flops / metrics["wall_time_s"] if metrics["wall_time_s"] else 0.0
+    return {"model_flops": flops, "achieved_flops_per_s": achieved, "device_peak": peak,
+            "mfu": achieved / peak["flops_per_s"] if peak["flops_per_s"] else None}
+
+
+def _step_counter():
+    """A callback counting optimizer steps taken by this process (a resumed run takes only the rest)."""
+    from transformers import TrainerCallback
+
+    class StepCounter(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    return StepCounter()
+
+
+def precision_choice(recipe: Recipe) -> dict:
+    """Which compute precision runs and why: `metrics.json["precision"]`."""
+    p = recipe.train.precision
+    if p != "auto":
+        return {"requested": p, "used": p, "reason": "set by train.precision"}
+    fast, why = bf16_verdict()
+    return {"requested": "auto", "used": "bf16" if fast else "fp32", "reason": why}
+
+
+def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path):
+    from peft import LoraConfig
+
+    precision = precision_choice(recipe)["used"]
+    model = load_model(prep.ref, recipe.model.quantization, pick_dtype(recipe.model.dtype),
+                       recipe.model.trust_remote_code, fsdp=recipe.distributed.strategy == "fsdp")
+    if recipe.model.quantization == "4bit":
+        keep_4bit_off_cpu_repacking(model)
+    lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                      target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
+    data = _data_mode(recipe, prep)
+    args = _sft_config(recipe, ckpt_root, precision, data, has_eval=bool(prep.eval))
+    trainer = trainer_class()(
+        model=model, args=args, processing_class=prep.renderer.tokenizer, peft_config=lora,
+        train_dataset=data["train"], eval_dataset=data["eval"], data_collator=data["collator"],
+    )
+    trainer.slmtune_data_mode = {"mode": data["mode"], "token_saving": round(data["saving"], 4)}
+    return trainer
+
+
+def _data_mode(recipe: Recipe, prep: Prepared) -> dict:
+    """Shared-prefix batches when they pay (see slmtune.train.prefix), else TRL's padding-free packing or padding."""
+    from datasets import Dataset
+
+    from slmtune.train import prefix
+
+    wanted = recipe.data.prefix_sharing
+    possible = world_size() == 1 and not recipe.train.gradient_checkpointing
+    if wanted == "on" and not possible:
+        raise SlmtuneError("data.prefix_sharing: on needs one process and train.gradient_checkpointing: false.",
+                           "Set data.prefix_sharing: auto.")
+    if wanted != "off" and possible:
+        plan = prefix.plan_batches([e.enc for e in prep.train], recipe.train.batch_size, recipe.train.seed)
+        if wanted == "on" or prefix.worth_it(plan):
+            evals = prefix.plan_batches([e.enc for e in prep.eval], recipe.train.batch_size) if prep.eval else None
+            return {"mode": "prefix", "saving": 1 - plan.computed / plan.tokens,
+                    "train": Dataset.from_list(plan.batches),
+                    "eval": Dataset.from_list(evals.batches) if evals else None,
+                    "collator": prefix.collate(prep.renderer.tokenizer.pad_token_id)}
+    mode = "packing" if recipe.data.packing else "padding"
+    return {"mode": mode, "saving": 0.0, "train": to_dataset(prep.train),
+            "eval": to_dataset(prep.eval) if prep.eval else None, "collator": None}
+
+
+def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: dict, has_eval: bool):
+    from trl import SFTConfig
+
+    t, pre = recipe.train, data["mode"] == "prefix"
+    pack = data["mode"] == "packing"
+    return SFTConfig(
+        output_dir=str(ckpt_root),
+        num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.lr,
+        per_device_train_batch_size=1 if pre else t.batch_size, per_device_eval_batch_size=1 if pre else t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, warmup_steps=min(t.warmup_ratio, 0.999),
+        lr_scheduler_type=t.scheduler, seed=t.seed, data_seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if (t.eval_steps and has_eval) else "no", eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not _cuda(),
+        max_length=recipe.data.max_length, packing=pack, packing_strategy="bfd", padding_free=pack,
+        train_sampling_strategy="group_by_length" if data["mode"] == "padding" else "random",
+        dataset_kwargs={"skip_prepare_dataset": True} if pre else None,
+        remove_unused_columns=False, prediction_loss_only=True, use_liger_kernel=_liger(),
+        report_to="none", disable_tqdm=False, dataloader_num_workers=0,
+    )
+
+
+def trainer_class():
+    """TRL's SFTTrainer with slmtune's loss: logits only at target positions, shared prefixes run once."""
+    from trl import SFTTrainer
+
+    from slmtune.train.loss import target_loss
+
+    class SlmtuneTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = target_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages, the sum is wanted
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return SlmtuneTrainer
+
+
+def write_rank_record(run_dir: Path, trainer) -> None:
+    """`ranks/rank-N.json`: this rank's view of the adapter after training (DDP ranks must agree)."""
+    import hashlib
+
+    from slmtune.io import write_json
+
+    h = hashlib.sha256()
+    n = 0
+    for name, p in sorted(trainer.model.named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+            n += p.numel()
+    rank = trainer.args.process_index
+    write_json(run_dir / "ranks" / f"rank-{rank}.json", {
+        "rank": rank, "world_size": trainer.args.world_size, "trainable_parameters": n,
+        "adapter_sha256": h.hexdigest(), "global_step": trainer.state.global_step,
+        "backend": trainer.args.ddp_backend or _backend()})
+
+
+def _backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
+def world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _liger() -> bool:
+    """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA, when installed."""
+    import importlib.util
+
+    return _cuda() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _metrics(trainer, prep: Prepared, wall: float, eval_metrics: dict, resumed_from: Path | None,
+             steps: int) -> dict:
+    state = trainer.state
+    history = [h for h in state.log_history if "loss" in h]
+    stats = token_stats(prep.train)
+    # This process's share of the run (a resumed run only trains the remaining steps).
+    epochs_this_run = (state.epoch or 0) * steps / max(state.global_step, 1)
+    tokens = epochs_this_run * stats.tokens  # non-pad example tokens trained by this process
+    return {
+        "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history],
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "global_step": state.global_step,
+        "epochs": state.epoch or 0,
+        "steps_this_run": steps,
+        "epochs_this_run": epochs_this_run,
+        "train_examples": stats.n_examples,
+        "train_tokens_per_epoch": stats.tokens,
+        "target_tokens_per_epoch": stats.target_tokens,
+        "tokens_seen": round(tokens),
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
+        "peak_memory_mb": peak_memory_mb(),
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "resumed_from_step": int(resumed_from.name.rsplit("-", 1)[1]) if resumed_from else 0,
+    }

@@ -1,0 +1,249 @@
+"""`slmtune eval` end to end through the CLI: crafted predictions with hand-computed numbers, the gate's exit
+code, the tiny model generating (plain and grammar-constrained), and a trained run dir against its base."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from slmtune.cli import app
+from slmtune.io import read_jsonl, write_json, write_jsonl
+from slmtune.eval.metrics import aggregate
+from slmtune.tasks.schema import schema_hash, task_schema
+from slmtune.synthetic.tiny import WEATHER_TOOL, build_tiny_model, weather_records
+
+runner = CliRunner()
+
+
+def call(name, **args):
+    return {"id": "c0", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+
+
+def record(rid, question, *calls, content=None):
+    return {"id": rid, "tools": [WEATHER_TOOL], "messages": [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": content, "tool_calls": list(calls)} if calls else
+        {"role": "assistant", "content": content}]}
+
+
+def write_task(d: Path, category: str, recs: list[dict]) -> Path:
+    write_jsonl(d / "eval.jsonl", recs)
+    schema = task_schema(category, recs)
+    write_json(d / "task.json", {"name": d.name, "category": category, "schema": schema,
+                                 "schema_hash": schema_hash(schema)})
+    return d / "eval.jsonl"
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's matmuls are too small to split; on a busy 2-core machine two spinning threads per
+    process only fight other jobs (measured 3× slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def weather(tmp_path_factory) -> Path:
+    return write_task(tmp_path_factory.mktemp("tasks") / "weather", "tool_calling", weather_records(4, seed=3))
+
+
+# ----------------------------------------------------------------------------- --predictions, exact numbers
+@pytest.fixture
+def crafted(tmp_path):
+    recs = [record("r0", "Weather in Oslo?", call("get_weather", city="Oslo")),
+            record("r1", "Paris in celsius?", call("get_weather", city="Paris", unit="celsius")),
+            record("r2", "Rome?", call("get_weather", city="Rome")),
+            record("r3", "Lima?", call("get_weather", city="Lima"))]
+    data = write_task(tmp_path / "weather", "tool_calling", recs)
+    preds = [
+        {"id": "r0", "message": {"role": "assistant", "content": None,
+                                 "tool_calls": [call("get_weather", city="Oslo")]}},        # all right
+        {"id": "r1", "text": '<tool_call>\n{"name": "get_weather", "arguments": {"unit": "celsius", '
+                             '"city": "Rome"}}\n</tool_call>'},                              # wrong city
+        {"id": "r2", "text": "It is sunny in Rome."},                                        # no call
+        {"id": "zz", "text": "not an eval record: ignored"},                                 # r3 missing
+    ]
+    write_jsonl(tmp_path / "pred.jsonl", preds)
+    return data, tmp_path / "pred.jsonl"
+
+
+def test_predictions_reproduce_hand_computed_metrics(crafted, tmp_path):
+    data, pred = crafted
+    res = invoke("eval", "--predictions", pred, "--data", data, "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    m = report["models"]["predictions"]["metrics"]
+    assert m["parse_rate"] == {"value": 0.5, "count": 4}             # r0, r1 of 4
+    assert m["schema_valid_rate"] == {"value": 0.5, "count": 4}      # Rome is still a valid city string
+    assert m["tool_name_accuracy"] == {"value": 0.5, "count": 4}
+    assert m["arguments_exact_match"] == {"value": 0.25, "count": 4}
+    assert m["arguments_f1"] == {"value": 0.375, "count": 4}         # (1 + 2·1/4 + 0 + 0) / 4
+    assert m["exact_match"] == {"value": 0.25, "count": 4}
+    assert report["models"]["predictions"]["missing"] == 1
+    assert all(v["value"] == 1.0 for v in report["models"]["teacher"]["metrics"].values())
+    assert report["primary"] == "predictions" and report["gate"] is None
+    assert report["task"] == {"name": "weather", "category": "tool_calling",
+                              "schema_hash": json.loads((data.parent / "task.json").read_text())["schema_hash"],
+                              "schema_source": "task.json"}
+    lines = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert [line["id"] for line in lines] == ["r0", "r1", "r2", "r3"]
+    assert lines[1]["outputs"]["predictions"]["verdicts"]["arguments_f1"] == [0.5]
+
+
+def test_gate_misses_exit_3_and_passes_exit_0(crafted, tmp_path):
+    data, pred = crafted
+    (tmp_path / "strict.yaml").write_text("parse_rate: 0.9\narguments_f1: {min: 0.3}\n")
+    res = invoke("eval", "--predictions", pred, "--data", data, "-o", tmp_path / "o1",
+                 "--gate", tmp_path / "strict.yaml")
+    assert res.exit_code == 3, res.output
+    gate = json.loads((tmp_path / "o1" / "report.json").read_text())["gate"]
+    assert gate["passed"] is False
+    assert gate["failures"] == [{"metric": "parse_rate", "value": 0.5, "op": "min", "threshold": 0.9}]
+    (tmp_path / "easy.json").write_text('{"parse_rate": 0.5, "exact_match": {"min": 0.25}}')
+    res = invoke("eval", "--predictions", pred, "--data", data, "-o", tmp_path / "o2", "--gate", tmp_path / "easy.json")
+    assert res.exit_code == 0, res.output
+    (tmp_path / "typo.json").write_text('{"parse_rat": 0.5, "rouge_l": "high"}')
+    res = invoke("eval", "--predictions", pred, "--data", data, "-o", tmp_path / "o3", "--gate", tmp_path / "typo.json")
+    assert res.exit_code == 1 and "parse_rat" in res.output and "rouge_l" in res.output
+
+
+def test_inferred_task_without_task_json(tmp_path):
+    recs = [record(f"c{i}", f"Review {i}: fine", content=label)
+            for i, label in enumerate(["positive", "negative", "neutral"] * 3)]
+    write_jsonl(tmp_path / "reviews" / "eval.jsonl", recs)
+    write_jsonl(tmp_path / "pred.jsonl", [{"id": r["id"], "text": " Positive "} for r in recs])
+    res = invoke("eval", "--predictions", tmp_path / "pred.jsonl", "--data", tmp_path / "reviews" / "eval.jsonl",
+                 "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["task"]["category"] == "classification" and report["task"]["schema_source"] == "inferred"
+    assert report["models"]["predictions"]["metrics"]["label_accuracy"] == {"value": pytest.approx(1 / 3, abs=1e-6),
+                                                                            "count": 9}
+
+
+# ----------------------------------------------------------------------------- the tiny model generating
+@pytest.mark.slow
+def test_tiny_model_end_to_end_constrained(tiny, weather, tmp_path):
+    out = tmp_path / "out"
+    res = invoke("eval", "--model", tiny, "--data", weather, "-o", out, "--constrained", "--batch-size", "4")
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    lines = read_jsonl(out / "predictions.jsonl")
+    ids = [r["id"] for r in read_jsonl(weather)]
+    assert [line["id"] for line in lines] == ids
+    # report.json is the aggregate of the per-record verdicts in predictions.jsonl, and report.md shows it
+    for row, metrics in [("tuned", report["models"]["tuned"]["metrics"]),
+                         ("tuned+constrained", report["constrained"]["tuned"]["metrics"])]:
+        assert aggregate([line["outputs"][row]["verdicts"] for line in lines], "tool_calling") == metrics
+    md = (out / "report.md").read_text()
+    for name, v in report["models"]["tuned"]["metrics"].items():
+        assert f"| {name} | {v['value']:.3f} |" in md
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    cons = report["constrained"]["tuned"]
+    assert cons["metrics"]["schema_valid_rate"] == {"value": 1.0, "count": len(ids)}
+    assert cons["metrics"]["parse_rate"]["value"] == 1.0 and cons["perf"]["unfinished"] == 0
+    perf = report["models"]["tuned"]["perf"]
+    assert perf["generated_tokens"] == sum(line["outputs"]["tuned"]["n_tokens"] for line in lines)
+    assert "base" not in report["models"]  # a plain checkpoint has no implied baseline
+
+
+@pytest.mark.slow
+def test_constrained_extraction_and_classification_are_schema_valid(tiny, tmp_path):
+    ext = [record(f"e{i}", f"Extract: order {i} for {c}",
+                  content=json.dumps({"customer": c, "qty": i, "rush": i % 2 == 0}))
+           for i, c in enumerate(["Ada", "Bob", "Cy", "Di"])]
+    cls = [record(f"k{i}", f"Ticket {i}", content=lab) for i, lab in enumerate(["billing", "bug", "other"] * 2)]
+    for name, cat, recs in (("ext", "extraction", ext), ("cls", "classification", cls)):
+        data = write_task(tmp_path / name, cat, recs)
+        res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / f"out-{name}", "--constrained")
+        assert res.exit_code == 0, res.output
+        report = json.loads((tmp_path / f"out-{name}" / "report.json").read_text())
+        assert report["constrained"]["tuned"]["metrics"]["schema_valid_rate"] == {"value": 1.0, "count": len(recs)}
+
+
+@pytest.mark.slow
+def test_batched_generation_matches_one_at_a_time(tiny, weather):
+    from slmtune.eval.evaluate import load, resolve_model
+    from slmtune.eval.generate import common_prefix, generate
+    from slmtune.render import make_renderer, prompt_text
+
+    model, tok = load(resolve_model(str(tiny)), dtype="float32")
+    prompts = [prompt_text(make_renderer(tok), r) for r in read_jsonl(weather)]
+    one = generate(model, tok, prompts, 24, batch_size=1, share_prefix=False)
+    many = generate(model, tok, prompts, 24, batch_size=3)  # a full and a partial batch, shared-prefix cache
+    assert common_prefix([tok(p, add_special_tokens=False)["input_ids"] for p in prompts])  # exercised
+    assert [g.text for g in one] == [g.text for g in many]
+    assert [g.n_tokens for g in one] == [g.n_tokens for g in many]
+
+
+def make_run_dir(base: Path, run: Path) -> Path:
+    """A run dir as `slmtune train` leaves it (manifest + peft adapter + tokenizer), with a random LoRA so the
+    tuned weights differ from the base. Training itself is tested in test_train.py."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(run / "adapter")
+    AutoTokenizer.from_pretrained(base).save_pretrained(run / "adapter")
+    write_json(run / "manifest.json", {"name": "t", "base_model": {"spec": str(base), "name": "tiny",
+                                                                     "path": str(base)}})
+    return run
+
+
+@pytest.mark.slow
+def test_run_dir_is_evaluated_against_its_base(tiny, weather, tmp_path):
+    run = make_run_dir(tiny, tmp_path / "run")
+    res = invoke("eval", "--model", run, "--data", weather, "-o", tmp_path / "out", "--limit", "3",
+                 "--max-new-tokens", "12")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["models"]) == {"tuned", "base", "teacher"} and report["n"] == 3
+    assert report["models"]["tuned"]["kind"] == "run" and report["models"]["base"]["source"] == str(tiny)
+    assert report["models"]["tuned"]["perf"]["max_new_tokens"] == 12
+    lines = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert any(line["outputs"]["tuned"]["text"] != line["outputs"]["base"]["text"] for line in lines)
+    assert "| metric | base | tuned | teacher | count |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_nothing_to_evaluate_is_a_clear_error(weather, tmp_path):
+    res = invoke("eval", "--data", weather, "-o", tmp_path / "out")
+    assert res.exit_code == 1 and "--model" in res.output
+
+
+def test_common_prefix_leaves_every_prompt_a_token():
+    from slmtune.eval.generate import common_prefix
+
+    assert common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == [1, 2]
+    assert common_prefix([[1, 2], [1, 2, 3]]) == [1]
+    assert common_prefix([[5], [5]]) == [] and common_prefix([[7, 8, 9]]) == [7, 8]
+
+
+@pytest.mark.slow
+def test_text_task_scores_overlap_and_skips_constraint(tiny, tmp_path):
+    recs = [record(f"s{i}", f"Summarize: meeting {i} moved the launch to Friday.",
+                   content=f"Launch moved to Friday ({i}).")
+            for i in range(3)]
+    data = write_task(tmp_path / "sum", "summarization", recs)
+    res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "out", "--constrained",
+                 "--max-new-tokens", "6")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["models"]["tuned"]["metrics"]) == {"parse_rate", "token_f1", "rouge_l", "exact_match"}
+    assert report["constrained"]["skipped"] and "tuned" not in report["constrained"]
+    assert report["models"]["teacher"]["metrics"]["rouge_l"] == {"value": 1.0, "count": 3}

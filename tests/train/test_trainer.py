@@ -1,0 +1,272 @@
+"""`slmtune train` and `slmtune merge` for real on the tiny model: LoRA, QLoRA (NF4 on the CPU), resume, merge."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from slmtune.cli import app
+from slmtune.io import write_jsonl
+from slmtune.recipe import load_recipe
+from slmtune.synthetic.tiny import weather_records
+
+RECIPE = """\
+name: tiny-weather
+task: {{name: weather, category: tool_calling}}
+model: {{base: {model}, quantization: {quant}}}
+data: {{train: train.jsonl, eval: eval.jsonl, max_length: 512, packing: true}}
+lora: {{r: 8, alpha: 16, dropout: 0.0}}
+train: {{epochs: 3, lr: 2.0e-2, batch_size: 4, warmup_ratio: 0.0, scheduler: constant, save_steps: {save}}}
+output: {{dir: {out}}}
+"""
+
+
+def make_recipe(folder: Path, model: Path, quant="none", save="null", n=16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "train.jsonl", weather_records(n, seed=0))
+    write_jsonl(folder / "eval.jsonl", weather_records(4, seed=1))
+    path = folder / "recipe.yaml"
+    path.write_text(RECIPE.format(model=model, quant=quant, save=save, out=folder / "run"))
+    return path
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    return result
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [h["loss"] for h in json.loads((run_dir / "metrics.json").read_text())["train_loss"]]
+
+
+def assert_lora_trained(adapter_dir: Path):
+    """peft initialises every lora_B to zero: after training each must have moved."""
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    b = {k: v for k, v in tensors.items() if "lora_B" in k}
+    assert b and len(b) == sum("lora_A" in k for k in tensors)
+    assert all(v.abs().sum() > 0 for v in b.values()), [k for k, v in b.items() if v.abs().sum() == 0]
+    assert not any("base_layer" in k or "embed_tokens" in k for k in tensors), "only adapter weights are saved"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, tmp_path_factory):
+    recipe = make_recipe(tmp_path_factory.mktemp("lora"), tiny_model)
+    run_cli("train", recipe)
+    return recipe.parent / "run"
+
+
+def test_lora_loss_logged_and_fell(lora_run):
+    ls = losses(lora_run)
+    assert len(ls) >= 6
+    assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls
+
+
+def test_lora_run_dir_contract(lora_run):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "recipe.yaml", "metrics.json", "manifest.json", "loss.png"):
+        assert (lora_run / name).is_file(), name
+    m = json.loads((lora_run / "metrics.json").read_text())
+    assert m["eval_loss"] > 0 and m["tokens_seen"] > 0 and m["tokens_per_s"] > 0 and m["peak_memory_mb"] > 0
+    man = json.loads((lora_run / "manifest.json").read_text())
+    assert man["task"]["name"] == "weather" and man["quantization"] == "none"
+    assert man["render_mode"] == "slmtune-hermes" and man["data"]["train"]["records"] == 16
+    assert len(man["data"]["train"]["sha256"]) == 64 and man["versions"]["trl"]
+    assert load_recipe(lora_run / "recipe.yaml").name == "tiny-weather"  # the resolved recipe reloads
+    assert (lora_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lora_changed_adapters_not_base(lora_run, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert_lora_trained(lora_run / "adapter")
+    original = load_file(Path(tiny_model) / "model.safetensors")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), lora_run / "adapter")
+    base_sd = peft_model.get_base_model().state_dict()
+    checked = 0
+    for key, before in original.items():
+        peft_key = key.replace(".weight", ".base_layer.weight")
+        after = base_sd.get(peft_key, base_sd.get(key))
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+        checked += 1
+    assert checked == len(original)
+
+
+def pin_precision(recipe: Path, precision: str, extra: str = "") -> None:
+    """Pin the compute precision and the weights' dtype to one path, whatever this CPU would pick on `auto`."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    text = recipe.read_text().replace("scheduler: constant,", f"scheduler: constant, precision: {precision},{extra}")
+    recipe.write_text(text.replace("model: {base:", f"model: {{dtype: {dtype}, base:"))
+
+
+# Both precision paths on every machine: an AVX512-BF16 CPU picks bf16 on `auto`, an AVX2-only one fp32, so each
+# kind of CI would otherwise test one path only. bf16 on an AVX2-only CPU is emulated: slow, correct, tiny here.
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_trains_in_both_precisions(tiny_model, tmp_path, precision):
+    recipe = make_recipe(tmp_path, tiny_model)
+    pin_precision(recipe, precision)
+    run_cli("train", recipe)
+    ls = losses(tmp_path / "run")
+    assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["precision"] == {"requested": precision, "used": precision, "reason": "set by train.precision",
+                              "weights_dtype": {"fp32": "float32", "bf16": "bfloat16"}[precision]}
+    assert_lora_trained(tmp_path / "run" / "adapter")
+
+
+def test_auto_precision_follows_the_cpu_flags_and_says_why(lora_run):
+    """The shared run uses `precision: auto`: bf16 exactly when the CPU computes it in hardware."""
+    m = json.loads((lora_run / "metrics.json").read_text())["precision"]
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    fast = bool(flags & {"avx512_bf16", "amx_bf16"}) and not torch.cuda.is_available()
+    assert m["requested"] == "auto" and m["used"] == ("bf16" if fast else "fp32")
+    assert ("CPU has" if fast else "CPU lacks") in m["reason"], m
+
+
+# QLoRA with an evaluation every 2 steps and at the end: eval-mode, no-grad forwards of the 4-bit model, which on an
+# AVX512-BF16 CPU is where bitsandbytes would repack the weights (see models.keep_4bit_off_cpu_repacking).
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_qlora_4bit_trains_on_cpu_with_mid_run_eval(tiny_model, tmp_path, precision):
+    recipe = make_recipe(tmp_path, tiny_model, quant="4bit")
+    pin_precision(recipe, precision, extra=" eval_steps: 2,")
+    run_cli("train", recipe)
+    run = tmp_path / "run"
+    ls = losses(run)
+    assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls  # still learning after the evals in between
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["eval_loss"] is not None and m["precision"]["used"] == precision
+    assert json.loads((run / "manifest.json").read_text())["quantization"] == "4bit"
+    assert_lora_trained(run / "adapter")
+
+
+def test_4bit_layers_kept_off_cpu_repacking_and_tiny_widths_repackable(tiny_model, tmp_path):
+    """On any CPU: slmtune disarms bitsandbytes' AVX512-BF16 repack while training, eval-mode forwards then equal
+    train-mode ones, and the tiny model's widths are ones the repack takes (a 32-wide layer is not: its repack
+    raises, on every CPU, since the repack itself is plain torch)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+
+    from slmtune.models import cpu_repackable, keep_4bit_off_cpu_repacking, load_model, resolve_base
+    from slmtune.synthetic.tiny import build_tiny_model
+
+    model = load_model(resolve_base(str(tiny_model)), "4bit", torch.float32)
+    keep_4bit_off_cpu_repacking(model)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14 and not any(m.support_avx512bf16_for_cpu for m in layers)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    model.train()
+    train_logits = model(ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(ids).logits
+    assert torch.equal(train_logits, eval_logits)
+    for m in layers:
+        assert cpu_repackable(m), (m.in_features, m.out_features)
+        packed, state = _convert_weight_packed_for_cpu(m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+        back, _ = _convert_weight_packed_for_cpu_inverse(packed, state)
+        assert torch.equal(back, m.weight.data)
+
+    narrow = load_model(resolve_base(str(build_tiny_model(tmp_path / "narrow", hidden=32, intermediate=64))), "4bit",
+                        torch.float32)
+    q = next(m for m in narrow.modules() if isinstance(m, Linear4bit))
+    assert not cpu_repackable(q)
+    with pytest.raises(RuntimeError, match="invalid for input"):
+        _convert_weight_packed_for_cpu(q.weight.data.clone(), copy.deepcopy(q.weight.quant_state))
+
+
+def test_merge_verifies_and_reloads(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    run_cli("merge", lora_run, "-o", out)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["max_abs_logit_diff"] < report["logit_tolerance"]
+    assert report["greedy_identical"] and report["reload_greedy_identical"] and report["prompts_checked"] == 3
+    assert (out / "model.safetensors").is_file() and (out / "slmtune_render.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "tools" not in tok.chat_template and "<|im_start|>" in tok.chat_template  # the training template
+    ids = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")
+    gen = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    assert not any(k.endswith(("lora_A.weight", "lora_B.weight")) for k in load_file(out / "model.safetensors"))
+
+
+def test_merge_of_a_non_run_fails_cleanly(tmp_path):
+    result = CliRunner().invoke(app, ["merge", str(tmp_path), "-o", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "no manifest.json" in result.stderr and not (tmp_path / "m").exists()
+
+
+def test_dry_run_shows_examples_and_counts_without_training(tiny_model, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_model)
+    out = run_cli("train", recipe, "--dry-run").output
+    assert out.count("train.jsonl:") == 2 and "target tokens" in out and "<tool_call>" in out
+    assert "│ train │       16 │" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_record_names_file_and_line(tiny_model, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_model)
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.write('{"id": "x", "messages": [{"role": "bot", "content": "hi"}]}\n')
+    result = CliRunner().invoke(app, ["train", str(recipe), "--dry-run"])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'train.jsonl'}:17" in result.stderr and "'bot'" in result.stderr
+
+
+def test_resume_after_kill_9_continues_from_checkpoint(tiny_model, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_model, save=1, n=24)  # 6 steps/epoch × 3 epochs = 18 steps
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "slmtune.cli", "train", str(recipe)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_file(), "the run never wrote its first checkpoint"
+    assert not (tmp_path / "run" / "metrics.json").exists(), "killed before finishing"
+
+    refused = CliRunner().invoke(app, ["train", str(recipe)])
+    assert refused.exit_code == 1 and "--resume" in refused.stderr
+
+    run_cli("train", recipe, "--resume")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["resumed_from_step"] >= 1 and m["global_step"] == 18
+    assert m["steps_this_run"] == 18 - m["resumed_from_step"], m
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_model, tmp_path):
+    result = CliRunner().invoke(app, ["train", str(make_recipe(tmp_path, tiny_model)), "--resume"])
+    assert result.exit_code == 1 and "no checkpoint" in result.stderr
+
+
+def test_qlora_holds_under_0_6_of_lora_tensor_memory(tmp_path):
+    """`train.track_tensor_memory` on the CPU: QLoRA's peak tensor bytes (the GPU-allocator view) stay under 0.6×
+    LoRA's on a model whose linear weights dominate (~26M parameters), with gradient checkpointing."""
+    from slmtune.synthetic.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "wide", hidden=768, intermediate=2048, layers=4)
+    peaks = {}
+    for quant in ("none", "4bit"):
+        recipe = make_recipe(tmp_path / quant, model, quant=quant, n=4)
+        text = recipe.read_text().replace("batch_size: 4,", "batch_size: 1, max_steps: 2, "
+                                          "gradient_checkpointing: true, track_tensor_memory: true,")
+        recipe.write_text(text)
+        run_cli("train", recipe)
+        metrics = json.loads((tmp_path / quant / "run" / "metrics.json").read_text())
+        peaks[quant] = metrics["peak_tensor_memory_mb"]
+    weights_mb = 4 * (4 * (2 * 768 * 768 + 2 * 768 * 384 + 3 * 768 * 2048)) / 2**20  # fp32 linear weights
+    assert peaks["none"] > weights_mb, peaks  # the fp32 weights are counted (not hidden in mmap-ed pages)
+    assert peaks["4bit"] < 0.6 * peaks["none"], peaks

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from sklearn.metrics import adjusted_rand_score
 
-from slmtune.tasks.cluster import cluster
 from slmtune.data.ingest import ingest
 from slmtune.io import iter_jsonl
 from slmtune.synthetic.logs import write_logs
+from slmtune.tasks.cluster import cluster
 
 
 def main() -> None:

@@ -5,8 +5,8 @@
 
 Part 1 generates the first `--n-seq` records with the same prompts and `max_new_tokens`: one at a time (plain),
 one at a time with the shared-prefix cache, then batched; it prints wall time, tokens/s, the speed-up over plain
-one-at-a-time and whether the texts are identical. Part 2 runs the whole
-`slmtune.eval.evaluate.evaluate` on `--n` records (model load, generation, scoring, report files) and prints its wall time.
+one-at-a-time and whether the texts are identical. Part 2 runs the whole `slmtune.eval.evaluate.evaluate` on
+`--n` records (model load, generation, scoring, report files) and prints its wall time.
 Timings are noisy on a shared machine: run it when the machine is otherwise idle.
 """
 

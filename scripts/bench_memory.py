@@ -112,10 +112,9 @@ def main() -> None:
 
 def plot(results: dict, lengths: list[int], settings: list[bool], path: Path, model: str) -> None:
     """Peak tensor memory vs sequence length: LoRA and QLoRA, with and without gradient checkpointing."""
-    import matplotlib
+    from slmtune.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for ckpt in settings:
@@ -128,11 +127,7 @@ def plot(results: dict, lengths: list[int], settings: list[bool], path: Path, mo
     ax.set(xlabel="tokens per example (batch 1)", ylabel="peak tensor memory (MB)", title=f"{model}: training peak")
     ax.legend()
     fig.tight_layout()
-    from slmtune.io import atomic_open
-
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

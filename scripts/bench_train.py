@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from slmtune.device import cuda
+
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 
@@ -50,9 +52,8 @@ def records_loss(model, tokenizer, path: Path) -> float:
     """Mean target-token cross-entropy of `model` on the records in `path`, rendered by slmtune (same for all arms)."""
     import torch
 
-    from slmtune.train.dataset import encode_records
-
     from slmtune.render import make_renderer
+    from slmtune.train.dataset import encode_records
 
     total, n = 0.0, 0
     model.eval()
@@ -87,7 +88,7 @@ def arm_baseline(a, tuned: bool = False) -> dict:
     model = load_model(ref)  # float32 weights; the compute precision is SFTConfig's (bf16 autocast by default)
     args = SFTConfig(output_dir=a.out, per_device_train_batch_size=a.batch_size, num_train_epochs=1,
                      learning_rate=a.lr, max_length=a.max_length, logging_steps=1, report_to="none",
-                     save_strategy="no", seed=0, use_cpu=not _cuda(), lr_scheduler_type="constant",
+                     save_strategy="no", seed=0, use_cpu=not cuda(), lr_scheduler_type="constant",
                      **({"bf16": False, "gradient_checkpointing": False} if tuned else {}))
     peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
@@ -140,12 +141,6 @@ def _result(a, wall: float, tokens: int, losses: list[float], model, tok) -> dic
             "peak_memory_mb": peak, "losses": [round(x, 4) for x in losses]}
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def run_arm(name: str, a, folder: Path, n: int) -> dict:
     out = folder / name
     train = write_records(folder / f"train-{n}.jsonl", n, seed=0)
@@ -182,10 +177,11 @@ def main() -> None:
     arms = [x.strip() for x in a.arms.split(",") if x.strip()]
     if not arms or any(x not in ARMS for x in arms) or "slmtune" not in arms:
         sys.exit(f"--arms: pick from {', '.join(ARMS)} (slmtune included); got {a.arms!r}")
-    from slmtune.models import bf16_fast, resolve_base
+    from slmtune.device import bf16_fast
+    from slmtune.models import resolve_base
 
     resolve_base(a.model)  # convert a GGUF once, before timing anything
-    fast_bf16 = _cuda() or bf16_fast()
+    fast_bf16 = cuda() or bf16_fast()
     n_defaults = a.n_defaults or (a.n if fast_bf16 else min(a.n, 8))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -226,10 +222,9 @@ def main() -> None:
 
 def plot(results: dict, path: Path, title: str) -> None:
     """Training-loss curves of every arm (the curves should overlay) and their tokens/s."""
-    import matplotlib
+    from slmtune.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in results.items():
@@ -241,11 +236,7 @@ def plot(results: dict, path: Path, title: str) -> None:
     right.set(ylabel="trained tokens / s", title="speed")
     fig.suptitle(title)
     fig.tight_layout()
-    from slmtune.io import atomic_open
-
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 ARMS = {"baseline": arm_baseline, "baseline-fp32": lambda a: arm_baseline(a, tuned=True), "slmtune": arm_slmtune}

@@ -6,4 +6,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup_env.sh" test
 cd "$ROOT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+ruff check .  # lint first: rules and exceptions in pyproject.toml [tool.ruff]
 python -m pytest -q -p no:cacheprovider "$@"

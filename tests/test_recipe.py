@@ -58,7 +58,8 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        (GOOD.replace("  lr: 1.0e-3", "  lr: 1.0e-3\n  lerning_rate: 1"), ["r.yaml:8", "train.lerning_rate", "unknown key"]),
+        (GOOD.replace("  lr: 1.0e-3", "  lr: 1.0e-3\n  lerning_rate: 1"),
+         ["r.yaml:8", "train.lerning_rate", "unknown key"]),
         (GOOD.replace("max_length: 64", "max_length: lots"), ["r.yaml:5", "data.max_length", "'lots'"]),
         (GOOD.replace("train.jsonl", "missing.jsonl"), ["data.train", "missing.jsonl", "not found"]),
         (GOOD.replace("name: t\n", ""), ["`name`", "Field required"]),

@@ -7,7 +7,7 @@ import torch
 
 from slmtune.errors import SlmtuneError
 from slmtune.render import check_mask, encode, make_renderer, parse_output, prompt_text, target_text
-from slmtune.synthetic.tiny import CHAT_TEMPLATE, WEATHER_TOOL, build_tokenizer, weather_records
+from slmtune.synthetic.tiny import WEATHER_TOOL, build_tokenizer, weather_records
 
 
 @pytest.fixture(scope="module")

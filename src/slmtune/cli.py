@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from slmtune.errors import SlmtuneError
+from slmtune.ui import fmt, human_size
 
 app = typer.Typer(
     name="slmtune",
@@ -103,12 +104,12 @@ def curate(
                           workers=workers)
     bar, tick = _counter_progress("curate")
     with bar:
-        rep = do_curate(records, out, report=report, config=config, progress=tick)
-    reasons = ", ".join(f"{k} {v:,}" for k, v in rep["rejected_by_reason"].items()) or "none"
-    pii = ", ".join(f"{k} {v:,}" for k, v in rep["pii_placeholders"].items()) or "none"
-    console.print(f"curated {rep['records_in']:,} records: [green]{rep['kept']:,} kept[/], "
-                  f"[yellow]{rep['rejected']:,} rejected[/] ({reasons})")
-    console.print(f"placeholders: {pii}\nkept: {rep['output']}\nrejected: {rep['rejected_output']}")
+        res = do_curate(records, out, report=report, config=config, progress=tick)
+    reasons = ", ".join(f"{k} {v:,}" for k, v in res.rejected_by_reason.items()) or "none"
+    pii = ", ".join(f"{k} {v:,}" for k, v in res.pii_placeholders.items()) or "none"
+    console.print(f"curated {res.records_in:,} records: [green]{res.kept:,} kept[/], "
+                  f"[yellow]{res.rejected:,} rejected[/] ({reasons})")
+    console.print(f"placeholders: {pii}\nkept: {res.output}\nrejected: {res.rejected_output}")
 
 
 # ----------------------------------------------------------------------------- tasks (issue 4)
@@ -284,8 +285,8 @@ def merge(
     from slmtune.ship.merge import merge_run
 
     report = merge_run(run_dir, out, dtype=dtype)
-    typer.echo(f"merged: {out}  max |logit diff| = {report['max_abs_logit_diff']:.2e}  "
-               f"greedy outputs identical: {report['greedy_identical']}")
+    typer.echo(f"merged: {out}  max |logit diff| = {report.max_abs_logit_diff:.2e}  "
+               f"greedy outputs identical: {report.greedy_identical}")
 
 
 # ----------------------------------------------------------------------------- export / models / flywheel (issue 6)
@@ -326,21 +327,16 @@ def models(
 def _print_models(rows: list[dict], exports_dir: Path) -> None:
     from rich.table import Table
 
-    from slmtune.ship.exports import human_size
 
     table = Table(title=f"{len(rows)} exported checkpoints in {exports_dir}")
     for col in ("task", "category", "schema", "base", "format", "size", "metric", "base", "tuned", "teacher",
                 "created"):
         table.add_column(col)
     for r in rows:
-        vals = [_fmt(r[k]) for k in ("base_value", "tuned", "teacher")]
+        vals = [fmt(r[k]) for k in ("base_value", "tuned", "teacher")]
         table.add_row(r["task"], r["category"], (r["schema_hash"] or "-")[:8], r["base"], r["format"],
                       human_size(r["size_bytes"]), r["key_metric"], *vals, r["created"] or "-")
     Console(width=200).print(table)
-
-
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 @app.command()
@@ -414,7 +410,7 @@ def _print_flywheel(result) -> None:
     for o in result.tasks:
         gate = "-" if o.status == "failed" else "[green]pass[/]" if o.gate_passed else "[red]fail[/]"
         table.add_row(o.task, o.category, str(o.n_train), str(o.n_eval), o.status, o.key_metric,
-                      *(_fmt(o.metrics.get(k)) for k in ("base", "tuned", "teacher")), gate,
+                      *(fmt(o.metrics.get(k)) for k in ("base", "tuned", "teacher")), gate,
                       Path(o.export).name if o.export else "-")
     out.print(table)
     for t in result.not_trained:
@@ -422,7 +418,7 @@ def _print_flywheel(result) -> None:
     if result.previous:
         for c in result.comparison:
             out.print(f"vs {result.previous.name}: {c['task']} {c['status']}, train {c['n_train_before']} → "
-                      f"{c['n_train']}, {c['key_metric']} {_fmt(c['tuned_before'])} → {_fmt(c['tuned'])}")
+                      f"{c['n_train']}, {c['key_metric']} {fmt(c['tuned_before'])} → {fmt(c['tuned'])}")
     typer.echo(f"exports: {result.exports_dir}")
     typer.echo(f"router:  {result.router_path}")
     typer.echo(f"round:   {result.round_dir}")

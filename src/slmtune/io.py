@@ -1,4 +1,5 @@
-"""JSONL files: streaming reads that report line numbers, and atomic writes (temp file + rename)."""
+"""Files every stage shares: JSONL streamed with line numbers, JSON read with pointed errors, atomic writes (temp
+file + rename), content fingerprints, and the UTC timestamp stages stamp their outputs with."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -111,3 +113,35 @@ def file_fingerprint(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_json(path: str | Path, hint: str | None = None) -> Any:
+    """A JSON file's value; a missing or malformed file is a one-line error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlmtuneError(f"{path}: no such file.", hint)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise SlmtuneError(f"{path}: not valid JSON ({e}).", hint) from None
+
+
+def read_json_or_none(path: str | Path) -> Any:
+    """A JSON file's value, or None when it is missing or unreadable (markers a crash may have cut short)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of canonical JSON: equal inputs and parameters give equal fingerprints."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def now() -> str:
+    """UTC time, second resolution, ISO 8601 with Z: what manifests, markers and routers record."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmtune.device import bf16_fast, cuda
 from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_dir
 
@@ -90,27 +91,6 @@ def pick_dtype(dtype: str):
     return torch.bfloat16 if bf16_fast() else torch.float32
 
 
-def bf16_fast() -> bool:
-    return bf16_verdict()[0]
-
-
-def bf16_verdict() -> tuple[bool, str]:
-    """(is bf16 the fast precision here, why) — what `auto` precision and dtype decide on."""
-    import torch
-
-    if torch.cuda.is_available():
-        ok = torch.cuda.is_bf16_supported()
-        return ok, f"CUDA device {'supports' if ok else 'lacks'} bf16"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False, "CPU flags unreadable (no /proc/cpuinfo): fp32 is the safe choice"
-    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    if found:
-        return True, f"CPU has {'/'.join(found)}: bf16 matmuls run in hardware"
-    return False, "CPU lacks AVX512-BF16/AMX: bf16 matmuls are emulated, far slower than fp32"
-
-
 def load_tokenizer(ref: BaseRef, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -134,7 +114,7 @@ def load_model(ref: BaseRef, quantization: str = "none", dtype=None, trust_remot
         kwargs["quantization_config"] = _bnb_config(quantization, kwargs["dtype"], fsdp)
         if not fsdp:
             local = int(os.environ.get("LOCAL_RANK", "0"))
-            kwargs["device_map"] = {"": f"cuda:{local}" if torch.cuda.is_available() else "cpu"}
+            kwargs["device_map"] = {"": f"cuda:{local}" if cuda() else "cpu"}
     try:
         return AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
     except OSError as e:

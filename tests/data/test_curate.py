@@ -107,7 +107,7 @@ def test_planted_secrets_never_survive_in_any_form(scrubbed):
 
 def test_each_place_gets_the_same_typed_placeholder(scrubbed):
     _, kept, _, report = scrubbed
-    for rec, (kind, _) in zip(kept, SECRETS):
+    for rec, (kind, _) in zip(kept, SECRETS, strict=False):
         system, user, call, tool, target = rec["messages"]
         ph = re.search(rf"<{kind}_\d+>", system["content"]).group()
         args = json.loads(call["tool_calls"][0]["function"]["arguments"])  # still valid JSON

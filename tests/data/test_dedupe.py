@@ -14,11 +14,11 @@ from math import comb
 import numpy as np
 import pytest
 
-from slmtune.tasks.split import SPLIT_JACCARD, near_duplicate_components
 from slmtune.data.curate import CurateConfig, curate
 from slmtune.data.dedupe import NUM_PERM, Keyer, Lsh, NearIndex, Seen, shingle_hashes, signatures
 from slmtune.errors import SlmtuneError
 from slmtune.io import read_jsonl, write_jsonl
+from slmtune.tasks.split import SPLIT_JACCARD, near_duplicate_components
 
 # Jaccard → (words, edits). Each edit replaces one word, at least 3 apart, so it swaps 3 of the n - 2 shingles
 # for 3 new ones: J = (n - 2 - 3k) / (n - 2 + 3k), e.g. 116 words, 2 edits: (114 - 6) / (114 + 6) = 0.9.
@@ -94,7 +94,7 @@ def test_curate_drops_planted_near_duplicates_and_keeps_distinct_records(planted
     assert caught[0.9] >= 0.95 and caught[0.95] >= 0.99 and caught[0.5] == caught[0.7] == 0, caught
     kept = {r["id"] for r in read_jsonl(tmp_path / "out.jsonl")}
     assert all(f"{level}-{i}-{half}" in kept for level in (0.5, 0.7) for i in range(PAIRS) for half in "ab")
-    assert rep["duplicates_removed"] == {"exact": 0, "near": len(rejected)}
+    assert rep.report["duplicates_removed"] == {"exact": 0, "near": len(rejected)}
     assert json.loads((tmp_path / "report.json").read_text())["kept"] == len(kept) == 2 * len(LEVELS) * PAIRS - len(
         rejected)
 
@@ -104,7 +104,7 @@ def test_near_dup_zero_turns_near_dedupe_off(planted, tmp_path):
     write_jsonl(src, [_record(f"{i}-{h}", t) for i, p in enumerate(planted[0.95][:20]) for h, t in zip("ab", p,
                                                                                                         strict=True)])
     rep = curate(src, tmp_path / "out.jsonl", config=CurateConfig(near_dup=0))
-    assert rep["kept"] == 40 and rep["duplicates_removed"] == {"exact": 0, "near": 0}
+    assert rep.kept == 40 and rep.report["duplicates_removed"] == {"exact": 0, "near": 0}
 
 
 def test_band_split_and_cut_give_the_promised_recall_at_every_threshold():

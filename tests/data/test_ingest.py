@@ -185,7 +185,8 @@ def test_bad_input_is_one_line_error_without_traceback(tmp_path, args, message):
 
 
 def test_data_stages_do_not_import_the_training_stack():
-    code = ("import sys, slmtune.cli, slmtune.data.ingest, slmtune.data.curate, slmtune.data.scrub, slmtune.synthetic.logs; "
+    code = ("import sys, slmtune.cli, slmtune.data.ingest, slmtune.data.curate, slmtune.data.scrub, "
+            "slmtune.synthetic.logs; "
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

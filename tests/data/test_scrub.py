@@ -14,10 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from slmtune.cli import app
+from slmtune.data.backends import get_backend
 from slmtune.data.ingest import to_record
+from slmtune.data.scrub import scrub_record, scrub_text
 from slmtune.io import read_jsonl, write_jsonl
 from slmtune.records import record_problems
-from slmtune.data.scrub import get_backend, scrub_record, scrub_text
 from slmtune.synthetic.logs import generate_logs_placed
 from slmtune.synthetic.pii import PLACES, PLANTED
 
@@ -172,7 +173,7 @@ def test_curate_cli_with_presidio_end_to_end(tmp_path):
 
 def test_presidio_scrubber_imports_neither_torch_nor_transformers():
     # spaCy and presidio pull both in when installed (~8 s per curate worker) for NER this scrubber never runs.
-    code = ("import sys; from slmtune.data.scrub import get_backend; get_backend('presidio'); "
+    code = ("import sys; from slmtune.data.backends import get_backend; get_backend('presidio'); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -195,7 +196,8 @@ def test_an_installed_spacy_ner_model_adds_its_person_names(tmp_path):
     (tmp_path / "en_core_web_sm-3.8.0.dist-info").mkdir()
     (tmp_path / "en_core_web_sm-3.8.0.dist-info" / "METADATA").write_text(
         "Metadata-Version: 2.1\nName: en_core_web_sm\nVersion: 3.8.0\n")
-    code = ("from collections import Counter; from slmtune.data.scrub import get_backend, scrub_text; "
+    code = ("from collections import Counter; from slmtune.data.backends import get_backend; "
+            "from slmtune.data.scrub import scrub_text; "
             "print(scrub_text('Yesterday Zelda Quux called from Paris; my name is Ann Lee.', {}, Counter(), "
             "get_backend('presidio')))")
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}

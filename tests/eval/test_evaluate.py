@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from slmtune.cli import app
-from slmtune.io import read_jsonl, write_json, write_jsonl
 from slmtune.eval.metrics import aggregate
-from slmtune.tasks.schema import schema_hash, task_schema
+from slmtune.io import read_jsonl, write_json, write_jsonl
 from slmtune.synthetic.tiny import WEATHER_TOOL, build_tiny_model, weather_records
+from slmtune.tasks.schema import schema_hash, task_schema
 
 runner = CliRunner()
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from slmtune.cli import app
 from slmtune.io import read_jsonl, write_jsonl
-from slmtune.plan.lengths import record_lengths, tokenizer_for
 from slmtune.plan.estimate import GiB
+from slmtune.plan.lengths import record_lengths, tokenizer_for
 from slmtune.plan.planner import budget_bytes
 from slmtune.recipe import load_recipe
 from slmtune.synthetic.logs import generate_logs
@@ -26,7 +26,7 @@ def tasks_dir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("plan")
     rows = []
     for errand, n in ERRANDS.items():
-        for i, (log, _) in enumerate(generate_logs(n, seed=5, formats=("messages",), errands=[errand])):
+        for _i, (log, _) in enumerate(generate_logs(n, seed=5, formats=("messages",), errands=[errand])):
             rows.append({"id": f"r{len(rows):05d}", **log})
     write_jsonl(work / "records.jsonl", rows)
     res = runner.invoke(app, ["cluster", str(work / "records.jsonl"), "-o", str(work / "tasks")])
@@ -93,7 +93,7 @@ def test_tool_calling_gets_a_tool_template_model_on_gpu(tasks_dir, tmp_path):
 def test_same_tasks_give_byte_identical_recipes(tasks_dir, tmp_path):
     a = _plan(tasks_dir, tmp_path / "a", "--gpu", "16gb")
     b = _plan(tasks_dir, tmp_path / "b", "--gpu", "16gb")
-    for pa, pb in zip(a, b):
+    for pa, pb in zip(a, b, strict=False):
         assert pa.read_text().replace(str(tmp_path / "a"), "") == pb.read_text().replace(str(tmp_path / "b"), "")
 
 

@@ -7,11 +7,11 @@ import re
 from collections import Counter, defaultdict
 
 from slmtune.data.ingest import Rejected, to_record
+from slmtune.data.scrub import SECRET_TYPES, scrub_record
 from slmtune.io import read_jsonl
 from slmtune.records import record_problems
-from slmtune.data.scrub import SECRET_TYPES, scrub_record
-from slmtune.synthetic.logs import ERRANDS, generate_logs, generate_logs_planted, write_logs
 from slmtune.synthetic.errands import INTENTS, SENTIMENT
+from slmtune.synthetic.logs import ERRANDS, generate_logs, generate_logs_planted, write_logs
 
 
 def records(n: int, seed: int = 0, **kw) -> list[tuple[dict, str]]:
@@ -82,7 +82,7 @@ def test_many_distinct_prompts_per_errand_with_some_near_duplicates():
 
 def test_planted_pii_is_in_the_log_and_consistent_with_tool_arguments():
     n_planted, kinds = 0, set()
-    for log, errand, planted in generate_logs_planted(1500, seed=4):
+    for log, _errand, planted in generate_logs_planted(1500, seed=4):
         text = json.dumps(log, ensure_ascii=False)
         for _, value in planted:
             assert json.dumps(value, ensure_ascii=False)[1:-1] in text

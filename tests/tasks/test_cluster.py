@@ -11,9 +11,9 @@ from sklearn.metrics import adjusted_rand_score
 from typer.testing import CliRunner
 
 from slmtune.cli import app
-from slmtune.tasks.split import signature
 from slmtune.io import read_jsonl, write_jsonl
 from slmtune.synthetic.logs import ERRANDS, write_logs
+from slmtune.tasks.split import signature
 
 runner = CliRunner()
 N = 1200

@@ -120,7 +120,8 @@ def test_categorize_text_tasks():
     notes = "Attendees: Ann, Bob, Chen. Budget review moved to Friday; Chen owns the vendor shortlist. " * 3
     assert categorize(Counter(text=10), Counter(), [notes] * 10, ["Budget review moves to Friday."] * 10,
                       ["Summarize the meeting notes in one sentence."] * 10) == "summarization"
-    assert categorize(Counter(text=10), Counter(), [notes] * 10, ["Dear team, here is the plan for the week ..." * 6] * 10,
+    email = "Dear team, here is the plan for the week ..." * 6
+    assert categorize(Counter(text=10), Counter(), [notes] * 10, [email] * 10,
                       ["Draft a friendly e-mail to the team."] * 10) == "generation"
     assert categorize(Counter(text=10), Counter(), ["Write a reply to Bob."] * 10, ["Hi Bob, thanks"] * 10) \
         == "generation"

@@ -8,8 +8,8 @@ import sys
 import yaml
 from test_trainer import assert_lora_trained, make_recipe
 
-from slmtune.train.distributed import accelerate_config
 from slmtune.recipe import load_recipe
+from slmtune.train.distributed import accelerate_config
 
 
 def test_two_cpu_processes_train_one_shared_adapter(tiny_model, tmp_path):
@@ -36,7 +36,8 @@ def test_two_cpu_processes_train_one_shared_adapter(tiny_model, tmp_path):
 
 
 def test_fsdp_and_deepspeed_configs(tmp_path, tiny_model):
-    recipe = load_recipe(make_recipe(tmp_path, tiny_model), ["distributed.strategy=fsdp", "distributed.num_processes=4"])
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model),
+                         ["distributed.strategy=fsdp", "distributed.num_processes=4"])
     fsdp = accelerate_config(recipe, cuda=True)
     assert fsdp["distributed_type"] == "FSDP" and fsdp["num_processes"] == 4 and fsdp["mixed_precision"] == "bf16"
     assert fsdp["fsdp_config"]["fsdp_use_orig_params"] is False

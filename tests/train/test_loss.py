@@ -2,9 +2,9 @@
 
 import torch
 
-from slmtune.train.loss import target_loss
 from slmtune.render import encode, make_renderer
 from slmtune.synthetic.tiny import build_tokenizer, weather_records
+from slmtune.train.loss import target_loss
 
 
 def _model(tiny_model):

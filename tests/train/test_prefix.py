@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from slmtune.train import prefix
-from slmtune.train.loss import target_loss
 from slmtune.render import encode, make_renderer
 from slmtune.synthetic.tiny import build_tokenizer, weather_records
+from slmtune.train import prefix
+from slmtune.train.loss import target_loss
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def test_plan_shares_the_system_and_tools_prefix(encs):
     assert len(plan.batches) == 3
     assert sum(len(b["suffix_ids"]) for b in plan.batches) == 12
     for b in plan.batches:
-        for s, lab in zip(b["suffix_ids"], b["suffix_labels"]):
+        for s, lab in zip(b["suffix_ids"], b["suffix_labels"], strict=False):
             assert lab[0] == -100, "each suffix keeps a prompt token to predict the first target from"
             full = b["prefix_ids"] + s
             assert any(full == e.input_ids for e in encs)

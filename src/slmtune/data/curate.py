@@ -36,12 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slmtune.data.backends import get_backend
 from slmtune.data.dedupe import Keyer, Seen
-from slmtune.errors import SlmtuneError
 from slmtune.data.ingest import default_rejected_path
+from slmtune.data.scrub import SECRET_TYPES, scrub_record
+from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_open, dumps, open_text, write_json
 from slmtune.records import record_problems, target_index
-from slmtune.data.scrub import SECRET_TYPES, get_backend, scrub_record
 
 REASONS = ("blank_line", "invalid_json", "invalid_record", "secret", "empty_completion", "truncated", "errored",
            "tool_args_not_json", "unknown_tool", "tool_args_schema", "too_long", "duplicate", "near_duplicate")
@@ -63,9 +64,23 @@ class CurateConfig:
     """Processes for scrubbing and filtering; 0 = one per idle core (max 4) for inputs over 8 MB, else 1."""
 
 
+@dataclass(frozen=True)
+class CurateResult:
+    """What a curate run did: counts for people, and the whole report (the `--report` JSON)."""
+
+    records_in: int
+    kept: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    pii_placeholders: dict[str, int]
+    output: Path
+    rejected_output: Path
+    report: dict
+
+
 def curate(records: str | Path, out: str | Path, report: str | Path | None = None,
-           config: CurateConfig = CurateConfig(), progress: Callable[[int], None] | None = None) -> dict:
-    """Scrub, filter and de-duplicate `records` into `out`; returns the report (also written to `report`)."""
+           config: CurateConfig = CurateConfig(), progress: Callable[[int], None] | None = None) -> CurateResult:
+    """Scrub, filter and de-duplicate `records` into `out`; the report is also written to `report`."""
     _validate(config)
     records, out = Path(records), Path(out)
     if not records.is_file():
@@ -85,7 +100,8 @@ def curate(records: str | Path, out: str | Path, report: str | Path | None = Non
         rep[key] = dict(sorted(rep[key].items()))
     if report:
         write_json(report, rep)
-    return rep
+    return CurateResult(rep["records_in"], rep["kept"], rep["rejected"], rep["rejected_by_reason"],
+                        rep["pii_placeholders"], out, default_rejected_path(out), rep)
 
 
 def _validate(config: CurateConfig) -> None:
@@ -171,7 +187,7 @@ def _idle_cores() -> float:
         after = _cpu_ticks()
     except (OSError, ValueError):
         return (os.cpu_count() or 1) - os.getloadavg()[0]
-    total, idle = (a - b for a, b in zip(after, before))
+    total, idle = (a - b for a, b in zip(after, before, strict=True))
     return (os.cpu_count() or 1) * idle / max(total, 1)
 
 
@@ -216,7 +232,7 @@ def _prepare_batch(batch: list[tuple[int, str]]) -> list[dict]:
     items = [_prepare(lineno, line) for lineno, line in batch]
     # Only records that passed every filter need dedupe keys; they are computed for the batch at once.
     todo = [item for item in items if "_clean" in item and not item["found"]]
-    for item, keys in zip(todo, _WORKER["keyer"].keys([item["_clean"] for item in todo])):
+    for item, keys in zip(todo, _WORKER["keyer"].keys([item["_clean"] for item in todo]), strict=True):
         item["keys"] = keys
     for item in items:
         item.pop("_clean", None)

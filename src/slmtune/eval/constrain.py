@@ -169,7 +169,7 @@ def make_processor(ll_tok, grammars: list[str | None], prompt_len: int, stops: l
 
         def __call__(self, input_ids, scores):
             if input_ids.shape[1] > prompt_len:
-                for m, tok in zip(self.matchers, input_ids[:, -1].tolist()):
+                for m, tok in zip(self.matchers, input_ids[:, -1].tolist(), strict=False):
                     if m is not None and not (m.is_stopped() or m.is_error()):
                         m.consume_token(tok)
             vocab = scores.shape[1]

@@ -45,17 +45,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from slmtune.errors import SlmtuneError
+from slmtune.eval.metrics import aggregate, score
 from slmtune.io import file_fingerprint, iter_jsonl
-from slmtune.eval.metrics import CATEGORIES, aggregate, score
-from slmtune.records import record_problems, split_prompt_target
+from slmtune.records import CATEGORIES, split_prompt_target
+from slmtune.records import read_records as read_canonical
+from slmtune.ui import Progress, ticker
 
-Progress = Callable[[str, int, int], None]
 REPORT_VERSION = 1
 
 
@@ -103,17 +103,10 @@ class EvalResult:
 # ----------------------------------------------------------------------------- inputs
 def read_records(path: Path) -> list[dict]:
     """Eval records in file order; a record without `id` gets `line-N`. Ids must be unique."""
-    recs = []
-    for lineno, rec in iter_jsonl(path):
-        problems = record_problems(rec)
-        if problems:
-            raise SlmtuneError(f"{path}:{lineno}: not a canonical record: {problems[0]}.")
-        recs.append({**rec, "id": str(rec.get("id", f"line-{lineno}"))})
+    recs = [{**rec, "id": str(rec.get("id", f"line-{lineno}"))} for lineno, rec in read_canonical(path)]
     dupes = [i for i, c in Counter(r["id"] for r in recs).items() if c > 1]
     if dupes:
         raise SlmtuneError(f"{path}: duplicate record ids ({', '.join(dupes[:3])}).", "Ids must be unique.")
-    if not recs:
-        raise SlmtuneError(f"{path}: no records.")
     return recs
 
 
@@ -132,7 +125,7 @@ def load_task(data: Path, records: list[dict]) -> Task:
     targets = [split_prompt_target(r)[1] for r in records]
     kinds = [sch.output_kind(t) for t in targets]
     texts = [(t.get("content") or "").strip() for t in targets]
-    labels = Counter(x for x, k in zip(texts, kinds) if k == "label")
+    labels = Counter(x for x, k in zip(texts, kinds, strict=True) if k == "label")
     prompts = [" ".join(m.get("content") or "" for m in split_prompt_target(r)[0]) for r in records]
     category = sch.categorize(Counter(kinds), labels, prompts, texts)
     schema = sch.task_schema(category, records)
@@ -176,7 +169,7 @@ def resolve_model(spec: str) -> ModelRef:
 
     p = Path(spec)
     if (p / "manifest.json").is_file():
-        from slmtune.ship.merge import read_run
+        from slmtune.train.runfiles import read_run
 
         manifest = read_run(p)
         return ModelRef(spec, "run", manifest["base_model"]["path"], p / "adapter", str(p / "adapter"))
@@ -275,7 +268,7 @@ def _run(name: str, ref: ModelRef, gens: list, gs: GenSettings, budget: int, mod
 
 # ----------------------------------------------------------------------------- scoring and the whole run
 def score_row(row: Row, records: list[dict], task: Task) -> Row:
-    for out, rec in zip(row.outputs, records):
+    for out, rec in zip(row.outputs, records, strict=False):
         out["verdicts"] = score(task.category, task.schema, out["message"], split_prompt_target(rec)[1],
                                 rec.get("tools"))
     row.metrics = aggregate([o["verdicts"] for o in row.outputs], task.category)
@@ -293,7 +286,7 @@ def evaluate(data: str | Path, out_dir: str | Path, model: str | None = None, ba
     from slmtune.eval import report as eval_report
 
     data, out_dir = Path(data), Path(out_dir)
-    tick = progress or (lambda *_: None)
+    tick = ticker(progress)
     if model is None and predictions is None:
         raise SlmtuneError("Nothing to evaluate.", "Give --model MODEL_OR_RUN_DIR and/or --predictions PRED.jsonl.")
     if constrained and model is None:

@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from slmtune.ui import Progress, ticker
+
 # Tokens that close an assistant turn in common chat templates (ChatML, Llama 3, Gemma, Phi).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 BUDGET_FACTOR, BUDGET_MARGIN, BUDGET_CAP = 1.5, 16, 1024
 # Shorter shared prefixes are not worth a cache copy per batch. A task's records usually share the system turn
 # and the tool specs (~170 of ~200 prompt tokens for the weather errand), which are then prefilled once.
 MIN_SHARED_PREFIX = 16
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 
     if not prompts:
         return []
-    tick = progress or (lambda *_: None)
+    tick = ticker(progress)
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     prefix = common_prefix(ids) if share_prefix else []
     prefix = prefix if len(prefix) >= MIN_SHARED_PREFIX else []
@@ -91,7 +92,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
                                  generation_config=_config(max_new_tokens, stops, pad),
                                  logits_processor=_processors(procs))
             dt = time.perf_counter() - t0 + (shared_s if start == 0 else 0.0)
-            for row, i in zip(gen[:, input_ids.shape[1]:].tolist(), idx):
+            for row, i in zip(gen[:, input_ids.shape[1]:].tolist(), idx, strict=True):
                 out[i] = _decode(tokenizer, row, stops, dt, start // batch_size)
             tick("generating", min(start + batch_size, len(order)), len(order))
     return out  # type: ignore[return-value]

@@ -31,9 +31,10 @@ import re
 from collections import Counter
 from typing import Any
 
-TOOL_CALLING, EXTRACTION, CLASSIFICATION = "tool_calling", "extraction", "classification"
-TEXT_CATEGORIES = ("summarization", "coding", "generation")
-CATEGORIES = (TOOL_CALLING, EXTRACTION, CLASSIFICATION, *TEXT_CATEGORIES)
+from slmtune.records import CATEGORIES
+
+TOOL_CALLING, EXTRACTION, CLASSIFICATION, *_TEXT = CATEGORIES
+TEXT_CATEGORIES = tuple(_TEXT)  # summarization, coding, generation: scored as text
 
 METRICS = {
     TOOL_CALLING: ("parse_rate", "schema_valid_rate", "tool_name_accuracy", "arguments_exact_match",
@@ -42,6 +43,15 @@ METRICS = {
     CLASSIFICATION: ("parse_rate", "schema_valid_rate", "label_accuracy"),
     **{c: ("parse_rate", "token_f1", "rouge_l", "exact_match") for c in TEXT_CATEGORIES},
 }
+# What decides whether the tuned model does the errand (gates, exports, the flywheel's comparisons).
+KEY_METRICS = {TOOL_CALLING: "exact_match", EXTRACTION: "exact_match", CLASSIFICATION: "label_accuracy"}
+TEXT_KEY_METRIC = "rouge_l"
+
+
+def key_metric(category: str) -> str:
+    return KEY_METRICS.get(category, TEXT_KEY_METRIC)
+
+
 _FENCE = re.compile(r"^```[A-Za-z0-9_+-]*\s*\n(.*?)\n?```$", re.S)
 _WORD = re.compile(r"\w+", re.U)
 _BAD = object()  # arguments that are not a JSON object
@@ -57,7 +67,7 @@ def values_equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(values_equal(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
 
 
@@ -156,7 +166,7 @@ def score_tool_calls(pred: dict | None, ref: dict, specs: dict[str, dict]) -> di
     valid = parsed and bool(specs) and all(n in specs and _fits(a, specs[n]) for n, a in p)
     partner = align_calls(p, r)
     names, exact, f1 = [], [], []
-    for rc, pi in zip(r, partner):
+    for rc, pi in zip(r, partner, strict=True):
         pc = p[pi] if pi is not None else (None, _BAD)
         same = pc[0] == rc[0]
         ok = same and pc[1] is not _BAD and rc[1] is not _BAD

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from slmtune.errors import SlmtuneError
-from slmtune.io import atomic_open, write_json, write_jsonl
 from slmtune.eval.metrics import METRICS
+from slmtune.io import atomic_open, write_json, write_jsonl
+from slmtune.ui import fmt
 
 PERF_KEYS = ("s_per_record", "tokens_per_s", "wall_s", "generated_tokens", "unfinished")
 KNOWN = {m for ms in METRICS.values() for m in ms} | set(PERF_KEYS)
@@ -81,12 +82,6 @@ def columns(report: dict) -> list[tuple[str, dict]]:
     return cols
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
 def markdown(report: dict) -> str:
     t, cols = report["task"], columns(report)
     lines = [f"# Eval: {t['name']} ({t['category']}), {report['n']} records", "",
@@ -96,21 +91,20 @@ def markdown(report: dict) -> str:
              "|---|" + "---:|" * (len(cols) + 1)]
     for m in METRICS[t["category"]]:
         count = report["models"]["teacher"]["metrics"][m]["count"]
-        lines.append(f"| {m} | " + " | ".join(_fmt(metric_value(r, m)) for _, r in cols) + f" | {count} |")
+        lines.append(f"| {m} | " + " | ".join(fmt(metric_value(r, m)) for _, r in cols) + f" | {count} |")
     for k in PERF_KEYS:
-        lines.append(f"| {k} | " + " | ".join(_fmt(metric_value(r, k)) for _, r in cols) + " | |")
+        lines.append(f"| {k} | " + " | ".join(fmt(metric_value(r, k)) for _, r in cols) + " | |")
     gate = report.get("gate")
     if gate is not None:
         lines += ["", f"**Gate: {'passed' if gate['passed'] else 'FAILED'}**"]
-        lines += [f"- {f['metric']} = {_fmt(f['value'])}, needs {f['op']} {f['threshold']}" for f in gate["failures"]]
+        lines += [f"- {f['metric']} = {fmt(f['value'])}, needs {f['op']} {f['threshold']}" for f in gate["failures"]]
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from slmtune.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = [m for m in METRICS[report["task"]["category"]]
                if report["models"]["teacher"]["metrics"][m]["count"] > 0]
@@ -127,9 +121,7 @@ def plot(report: dict, path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_all(out_dir: Path, report: dict, prediction_lines: list[dict]) -> None:

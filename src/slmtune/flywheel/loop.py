@@ -37,12 +37,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from slmtune.flywheel import state as st
 from slmtune.errors import SlmtuneError
-from slmtune.ship.export import export_run, key_metric
-from slmtune.io import file_fingerprint, write_json
+from slmtune.eval.metrics import key_metric
+from slmtune.flywheel import state as st
+from slmtune.io import file_fingerprint, fingerprint, now, read_json_or_none, write_json
+from slmtune.ship.export import export_run
+from slmtune.ui import Progress, fmt, ticker
 
-Progress = Callable[[str, int, int], None]
 DATA_STAGES = ("ingest", "curate", "cluster", "tasks", "plan")
 STARTED = "stage.started.json"  # a run dir's fingerprint, written first: resume only the same training
 
@@ -108,24 +109,25 @@ def run_flywheel(logs: Sequence[str | Path], workdir: str | Path, config: Flywhe
     from slmtune.data.ingest import expand_inputs
 
     workdir = Path(workdir).resolve()
-    tick = progress or (lambda *_: None)
+    tick = ticker(progress)
     registry = st.load_registry(workdir)
     inputs = list(dict.fromkeys([*registry["inputs"], *(str(Path(p).resolve()) for p in logs)]))
     files = expand_inputs(inputs)
     if not files:
         raise SlmtuneError(f"no log files in {', '.join(map(str, logs))}.", "Give .jsonl/.json/.parquet logs.")
-    inputs_fp = st.fingerprint([file_fingerprint(f) for f in files])
+    inputs_fp = fingerprint([file_fingerprint(f) for f in files])
     round_dir, prev = st.pick_round(workdir, registry, inputs_fp)
     if not (round_dir / "round.json").is_file():
         write_json(round_dir / "round.json", {"round": round_dir.name, "inputs": inputs,
                                               "files": [str(f) for f in files], "inputs_fingerprint": inputs_fp,
-                                              "config": _config_json(config), "started": st.now()})
+                                              "config": _config_json(config), "started": now()})
     selection = _data_stages(files, round_dir, registry, config, tick)
     tasks = selection["tasks"]
-    plan_failed = {f["task"]: f["reason"] for f in st.read_json_or_none(round_dir / "plan" / "plan.json")["failed"]}
+    plan_failed = {f["task"]: f["reason"] for f in read_json_or_none(round_dir / "plan" / "plan.json")["failed"]}
     outcomes = []
     for i, task in enumerate(tasks):
-        step = lambda s, d, t, i=i, name=task["name"]: tick(f"[{i + 1}/{len(tasks)}] {name}: {s}", d, t)
+        def step(s, d, t, i=i, name=task["name"]):
+            tick(f"[{i + 1}/{len(tasks)}] {name}: {s}", d, t)
         outcomes.append(_isolated(task, round_dir, prev, workdir, config, step, plan_failed.get(task["name"])))
     return _finish(workdir, round_dir, prev, registry, inputs, selection, outcomes)
 
@@ -141,8 +143,8 @@ def _config_json(config: FlywheelConfig) -> dict:
 # ----------------------------------------------------------------------------- data stages
 def _data_stages(files: list[Path], round_dir: Path, registry: dict, config: FlywheelConfig, tick: Progress) -> dict:
     from slmtune.data.curate import curate
-    from slmtune.flywheel.tasks import build_tasks
     from slmtune.data.ingest import ingest
+    from slmtune.flywheel.tasks import build_tasks
     from slmtune.plan.planner import plan
 
     d = {s: round_dir / s for s in DATA_STAGES}
@@ -171,7 +173,7 @@ def _cluster(curated: Path, out: Path, config: FlywheelConfig, tick: Progress) -
 
 def _stage(stage_dir: Path, name: str, inputs: list, tick: Progress, run: Callable[[], object]) -> bool:
     """Run `run` unless the stage's marker matches `inputs`; True when it ran."""
-    fp = st.fingerprint([name, inputs])
+    fp = fingerprint([name, inputs])
     if st.is_done(stage_dir, fp):
         return False
     tick(name, 0, 0)
@@ -210,7 +212,7 @@ def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | Non
     out.stage = "train"
     run = _train(round_dir / "train" / name, prev and prev / "train" / name, recipe, train_fp, tick)
     out.status, out.trained_in, out.run_dir = run["status"], run["trained_in"], run["run_dir"]
-    eval_fp = st.fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
+    eval_fp = fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
                               config.eval_limit, config.eval_batch_size,
                               file_fingerprint(config.gate) if config.gate else None])
     out.stage = "eval"
@@ -238,7 +240,7 @@ def _recipe(round_dir: Path, name: str, config: FlywheelConfig):
     recipe = load_recipe(path, sets)
     d = recipe_to_dict(recipe)
     d["data"].pop("train"), d["data"].pop("eval"), d["output"].pop("dir")  # round-specific paths
-    return recipe, st.fingerprint(["train", file_fingerprint(recipe.data.train), d])
+    return recipe, fingerprint(["train", file_fingerprint(recipe.data.train), d])
 
 
 def _train(stage_dir: Path, prev_dir: Path | None, recipe, fp: str, tick: Progress) -> dict:
@@ -253,12 +255,12 @@ def _train(stage_dir: Path, prev_dir: Path | None, recipe, fp: str, tick: Progre
             if d == prev_dir:
                 st.mark_done(stage_dir, "train", fp, **run)
             return run
-    started = st.read_json_or_none(stage_dir / STARTED) or {}
+    started = read_json_or_none(stage_dir / STARTED) or {}
     resume = started.get("fingerprint") == fp and last_checkpoint(stage_dir / "checkpoints") is not None
     if stage_dir.exists() and not resume:
         shutil.rmtree(stage_dir)  # died before its first checkpoint, or trained other data/settings: start over
     if not resume:
-        write_json(stage_dir / STARTED, {"fingerprint": fp, "started": st.now()})
+        write_json(stage_dir / STARTED, {"fingerprint": fp, "started": now()})
     tick(f"train ({recipe.train.max_steps} steps{', resuming' if resume else ''})", 0, 0)
     train(recipe, resume=resume)
     status = "resumed" if resume else "trained"
@@ -287,18 +289,18 @@ def _eval(stage_dir: Path, prev_dir: Path | None, run: dict, fp: str, round_dir:
 def _gate(report: dict, out: TaskOutcome, config: FlywheelConfig) -> tuple[bool, str | None]:
     if config.gate is not None:
         gate = report["gate"]
-        why = "; ".join(f"{f['metric']} = {_fmt(f['value'])} (needs {f['op']} {f['threshold']})"
+        why = "; ".join(f"{f['metric']} = {fmt(f['value'])} (needs {f['op']} {f['threshold']})"
                         for f in gate["failures"])
         return gate["passed"], why or None
     tuned, base = out.metrics.get("tuned"), out.metrics.get("base")
     if tuned is None or base is None or tuned <= base:
-        return False, f"tuned {out.key_metric} {_fmt(tuned)} does not beat base {_fmt(base)}"
+        return False, f"tuned {out.key_metric} {fmt(tuned)} does not beat base {fmt(base)}"
     return True, None
 
 
 def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, workdir: Path, round_dir: Path,
             config: FlywheelConfig, tick: Progress) -> str:
-    fp = st.fingerprint(["export", eval_fp, config.adapter_only])
+    fp = fingerprint(["export", eval_fp, config.adapter_only])
     for d in (stage_dir, prev_dir):
         marker = st.read_marker(d) if d else None
         if marker and marker["fingerprint"] == fp and Path(marker["export_dir"], "slmtune.json").is_file():
@@ -315,10 +317,6 @@ def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, wor
     return str(path)
 
 
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
 # ----------------------------------------------------------------------------- round end
 def _finish(workdir: Path, round_dir: Path, prev: Path | None, registry: dict, inputs: list[str], selection: dict,
             outcomes: list[TaskOutcome]) -> FlywheelResult:
@@ -330,8 +328,8 @@ def _finish(workdir: Path, round_dir: Path, prev: Path | None, registry: dict, i
     comparison = _compare(prev, outcomes)
     write_json(round_dir / "summary.json", {"round": round_dir.name, "tasks": [asdict(o) for o in outcomes],
                                             "not_trained": not_trained + failed})
-    round_info = st.read_json_or_none(round_dir / "round.json") or {}
-    write_json(round_dir / "round.json", round_info | {"finished": st.now(), "outcome": {
+    round_info = read_json_or_none(round_dir / "round.json") or {}
+    write_json(round_dir / "round.json", round_info | {"finished": now(), "outcome": {
         "ran_through": [o.task for o in outcomes if ran_through(o)],
         "exported": [o.task for o in outcomes if o.export],
         "failed": [{"task": o.task, "stage": o.stage, "reason": o.reason} for o in outcomes if not ran_through(o)],

@@ -18,26 +18,15 @@ even when clustering names it differently.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from slmtune.errors import SlmtuneError
-from slmtune.io import file_fingerprint, write_json
+from slmtune.io import fingerprint, now, read_json_or_none, write_json
 
 MARKER = "stage.done.json"
 REGISTRY = "flywheel.json"
-
-
-def fingerprint(obj: Any) -> str:
-    """sha256 of canonical JSON: equal inputs and parameters give equal fingerprints."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
-
-
-def files_fingerprint(paths: list[Path]) -> list[str]:
-    return [file_fingerprint(p) for p in paths]
 
 
 def read_marker(stage_dir: Path) -> dict | None:
@@ -59,10 +48,6 @@ def mark_done(stage_dir: Path, stage: str, fp: str, **extra: Any) -> dict:
     marker = {"stage": stage, "fingerprint": fp, "finished": now(), **extra}
     write_json(stage_dir / MARKER, marker)
     return marker
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def task_key(task: dict) -> str:
@@ -122,12 +107,3 @@ def pick_round(workdir: Path, registry: dict, inputs_fp: str) -> tuple[Path, Pat
             prev_of_last = [r for r in finished if r != last]
             return last, (prev_of_last[-1] if prev_of_last else None)
     return workdir / f"round-{len(rounds) + 1:03d}", prev
-
-
-def read_json_or_none(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None

@@ -19,16 +19,15 @@ the cap, no model fits) is listed there with its reason, and the other tasks are
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from slmtune.plan.catalog import CATALOG, ModelSpec, lookup
 from slmtune.errors import SlmtuneError
-from slmtune.io import atomic_open, iter_jsonl, write_json, write_jsonl
-from slmtune.plan.estimate import GiB, Estimate, Setup, estimate, fmt_gib
+from slmtune.io import atomic_open, iter_jsonl, read_json, write_json, write_jsonl
+from slmtune.plan.catalog import CATALOG, ModelSpec, lookup
+from slmtune.plan.estimate import Estimate, GiB, Setup, estimate, fmt_gib
 from slmtune.recipe import Recipe, dump_recipe_yaml, load_recipe
 
 GPUS = {"cpu": 0, "8gb": 8, "16gb": 16, "24gb": 24, "48gb": 48, "80gb": 80}
@@ -177,10 +176,10 @@ def plan(tasks_dir: str | Path, out_dir: str | Path, gpu: str = "24gb", base_mod
     budget_bytes(gpu)  # reject a bad --gpu before reading anything
     if base_model:
         lookup(base_model)  # an unknown model is the user's mistake, not one task's
-    index = _read_json(tasks_dir / "index.json", hint="Run `slmtune cluster CURATED.jsonl -o TASKS_DIR` first.")
+    index = read_json(tasks_dir / "index.json", hint="Run `slmtune cluster CURATED.jsonl -o TASKS_DIR` first.")
     planned, failed = [], []
     for entry in index.get("tasks", []):
-        task = _read_json(tasks_dir / entry["dir"] / "task.json", hint="The tasks dir is incomplete: re-run cluster.")
+        task = read_json(tasks_dir / entry["dir"] / "task.json", hint="The tasks dir is incomplete: re-run cluster.")
         try:
             planned.append(plan_task(tasks_dir / entry["dir"], task, out_dir, gpu, base_model))
         except SlmtuneError as e:
@@ -288,12 +287,3 @@ def _length_source(lengths: Lengths, spec: ModelSpec) -> str:
 
 def _rel(target: Path, start: Path) -> str:
     return os.path.relpath(target.resolve(), start.resolve())
-
-
-def _read_json(path: Path, hint: str) -> dict:
-    if not path.is_file():
-        raise SlmtuneError(f"{path}: no such file.", hint)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise SlmtuneError(f"{path}: not valid JSON ({e}).", hint) from None

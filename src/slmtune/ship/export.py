@@ -27,27 +27,18 @@ previous one (or nothing) in place.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from slmtune.errors import SlmtuneError
-from slmtune.io import atomic_open, file_fingerprint, write_json
+from slmtune.eval.metrics import key_metric
+from slmtune.io import atomic_dir, atomic_open, file_fingerprint, write_json
 
 MANIFEST = "slmtune.json"
 MANIFEST_VERSION = 1
-# What decides whether the tuned model does the errand; the first metric of each list the task measures.
-KEY_METRICS = {"tool_calling": ("exact_match", "schema_valid_rate"), "extraction": ("exact_match", "schema_valid_rate"),
-               "classification": ("label_accuracy", "schema_valid_rate")}
-TEXT_KEY_METRICS = ("rouge_l", "token_f1")
-
-
-def key_metric(category: str) -> str:
-    return KEY_METRICS.get(category, TEXT_KEY_METRICS)[0]
 
 
 def export_name(task: str, base: str, schema_hash: str | None) -> str:
@@ -69,35 +60,28 @@ def export_run(run_dir: str | Path, exports_dir: str | Path, adapter_only: bool 
     name = export_name(task["name"], run["manifest"]["base_model"]["name"], task.get("schema_hash"))
     eval_report = _read_report(report) if report else None
     curate = _read_curate(curate_report, run["manifest"])
-    exports_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=exports_dir))
-    try:
-        stage = tmp / "export"
+    with atomic_dir(exports_dir / name) as stage:  # a crash leaves no half export under the real name
         merge = None if adapter_only else _merged(run_dir, stage)
         if adapter_only:
-            shutil.copytree(run_dir / "adapter", stage)
+            shutil.copytree(run_dir / "adapter", stage, dirs_exist_ok=True)
         manifest = build_manifest(name, run, task, eval_report, curate, merge, extra)
         write_json(stage / MANIFEST, manifest)
         with atomic_open(stage / "README.md") as f:
             f.write(model_card(manifest))
-        final = exports_dir / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(stage, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return exports_dir / name
 
 
 def _merged(run_dir: Path, out: Path) -> dict:
+    from dataclasses import asdict
+
     from slmtune.ship.merge import merge_run
 
-    return merge_run(run_dir, out, dtype="auto")
+    return asdict(merge_run(run_dir, out, dtype="auto"))
 
 
 # ----------------------------------------------------------------------------- inputs
 def _read_run(run_dir: Path) -> dict:
-    from slmtune.ship.merge import read_run
+    from slmtune.train.runfiles import read_run
 
     manifest = read_run(run_dir)  # raises a clear error for a folder that is not a finished run
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
@@ -158,8 +142,8 @@ def eval_summary(report: dict) -> dict:
 
 def build_manifest(name: str, run: dict, task: dict, report: dict | None, curate: dict | None, merge: dict | None,
                    extra: dict | None) -> dict:
+    from slmtune.io import now
     from slmtune.train.runfiles import versions
-    from slmtune.flywheel.state import now
 
     m, metrics = run["manifest"], run["metrics"]
     data = {k: ({"sha256": v["sha256"], "records": v["records"]} if v else None)

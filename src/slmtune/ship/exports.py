@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from slmtune.errors import SlmtuneError
-from slmtune.ship.export import MANIFEST, key_metric
+from slmtune.eval.metrics import key_metric
+from slmtune.ship.export import MANIFEST
 
 
 def list_models(exports_dir: str | Path) -> list[dict]:
@@ -40,11 +41,3 @@ def _row(folder: Path) -> dict | None:
             "size_bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
             "key_metric": km, "tuned": vals["tuned"], "base_value": vals["base"], "teacher": vals["teacher"],
             "n_eval": ev.get("n"), "created": m.get("created")}
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"

@@ -12,26 +12,18 @@ All figures go to `OUT_DIR/merge_report.json`; a failed check raises (non-zero e
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_dir, iter_jsonl, write_json
 from slmtune.render import TOOLS_PREAMBLE, Renderer, make_renderer, prompt_text
+from slmtune.train.runfiles import read_run
 
 # fp32 merge arithmetic differs from the unmerged path only by rounding; a real mistake (wrong scale, adapter
 # not applied) moves logits by whole units.
 LOGIT_TOLERANCE = 1e-3
 N_PROMPTS, NEW_TOKENS = 3, 16
-
-
-def read_run(run_dir: Path) -> dict:
-    path = run_dir / "manifest.json"
-    if not path.is_file():
-        raise SlmtuneError(f"{run_dir}: no manifest.json; not a run directory written by `slmtune train`.")
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise SlmtuneError(f"{run_dir}/adapter: no adapter; did the run finish?")
-    return json.loads(path.read_text())
 
 
 def check_prompts(r: Renderer, manifest: dict) -> list[str]:
@@ -61,7 +53,22 @@ def _logits_and_greedy(model, tokenizer, prompts: list[str]):
     return logits, outs
 
 
-def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> dict:
+@dataclass(frozen=True)
+class MergeReport:
+    """What `merge_report.json` records: the checks that passed before the checkpoint was kept."""
+
+    run_dir: str
+    base_model: str
+    quantization_trained: str | None
+    prompts_checked: int
+    max_abs_logit_diff: float
+    logit_tolerance: float
+    greedy_identical: bool  # merged vs base+adapter, before saving
+    saved_dtype: str
+    reload_greedy_identical: bool  # the saved checkpoint, reloaded with plain from_pretrained
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> MergeReport:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,17 +84,15 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> 
     ref_logits, ref_out = _logits_and_greedy(model, tokenizer, prompts)
     merged = model.merge_and_unload().eval()
     new_logits, new_out = _logits_and_greedy(merged, tokenizer, prompts)
-    diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, new_logits))
-    report = {"run_dir": str(run_dir.resolve()), "base_model": manifest["base_model"]["name"],
-              "quantization_trained": manifest.get("quantization"), "prompts_checked": len(prompts),
-              "max_abs_logit_diff": diff, "logit_tolerance": LOGIT_TOLERANCE,
-              "greedy_identical": ref_out == new_out}
+    diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, new_logits, strict=True))
     if diff > LOGIT_TOLERANCE or ref_out != new_out:
         raise SlmtuneError(f"merge check failed: max |logit diff| {diff:.3g} (tolerance {LOGIT_TOLERANCE}), "
                            f"greedy identical: {ref_out == new_out}.", "Nothing was written.")
+    checked = {"run_dir": str(run_dir.resolve()), "base_model": manifest["base_model"]["name"],
+               "quantization_trained": manifest.get("quantization"), "prompts_checked": len(prompts),
+               "max_abs_logit_diff": diff, "logit_tolerance": LOGIT_TOLERANCE, "greedy_identical": True}
     save_dtype = _save_dtype(dtype, merged)
-    _save_atomically(merged.to(save_dtype), tokenizer, r, out_dir, report, prompts, new_out)
-    return json.loads((out_dir / "merge_report.json").read_text())
+    return _save_atomically(merged.to(save_dtype), tokenizer, r, out_dir, checked, prompts, new_out)
 
 
 def _save_dtype(dtype: str, model):
@@ -100,7 +105,8 @@ def _save_dtype(dtype: str, model):
     return getattr(torch, dtype)
 
 
-def _save_atomically(model, tokenizer, r: Renderer, out_dir: Path, report: dict, prompts, expected) -> None:
+def _save_atomically(model, tokenizer, r: Renderer, out_dir: Path, checked: dict, prompts,
+                     expected) -> MergeReport:
     from transformers import AutoModelForCausalLM
 
     with atomic_dir(out_dir) as tmp:
@@ -109,9 +115,10 @@ def _save_atomically(model, tokenizer, r: Renderer, out_dir: Path, report: dict,
         write_json(tmp / "slmtune_render.json", render_info(r))
         reloaded = AutoModelForCausalLM.from_pretrained(tmp).eval()
         _, again = _logits_and_greedy(reloaded, tokenizer, prompts)
-        report["saved_dtype"] = str(model.dtype).removeprefix("torch.")
-        report["reload_greedy_identical"] = again == expected
-        write_json(tmp / "merge_report.json", report)
+        report = MergeReport(**checked, saved_dtype=str(model.dtype).removeprefix("torch."),
+                             reload_greedy_identical=again == expected)
+        write_json(tmp / "merge_report.json", asdict(report))
+    return report
 
 
 def render_info(r: Renderer) -> dict:

@@ -29,7 +29,7 @@ _WORD = re.compile(r"[a-z]+")
 
 
 def build_router(routes: list[dict], not_routed: list[dict], round_name: str) -> dict:
-    from slmtune.flywheel.state import now
+    from slmtune.io import now
 
     return {"version": 1, "created": now(), "round": round_name, "fallback": "llm", "routes": routes,
             "not_routed": not_routed}

@@ -41,17 +41,17 @@ from pathlib import Path
 import numpy as np
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from slmtune.tasks import features as cf
-from slmtune.tasks.taskmap import write_task_map
-from slmtune.tasks.split import eval_mask, near_duplicate_components
 from slmtune.errors import SlmtuneError
-from slmtune.io import dumps, file_fingerprint, iter_jsonl, write_json, write_jsonl
-from slmtune.records import record_problems, split_prompt_target
+from slmtune.io import dumps, file_fingerprint, write_json, write_jsonl
+from slmtune.records import iter_records, split_prompt_target
+from slmtune.tasks import features as cf
 from slmtune.tasks.schema import categorize, code_language, is_label, parse_json_output, schema_hash, task_schema
+from slmtune.tasks.split import eval_mask, near_duplicate_components
+from slmtune.tasks.taskmap import write_task_map
+from slmtune.ui import Progress, ticker
 
 CHARS_PER_TOKEN = 3.5  # English prose and JSON average 3.5-4 chars per BPE token; 3.5 errs long
 MSG_OVERHEAD_TOKENS = 4  # role markers and separators the chat template adds per message
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def cluster(input_path: str | Path, out_dir: str | Path, min_size: int = 20, eva
     """Group curated records into tasks and write the task dirs (format in the module docstring)."""
     _check_args(min_size, eval_fraction, embedder)
     input_path, out_dir = Path(input_path), Path(out_dir)
-    tick = progress or (lambda *_: None)
+    tick = ticker(progress)
     ids, recs = load_records(input_path, tick)
     views, feats, labels = group_records(recs, min_size, embedder, tick)
     tick("near-duplicates", 0, 1)
@@ -76,7 +76,7 @@ def cluster(input_path: str | Path, out_dir: str | Path, min_size: int = 20, eva
     groups = [np.where(labels == g)[0] for g in range(int(labels.max()) + 1)]
     infos = [describe(rows, recs, views, feats) for rows in groups]
     tasks = []
-    for info, name, rows in zip(infos, unique_names([i["name"] for i in infos]), groups):
+    for info, name, rows in zip(infos, unique_names([i["name"] for i in infos]), groups, strict=True):
         tick("writing", len(tasks), len(groups))
         tasks.append(write_task(out_dir, info | {"name": name}, rows, ids, recs, comps, eval_fraction))
     unassigned = np.where(labels < 0)[0]
@@ -118,10 +118,7 @@ def _check_args(min_size: int, eval_fraction: float, embedder: str) -> None:
 def load_records(path: Path, tick: Progress) -> tuple[list[str], list[dict]]:
     """Valid canonical records in id order (ties by content), so input order never changes the output."""
     rows: list[tuple[str, dict]] = []
-    for lineno, rec in iter_jsonl(path):
-        problems = record_problems(rec)
-        if problems:
-            raise SlmtuneError(f"{path}:{lineno}: {problems[0]}.", "Run `slmtune ingest` / `curate` first.")
+    for lineno, rec in iter_records(path):
         rid = rec.get("id")
         rows.append((rid if isinstance(rid, str) else _content_id(rec), rec))
         if lineno % 5000 == 0:
@@ -261,8 +258,8 @@ def write_task(out_dir: Path, info: dict, rows: np.ndarray, ids: list[str], recs
                comps: np.ndarray, eval_fraction: float) -> dict:
     mask = eval_mask([ids[i] for i in rows], [int(comps[i]) for i in rows], eval_fraction)
     tdir = out_dir / info["name"]
-    n_train = write_jsonl(tdir / "train.jsonl", (recs[i] for i, e in zip(rows, mask) if not e))
-    n_eval = write_jsonl(tdir / "eval.jsonl", (recs[i] for i, e in zip(rows, mask) if e))
+    n_train = write_jsonl(tdir / "train.jsonl", (recs[i] for i, e in zip(rows, mask, strict=True) if not e))
+    n_eval = write_jsonl(tdir / "eval.jsonl", (recs[i] for i, e in zip(rows, mask, strict=True) if e))
     task = {"name": info["name"], "category": info["category"], "schema": info["schema"],
             "schema_hash": info["schema_hash"], "n_train": n_train, "n_eval": n_eval,
             **{k: v for k, v in info.items() if k not in ("name", "category", "schema", "schema_hash")},

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import re
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -95,11 +94,12 @@ def strip_boilerplate(views: list[View]) -> list[View]:
         return views
     spread: dict[str, set[str]] = {}
     split = [_sentences(v.system) for v in views]
-    for sents, sig in zip(split, sigs):
+    for sents, sig in zip(split, sigs, strict=True):
         for s in sents:
             spread.setdefault(s, set()).add(sig)
     shared = {s for s, where in spread.items() if len(where) >= max(3, n_sigs / 2)}
-    return [replace(v, system=" ".join(s for s in sents if s not in shared)) for v, sents in zip(views, split)]
+    return [replace(v, system=" ".join(s for s in sents if s not in shared))
+            for v, sents in zip(views, split, strict=True)]
 
 
 def _sentences(text: str) -> list[str]:
@@ -134,7 +134,7 @@ def vectorize(views: list[View], embed: Callable[[list[str]], np.ndarray] | None
     pr_m = _fit(pr_v, [v.prompt for v in views])
     prompt_part = sp.csr_matrix(embed([v.prompt for v in views]).astype(np.float32)) if embed else pr_m
     blocks = [sys_m, prompt_part, _fit(st_v, [v.struct for v in views])]
-    weighted = [normalize(b) * np.sqrt(w) for b, w in zip(blocks, WEIGHTS.values())]
+    weighted = [normalize(b) * np.sqrt(w) for b, w in zip(blocks, WEIGHTS.values(), strict=True)]
     X = normalize(sp.hstack(weighted, format="csr"))
     text = normalize(sp.hstack([normalize(sys_m), normalize(pr_m)], format="csr"))
     terms = np.concatenate([_names(sys_v, sys_m), _names(pr_v, pr_m)])
@@ -259,8 +259,3 @@ def renumber(labels: np.ndarray) -> np.ndarray:
         if g >= 0:
             out[i] = seen.setdefault(int(g), len(seen))
     return out
-
-
-def stable_hash(text: str) -> int:
-    """A 32-bit hash that, unlike hash(), is the same in every process."""
-    return zlib.crc32(text.encode("utf-8"))

@@ -130,7 +130,8 @@ def looks_like_summary(prompts: list[str], outputs: list[str], systems: list[str
     if not prompts:
         return False
     systems = list(systems) or [""] * len(prompts)
-    asks = sum(bool(_SUMMARY_WORDS.search(p) or _SUMMARY_WORDS.search(s)) for p, s in zip(prompts, systems))
+    asks = sum(bool(_SUMMARY_WORDS.search(p) or _SUMMARY_WORDS.search(s))
+               for p, s in zip(prompts, systems, strict=True))
     if asks >= 0.5 * len(prompts):
         return True
     p_chars = sum(map(len, prompts)) / len(prompts)

@@ -13,17 +13,14 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.preprocessing import normalize
 
-from slmtune.io import atomic_open
+from slmtune.plots import pyplot, save_png
 
 MAX_POINTS = 3000
 
 
 def write_task_map(path: Path, X: sp.csr_matrix, labels: np.ndarray, names: list[str]) -> None:
     """Save the PNG map (deterministic: evenly spaced rows, fixed colours, no timestamp in the file)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     idx = np.arange(X.shape[0])
     if len(idx) > MAX_POINTS:
@@ -41,9 +38,7 @@ def write_task_map(path: Path, X: sp.csr_matrix, labels: np.ndarray, names: list
     ax.set_yticks([])
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _project(X: sp.csr_matrix, labels: np.ndarray, k: int, idx: np.ndarray) -> np.ndarray:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmtune.errors import SlmtuneError
-from slmtune.io import iter_jsonl
-from slmtune.records import record_problems
-from slmtune.render import Encoded, Renderer, check_mask, encode
+from slmtune.models import BaseRef, load_tokenizer, resolve_base
+from slmtune.recipe import Recipe
+from slmtune.records import read_records
+from slmtune.render import Encoded, Renderer, check_mask, encode, make_renderer
 
 
 @dataclass(frozen=True)
@@ -28,24 +28,10 @@ class TokenStats:
     n_truncated: int
 
 
-def read_records(path: Path) -> list[tuple[str, dict]]:
-    """Every record with its `file:line`; the first malformed one stops the run with a pointed error."""
-    out = []
-    for lineno, rec in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        problems = record_problems(rec)
-        if problems:
-            raise SlmtuneError(f"{where}: not a canonical record: {problems[0]}.",
-                               "Run `slmtune ingest` on raw logs to produce canonical records.")
-        out.append((where, rec))
-    if not out:
-        raise SlmtuneError(f"{path}: no records.")
-    return out
-
-
 def encode_records(r: Renderer, path: Path, max_length: int) -> list[Example]:
     examples = []
-    for where, rec in read_records(path):
+    for lineno, rec in read_records(path):
+        where = f"{path}:{lineno}"
         enc = encode(r, rec, max_length)
         check_mask(enc, f"{where} (id {rec.get('id')!r})")
         examples.append(Example(where, str(rec.get("id", where)), rec, enc))
@@ -71,3 +57,22 @@ def to_dataset(examples: list[Example]):
         "input_ids": [e.enc.input_ids for e in examples],
         "labels": [e.enc.labels for e in examples],
     })
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A recipe's base model reference, renderer and encoded examples: what training and its run files use."""
+
+    ref: BaseRef
+    renderer: Renderer
+    train: list[Example]
+    eval: list[Example]
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Resolve the base model, load its tokenizer, render and mask every example (fails on a bad one)."""
+    ref = resolve_base(recipe.model.base, recipe.model.gguf_file)
+    renderer = make_renderer(load_tokenizer(ref, recipe.model.trust_remote_code))
+    train = encode_records(renderer, recipe.data.train, recipe.data.max_length)
+    evals = encode_records(renderer, recipe.data.eval, recipe.data.max_length) if recipe.data.eval else []
+    return Prepared(ref, renderer, train, evals)

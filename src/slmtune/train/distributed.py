@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from slmtune.device import cuda
 from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_open
 from slmtune.recipe import Recipe
@@ -60,13 +61,11 @@ def accelerate_config(recipe: Recipe, cuda: bool) -> dict:
 
 def relaunch(recipe: Recipe, recipe_path: Path, overrides: list[str], resume: bool) -> int:
     """Write the accelerate config for `recipe.distributed` and rerun this command under `accelerate launch`."""
-    import torch
-
     if recipe.distributed.strategy == "deepspeed" and not _has("deepspeed"):
         raise SlmtuneError("distributed.strategy: deepspeed needs DeepSpeed: `pip install deepspeed`.")
     path = recipe.output.dir / "accelerate_config.yaml"
     with atomic_open(path) as f:
-        yaml.safe_dump(accelerate_config(recipe, torch.cuda.is_available()), f, sort_keys=True)
+        yaml.safe_dump(accelerate_config(recipe, cuda()), f, sort_keys=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
            "-m", "slmtune.cli", "train", str(recipe_path)]
     for item in overrides:

@@ -51,7 +51,7 @@ def plan_batches(encs: list[Encoded], batch_size: int, seed: int = 0) -> PrefixP
     order = sorted(range(len(encs)), key=lambda i: encs[i].input_ids)
     cut = _family_cut(encs)
     families: list[list[int]] = []
-    for prev, cur in zip([None, *order], order):
+    for prev, cur in zip([None, *order], order, strict=False):
         if prev is None or _lcp(encs[prev].input_ids, encs[cur].input_ids) < cut:
             families.append([])
         families[-1].append(cur)
@@ -102,7 +102,7 @@ def collate(pad_id: int):
         ids = torch.full((len(row["suffix_ids"]), width), pad_id, dtype=torch.long)
         labels = torch.full_like(ids, -100)
         mask = torch.zeros((ids.shape[0], len(row["prefix_ids"]) + width), dtype=torch.long)
-        for i, (s, lab) in enumerate(zip(row["suffix_ids"], row["suffix_labels"])):
+        for i, (s, lab) in enumerate(zip(row["suffix_ids"], row["suffix_labels"], strict=True)):
             ids[i, :len(s)] = torch.tensor(s)
             labels[i, :len(lab)] = torch.tensor(lab)
             mask[i, :len(row["prefix_ids"]) + len(s)] = 1

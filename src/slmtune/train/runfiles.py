@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slmtune.io import atomic_open, file_fingerprint, write_json
+from slmtune.device import cuda
+from slmtune.errors import SlmtuneError
+from slmtune.io import atomic_open, file_fingerprint, now, write_json
 from slmtune.recipe import dump_recipe_yaml
 
 if TYPE_CHECKING:
     from slmtune.recipe import Recipe
-    from slmtune.train.trainer import Prepared
+    from slmtune.train.dataset import Prepared
 
 LIBRARIES = ("slmtune", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes")
 
@@ -32,9 +34,9 @@ def versions() -> dict[str, str | None]:
 
 def peak_memory_mb() -> float:
     """Peak memory of this process: CUDA allocator peak on a GPU, else peak RSS (ru_maxrss is KiB on Linux)."""
-    import torch
+    if cuda():
+        import torch
 
-    if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kib / 1024 if platform.system() == "Linux" else kib / 2**20, 1)
@@ -103,7 +105,7 @@ def manifest(recipe: Recipe, prep: Prepared) -> dict:
         "lora": recipe.lora.model_dump(mode="json"),
         "data": {"train": data_fingerprint(recipe.data.train), "eval": data_fingerprint(recipe.data.eval)},
         "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": now(),
     }
 
 
@@ -117,11 +119,9 @@ def write_run_files(recipe: Recipe, prep: Prepared, metrics: dict) -> None:
 
 
 def plot_loss(metrics: dict, path: Path, title: str) -> None:
-    import matplotlib
+    from slmtune.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = [h["step"] for h in metrics["train_loss"]]
     losses = [h["loss"] for h in metrics["train_loss"]]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -134,6 +134,14 @@ def plot_loss(metrics: dict, path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(fig, path)
+
+
+def read_run(run_dir: Path) -> dict:
+    """A finished run's manifest; a folder that is not one is a one-line error naming it."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        raise SlmtuneError(f"{run_dir}: no manifest.json; not a run directory written by `slmtune train`.")
+    if not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise SlmtuneError(f"{run_dir}/adapter: no adapter; did the run finish?")
+    return json.loads(path.read_text())

@@ -16,17 +16,18 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from slmtune.train.dataset import Example, encode_records, to_dataset, token_stats
+from slmtune.device import bf16_verdict, cuda, world_size
 from slmtune.errors import SlmtuneError
-from slmtune.models import (BaseRef, bf16_verdict, keep_4bit_off_cpu_repacking, load_model, load_tokenizer,
-                            pick_dtype, resolve_base)
+from slmtune.models import keep_4bit_off_cpu_repacking, load_model, pick_dtype
 from slmtune.recipe import Recipe
-from slmtune.render import Renderer, make_renderer
+from slmtune.render import Renderer
+from slmtune.train.dataset import Example, Prepared, prepare, to_dataset, token_stats
 from slmtune.train.runfiles import PeakSampler, last_checkpoint, peak_memory_mb, write_run_files
 
 
@@ -35,23 +36,6 @@ class TrainResult:
     run_dir: Path
     adapter_dir: Path
     metrics: dict
-
-
-@dataclass(frozen=True)
-class Prepared:
-    ref: BaseRef
-    renderer: Renderer
-    train: list[Example]
-    eval: list[Example]
-
-
-def prepare(recipe: Recipe) -> Prepared:
-    """Resolve the base model, load its tokenizer, render and mask every example (fails on a bad one)."""
-    ref = resolve_base(recipe.model.base, recipe.model.gguf_file)
-    renderer = make_renderer(load_tokenizer(ref, recipe.model.trust_remote_code))
-    train = encode_records(renderer, recipe.data.train, recipe.data.max_length)
-    evals = encode_records(renderer, recipe.data.eval, recipe.data.max_length) if recipe.data.eval else []
-    return Prepared(ref, renderer, train, evals)
 
 
 def dry_run(recipe: Recipe, out: Console) -> Prepared:
@@ -92,7 +76,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
                            "Pass --resume to continue it, or choose another `output.dir`.")
     prep = prepare(recipe)
     with PeakSampler() as memory:
-        trainer = _build_trainer(recipe, prep, ckpt_root)
+        trainer, data = _build_trainer(recipe, prep, ckpt_root)
         counter = _step_counter()
         trainer.add_callback(counter)
         peak = _device_peak(trainer)
@@ -109,8 +93,9 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     trainer.model.save_pretrained(adapter_dir)
     prep.renderer.tokenizer.save_pretrained(adapter_dir)
     metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
-    metrics["batching"] = trainer.slmtune_data_mode
-    metrics["precision"] = precision_choice(recipe) | {"weights_dtype": str(trainer.model.dtype).removeprefix("torch.")}
+    metrics["batching"] = {"mode": data.mode, "token_saving": round(data.saving, 4)}
+    weights = str(trainer.model.dtype).removeprefix("torch.")
+    metrics["precision"] = precision_choice(recipe) | {"weights_dtype": weights}
     metrics["peak_anon_memory_mb"] = memory.peak
     if tensors is not None:
         metrics["peak_tensor_memory_mb"] = tensors.peak_mb
@@ -122,7 +107,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
 @contextmanager
 def _tensor_peak(recipe: Recipe, trainer):
     """On the CPU with `train.track_tensor_memory`, count live tensor bytes (see slmtune.train.tensormem)."""
-    if not recipe.train.track_tensor_memory or _cuda():
+    if not recipe.train.track_tensor_memory or cuda():
         yield None  # on CUDA, peak_memory_mb is the allocator's own peak
         return
     from slmtune.train.tensormem import TensorPeak
@@ -139,7 +124,7 @@ def _device_peak(trainer) -> dict:
     from slmtune.train.flops import peak_flops
 
     dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else torch.float32
-    device = "cuda" if _cuda() else "cpu"
+    device = "cuda" if cuda() else "cpu"
     return {"device": device, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": peak_flops(dtype, device)}
 
 
@@ -179,7 +164,18 @@ def precision_choice(recipe: Recipe) -> dict:
     return {"requested": "auto", "used": "bf16" if fast else "fp32", "reason": why}
 
 
-def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path):
+@dataclass(frozen=True)
+class DataMode:
+    """How batches are formed (see `_data_mode`) and the datasets and collator that form them."""
+
+    mode: str  # prefix | packing | padding
+    saving: float  # share of token-passes shared-prefix batches skip (0 otherwise)
+    train: Any  # datasets.Dataset
+    eval: Any  # datasets.Dataset | None
+    collator: Any  # None: TRL's own
+
+
+def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any, DataMode]:
     from peft import LoraConfig
 
     precision = precision_choice(recipe)["used"]
@@ -193,13 +189,12 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path):
     args = _sft_config(recipe, ckpt_root, precision, data, has_eval=bool(prep.eval))
     trainer = trainer_class()(
         model=model, args=args, processing_class=prep.renderer.tokenizer, peft_config=lora,
-        train_dataset=data["train"], eval_dataset=data["eval"], data_collator=data["collator"],
+        train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
     )
-    trainer.slmtune_data_mode = {"mode": data["mode"], "token_saving": round(data["saving"], 4)}
-    return trainer
+    return trainer, data
 
 
-def _data_mode(recipe: Recipe, prep: Prepared) -> dict:
+def _data_mode(recipe: Recipe, prep: Prepared) -> DataMode:
     """Shared-prefix batches when they pay (see slmtune.train.prefix), else TRL's padding-free packing or padding."""
     from datasets import Dataset
 
@@ -214,20 +209,18 @@ def _data_mode(recipe: Recipe, prep: Prepared) -> dict:
         plan = prefix.plan_batches([e.enc for e in prep.train], recipe.train.batch_size, recipe.train.seed)
         if wanted == "on" or prefix.worth_it(plan):
             evals = prefix.plan_batches([e.enc for e in prep.eval], recipe.train.batch_size) if prep.eval else None
-            return {"mode": "prefix", "saving": 1 - plan.computed / plan.tokens,
-                    "train": Dataset.from_list(plan.batches),
-                    "eval": Dataset.from_list(evals.batches) if evals else None,
-                    "collator": prefix.collate(prep.renderer.tokenizer.pad_token_id)}
+            return DataMode("prefix", 1 - plan.computed / plan.tokens, Dataset.from_list(plan.batches),
+                            Dataset.from_list(evals.batches) if evals else None,
+                            prefix.collate(prep.renderer.tokenizer.pad_token_id))
     mode = "packing" if recipe.data.packing else "padding"
-    return {"mode": mode, "saving": 0.0, "train": to_dataset(prep.train),
-            "eval": to_dataset(prep.eval) if prep.eval else None, "collator": None}
+    return DataMode(mode, 0.0, to_dataset(prep.train), to_dataset(prep.eval) if prep.eval else None, None)
 
 
-def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: dict, has_eval: bool):
+def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: DataMode, has_eval: bool):
     from trl import SFTConfig
 
-    t, pre = recipe.train, data["mode"] == "prefix"
-    pack = data["mode"] == "packing"
+    t, pre = recipe.train, data.mode == "prefix"
+    pack = data.mode == "packing"
     return SFTConfig(
         output_dir=str(ckpt_root),
         num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.lr,
@@ -239,9 +232,9 @@ def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: dict, has
         logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not _cuda(),
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda(),
         max_length=recipe.data.max_length, packing=pack, packing_strategy="bfd", padding_free=pack,
-        train_sampling_strategy="group_by_length" if data["mode"] == "padding" else "random",
+        train_sampling_strategy="group_by_length" if data.mode == "padding" else "random",
         dataset_kwargs={"skip_prepare_dataset": True} if pre else None,
         remove_unused_columns=False, prediction_loss_only=True, use_liger_kernel=_liger(),
         report_to="none", disable_tqdm=False, dataloader_num_workers=0,
@@ -290,23 +283,11 @@ def _backend() -> str | None:
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
 
 
-def world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _liger() -> bool:
     """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA, when installed."""
     import importlib.util
 
-    return _cuda() and importlib.util.find_spec("liger_kernel") is not None
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return cuda() and importlib.util.find_spec("liger_kernel") is not None
 
 
 def _metrics(trainer, prep: Prepared, wall: float, eval_metrics: dict, resumed_from: Path | None,

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from slmtune.cli import app
 from slmtune.io import write_jsonl
 from slmtune.recipe import load_recipe
-from slmtune.synthetic.tiny import weather_records
+from slmtune.synthetic.tiny import CHAT_TEMPLATE, weather_records
 
 RECIPE = """\
 name: tiny-weather
@@ -195,7 +195,8 @@ def test_merge_verifies_and_reloads(lora_run, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "slmtune_render.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    assert "tools" not in tok.chat_template and "<|im_start|>" in tok.chat_template  # the training template
+    # the training rendering as a template: slmtune's Hermes prelude, then the base template it wraps
+    assert tok.chat_template.startswith("{#- slmtune-hermes") and tok.chat_template.endswith(CHAT_TEMPLATE)
     ids = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")
     gen = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] > ids["input_ids"].shape[1]

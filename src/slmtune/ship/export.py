@@ -7,7 +7,9 @@ Export folder (`EXPORTS_DIR/<task>-<base>-<schema_hash[:8]>/`)::
                         `AutoModelForCausalLM.from_pretrained(folder)`
     adapter_config.json, adapter_model.safetensors           instead, with --adapter-only: the LoRA adapter,
                         loadable with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)`
-    tokenizer files     with the chat template used in training
+    tokenizer files     `chat_template.jinja` renders records exactly as training did (`slmtune.ship.template`):
+                        `apply_chat_template(messages, tools=tools, add_generation_prompt=True)` in plain
+                        transformers or vLLM (`--tool-call-parser hermes`) gives the training prompt
     slmtune_render.json how training rendered prompts and tool calls (serving must do the same)
     merge_report.json   the merge verification (merged exports only)
     README.md           model card: YAML front matter (base_model, library_name, license, tags, model-index)
@@ -64,10 +66,12 @@ def export_run(run_dir: str | Path, exports_dir: str | Path, adapter_only: bool 
         merge = None if adapter_only else _merged(run_dir, stage)
         if adapter_only:
             shutil.copytree(run_dir / "adapter", stage, dirs_exist_ok=True)
+            _adapter_tokenizer(stage)
         manifest = build_manifest(name, run, task, eval_report, curate, merge, extra)
         write_json(stage / MANIFEST, manifest)
+        mode = json.loads((stage / "slmtune_render.json").read_text(encoding="utf-8"))["mode"]
         with atomic_open(stage / "README.md") as f:
-            f.write(model_card(manifest))
+            f.write(model_card(manifest, mode))
     return exports_dir / name
 
 
@@ -77,6 +81,19 @@ def _merged(run_dir: Path, out: Path) -> dict:
     from slmtune.ship.merge import merge_run
 
     return asdict(merge_run(run_dir, out, dtype="auto"))
+
+
+def _adapter_tokenizer(folder: Path) -> None:
+    """Re-save the adapter's tokenizer with the export chat template, plus `slmtune_render.json` (as merge does)."""
+    from transformers import AutoTokenizer
+
+    from slmtune.render import make_renderer
+    from slmtune.ship.merge import render_info
+    from slmtune.ship.template import save_tokenizer
+
+    r = make_renderer(AutoTokenizer.from_pretrained(folder))
+    save_tokenizer(r, folder)
+    write_json(folder / "slmtune_render.json", render_info(r))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -170,7 +187,8 @@ def _licence(base_name: str) -> str:
     return "other"
 
 
-def model_card(manifest: dict) -> str:
+def model_card(manifest: dict, render_mode: str = "slmtune-hermes") -> str:
+    """The export's README.md; `render_mode` is `slmtune_render.json`'s `mode` (how training rendered tools)."""
     task, ev = manifest["task"], manifest["eval"]
     front = {"base_model": manifest["base_model"]["name"],
              "library_name": "peft" if manifest["format"] == "adapter" else "transformers",
@@ -184,9 +202,9 @@ def model_card(manifest: dict) -> str:
                         for k, v in ev["metrics"].get("tuned", {}).items() if v is not None]}]}]
     body = [f"# {manifest['name']}", "",
             f"A {manifest['base_model']['name']} fine-tune by slmtune for one agent errand: "
-            f"task `{task['name']}` ({task['category']}), output schema hash `{task['schema_hash'] or '-'}`.", "",
-            f"Format: **{manifest['format']}**. Load it without slmtune:", "", "```python",
-            *_load_snippet(manifest), "```", ""]
+            f"task `{task['name']}` ({task['category']}), output schema hash `{task['schema_hash'] or '-'}`. "
+            f"Format: **{manifest['format']}**.", ""]
+    body += _transformers_lines(manifest, render_mode) + _vllm_lines(manifest, render_mode)
     body += _eval_lines(ev) + _data_lines(manifest)
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body) + "\n"
 
@@ -200,6 +218,52 @@ def _load_snippet(manifest: dict) -> list[str]:
     return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
             "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')",
             "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')"]
+
+
+def _transformers_lines(manifest: dict, mode: str) -> list[str]:
+    hermes = mode != "native"
+    about = ("Its chat template renders system, user and assistant turns, `tools`, assistant `tool_calls` "
+             "(`arguments` as objects or JSON strings) and `tool` results exactly as training did: tool specs at "
+             "the end of the system turn inside `<tools></tools>`, each call as `<tool_call>` JSON, each result "
+             "as a `<tool_response>` user turn (the Hermes convention; see `slmtune_render.json`)." if hermes else
+             "Its chat template is the base model's own, which handles `tools` and `tool_calls` natively; "
+             "training rendered records with it unchanged.")
+    code = [*(["import json, re"] if hermes else []), *_load_snippet(manifest),
+            "tools = [...]  # the OpenAI-style function specs your agent sends, or None",
+            'messages = [{"role": "user", "content": "..."}]',
+            "inputs = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,",
+            '                                       return_dict=True, return_tensors="pt")',
+            "out = model.generate(**inputs, max_new_tokens=256, do_sample=False)",
+            'text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)']
+    if hermes:
+        code += ['calls = [json.loads(c) for c in re.findall(r"<tool_call>\\s*(.*?)\\s*</tool_call>", text, re.S)]',
+                 '# each call: {"name": ..., "arguments": {...}}; the text outside the blocks is the reply']
+    return ["## Use with transformers", "", about, "", "```python", *code, "```", ""]
+
+
+def _vllm_lines(manifest: dict, mode: str) -> list[str]:
+    parser = "hermes" if mode != "native" else "PARSER"
+    tools = f"--enable-auto-tool-choice --tool-call-parser {parser}"
+    if manifest["format"] == "adapter":
+        r = ((manifest.get("recipe") or {}).get("lora") or {}).get("r") or 16
+        # vLLM's --max-lora-rank defaults to 16 and takes only these values
+        rank = "" if r <= 16 else f" --max-lora-rank {next((v for v in (32, 64, 128, 256, 512) if v >= r), r)}"
+        cmd = [f"vllm serve {manifest['base_model']['path']} --enable-lora "
+               f"--lora-modules {manifest['name']}=THIS_FOLDER{rank} \\",
+               f"    --chat-template THIS_FOLDER/chat_template.jinja {tools}"]
+        how = (f"Requests name the adapter: `\"model\": \"{manifest['name']}\"`. `--chat-template` makes vLLM prompt "
+               "with this folder's template instead of the base model's; the base path is the one the adapter "
+               "was trained on.")
+    else:
+        cmd, how = [f"vllm serve THIS_FOLDER {tools}"], "vLLM prompts with this folder's chat template."
+    if mode != "native":
+        how += (" The `hermes` parser turns the `<tool_call>` blocks into OpenAI `tool_calls`. (Older vLLM "
+                "releases' hermes parser insists that `<tool_call>` be a single vocabulary token and refuses to "
+                "start otherwise; a current vLLM matches the text.)")
+    else:
+        how += (f" PARSER: the tool-call parser vLLM documents for {manifest['base_model']['name']} (e.g. "
+                "`hermes` for Qwen2.5/Qwen3, `llama3_json` for Llama 3.x).")
+    return ["## Serve with vLLM", "", "```bash", *cmd, "```", "", how, ""]
 
 
 def _eval_lines(ev: dict | None) -> list[str]:

@@ -6,8 +6,9 @@ original weights, never into 4-bit ones). Before saving we check, on a few train
 outputs are identical; after saving we reload the checkpoint with plain `from_pretrained` and generate again.
 All figures go to `OUT_DIR/merge_report.json`; a failed check raises (non-zero exit) and leaves no checkpoint.
 
-`OUT_DIR` holds: model.safetensors + config, tokenizer with the training chat template, `slmtune_render.json`
-(how prompts and tool calls were rendered in training), `merge_report.json`.
+`OUT_DIR` holds: model.safetensors + config, the tokenizer whose `chat_template.jinja` renders records exactly as
+training did (`slmtune.ship.template`: plain `apply_chat_template(messages, tools=tools)` gives the training
+prompt), `slmtune_render.json` (how prompts and tool calls were rendered in training), `merge_report.json`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_dir, iter_jsonl, write_json
 from slmtune.render import TOOLS_PREAMBLE, Renderer, make_renderer, prompt_text
+from slmtune.ship.template import save_tokenizer
 from slmtune.train.runfiles import read_run
 
 # fp32 merge arithmetic differs from the unmerged path only by rounding; a real mistake (wrong scale, adapter
@@ -111,7 +113,7 @@ def _save_atomically(model, tokenizer, r: Renderer, out_dir: Path, checked: dict
 
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(r, tmp)
         write_json(tmp / "slmtune_render.json", render_info(r))
         reloaded = AutoModelForCausalLM.from_pretrained(tmp).eval()
         _, again = _logits_and_greedy(reloaded, tokenizer, prompts)
@@ -130,5 +132,7 @@ def render_info(r: Renderer) -> dict:
         "tool_call_format": None if r.mode == "native" else
         '<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>',
         "tool_result_format": None if r.mode == "native" else "user turn: <tool_response>\n...\n</tool_response>",
+        "chat_template": "the base model's own" if r.mode == "native" else
+        "the base template behind a prelude that renders this format (slmtune.ship.template)",
         "target": "the last assistant message",
     }

@@ -7,7 +7,7 @@ from typer.main import get_command
 
 from slmtune.cli import app
 
-COMMANDS = {"ingest", "curate", "cluster", "plan", "train", "merge", "eval", "export", "models", "flywheel"}
+COMMANDS = {"ingest", "curate", "cluster", "plan", "train", "merge", "eval", "export", "models", "flywheel", "serve"}
 
 
 def test_command_table():

@@ -95,13 +95,16 @@ def curate(
     workers: Annotated[
         int, typer.Option("--workers", help="Worker processes; 0 = one per idle core for inputs over 8 MB.")
     ] = 0,
+    keep_slm_served: Annotated[bool, typer.Option(
+        "--keep-slm-served", help="Keep calls `slmtune serve` answered with a small model (default: drop them).")
+    ] = False,
 ) -> None:
     """Scrub PII and secrets, filter broken records, and drop duplicates."""
     from slmtune.data.curate import CurateConfig
     from slmtune.data.curate import curate as do_curate
 
     config = CurateConfig(on_secret=on_secret, near_dup=near_dup, max_chars=max_chars, scrubber=scrubber,
-                          workers=workers)
+                          workers=workers, keep_slm_served=keep_slm_served)
     bar, tick = _counter_progress("curate")
     with bar:
         res = do_curate(records, out, report=report, config=config, progress=tick)
@@ -422,6 +425,71 @@ def _print_flywheel(result) -> None:
     typer.echo(f"exports: {result.exports_dir}")
     typer.echo(f"router:  {result.router_path}")
     typer.echo(f"round:   {result.round_dir}")
+
+
+# ----------------------------------------------------------------------------- serve (issue 14)
+@app.command()
+@_edge
+def serve(
+    workdir: Annotated[Optional[Path], typer.Argument(help="Flywheel workdir: serves its router.json.")] = None,
+    router: Annotated[Optional[Path], typer.Option("--router", help="A router.json instead of WORKDIR's.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    upstream: Annotated[Optional[str], typer.Option(
+        "--upstream", help="OpenAI-compatible base URL (…/v1) for unrouted requests and fallbacks.")] = None,
+    upstream_key_env: Annotated[Optional[str], typer.Option(
+        "--upstream-key-env", help="Environment variable holding the upstream's API key.")] = None,
+    upstream_timeout: Annotated[float, typer.Option("--upstream-timeout", help="Seconds to wait for the upstream.")
+                                ] = 120.0,
+    engine: Annotated[str, typer.Option("--engine", help="embedded (transformers, in process) or vllm.")
+                      ] = "embedded",
+    engine_url: Annotated[Optional[list[str]], typer.Option(
+        "--engine-url", help="vLLM base URL (…/v1), or EXPORT=URL per export (repeatable).")] = None,
+    print_vllm_command: Annotated[bool, typer.Option(
+        "--print-vllm-command", help="Print the vLLM commands for the router's exports and exit.")] = False,
+    max_loaded: Annotated[int, typer.Option("--max-loaded", min=1, help="Exports kept in memory (LRU).")] = 2,
+    batch_window_ms: Annotated[float, typer.Option(
+        "--batch-window-ms", min=0, help="How long a request waits for others to batch with.")] = 10.0,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most requests per batch.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", min=1, help="Most tokens an export generates (a request's max_tokens may lower it).")
+                              ] = 512,
+    constrained: Annotated[bool, typer.Option(
+        "--constrained", help="Decode under the task's grammar, as eval --constrained (needs llguidance).")] = False,
+    sample: Annotated[bool, typer.Option(
+        "--sample", help="Honour temperature > 0 (default: greedy, as eval scored the model).")] = False,
+    slm_timeout: Annotated[float, typer.Option(
+        "--slm-timeout", help="Seconds an export may take before the upstream answers instead.")] = 30.0,
+    min_score: Annotated[Optional[list[str]], typer.Option(
+        "--min-score", help="Send a route to the upstream when its tuned key metric is below VALUE; "
+                            "TASK=VALUE for one route (repeatable).")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(
+        "--api-key-env", help="Environment variable holding the key clients must send (Authorization: Bearer).")
+                           ] = None,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1, help="Larger requests get 413.")
+                              ] = 4 << 20,
+    log_dir: Annotated[Optional[Path], typer.Option(
+        "--log-dir", help="Served-call logs (default: served/ beside router.json).")] = None,
+    log_scrub: Annotated[bool, typer.Option(
+        "--log-scrub/--no-log-scrub", help="Scrub PII and secrets from served logs, as curate does.")] = True,
+) -> None:
+    """Serve the exports as an OpenAI-compatible API: routed requests to their small model, the rest upstream."""
+    from slmtune.ship import serve as srv
+
+    if (workdir is None) == (router is None):
+        raise SlmtuneError("give a flywheel WORKDIR or --router router.json (one of them).")
+    router_path = router if router is not None else workdir / "router.json"
+    if print_vllm_command:
+        typer.echo(srv.vllm_command_text(router_path))
+        return
+    config = srv.ServeConfig(
+        router=router_path, host=host, port=port, engine=engine, engine_urls=tuple(engine_url or ()),
+        upstream=upstream, upstream_key_env=upstream_key_env, upstream_timeout_s=upstream_timeout,
+        max_loaded=max_loaded, batch_window_ms=batch_window_ms, max_batch=max_batch, max_new_tokens=max_new_tokens,
+        constrained=constrained, sample=sample, slm_timeout_s=slm_timeout,
+        min_score=srv.parse_min_score(min_score or []), api_key_env=api_key_env, max_body_bytes=max_body_bytes,
+        log_dir=log_dir, log_scrub=log_scrub)
+    srv.run(config)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -4,7 +4,10 @@ Per record, in order: scrub PII and secrets (`scrub.py`; rejected records are sc
 filters, then — only for records that passed — drop exact and near duplicates, keeping the first seen.
 
 Rejection reasons (a record may have several; `reason` is the first in this order):
-`blank_line`, `invalid_json`, `invalid_record` (fails `records.record_problems`), `secret` (only with on_secret="drop"),
+`blank_line`, `invalid_json`, `invalid_record` (fails `records.record_problems`), `secret` (only with
+on_secret="drop"), `slm_served` (a call `slmtune serve` answered with one of slmtune's own small models, i.e.
+`meta.metadata.slmtune_answered_by` is "slm": a model is not trained on its own outputs; kept with
+keep_slm_served),
 `empty_completion`, `truncated` (finish_reason length), `errored` (finish_reason error/content_filter or
 an `error` in meta), `tool_args_not_json`, `unknown_tool` (not in the record's `tools`), `tool_args_schema`
 (arguments violate the tool's JSON Schema), `too_long` (more than `max_chars` characters of content and
@@ -44,8 +47,9 @@ from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_open, dumps, open_text, write_json
 from slmtune.records import record_problems, target_index
 
-REASONS = ("blank_line", "invalid_json", "invalid_record", "secret", "empty_completion", "truncated", "errored",
-           "tool_args_not_json", "unknown_tool", "tool_args_schema", "too_long", "duplicate", "near_duplicate")
+REASONS = ("blank_line", "invalid_json", "invalid_record", "secret", "slm_served", "empty_completion", "truncated",
+           "errored", "tool_args_not_json", "unknown_tool", "tool_args_schema", "too_long", "duplicate",
+           "near_duplicate")
 BATCH = 256
 PARALLEL_MIN_BYTES = 8 << 20  # below ~8 MB (~4k records) starting worker processes costs more than it saves
 
@@ -62,6 +66,8 @@ class CurateConfig:
     """`regex` (built in) or `presidio` (adds names and street addresses; needs presidio-analyzer; ~2.5x slower)."""
     workers: int = 0
     """Processes for scrubbing and filtering; 0 = one per idle core (max 4) for inputs over 8 MB, else 1."""
+    keep_slm_served: bool = False
+    """Keep calls `slmtune serve` answered with a small model (default: drop them, reason `slm_served`)."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,8 @@ def _empty_report(records: Path, out: Path, config: CurateConfig) -> dict:
             "flagged_by_reason": Counter(), "duplicates_removed": {}, "pii_placeholders": Counter(),
             "pii_placeholders_all": Counter(), "records_with_secrets": 0,
             "settings": {"on_secret": config.on_secret, "near_dup": config.near_dup,
-                         "max_chars": config.max_chars, "scrubber": config.scrubber}}
+                         "max_chars": config.max_chars, "scrubber": config.scrubber,
+                         "keep_slm_served": config.keep_slm_served}}
 
 
 def _account(item: dict, seen: Seen, rep: dict, f_out, f_rej, source: str) -> None:
@@ -272,6 +279,9 @@ def _filters(rec: dict, config: CurateConfig) -> dict[str, str]:
     if not (target.get("content") or "").strip() and not target.get("tool_calls"):
         found["empty_completion"] = "the target assistant message has no content and no tool calls"
     meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+    tags = meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {}
+    if tags.get("slmtune_answered_by") == "slm" and not config.keep_slm_served:
+        found["slm_served"] = f"answered by slmtune's own {tags.get('slmtune_model') or 'small model'}"
     finish = meta.get("finish_reason")
     if finish == "length":
         found["truncated"] = "finish_reason is length"

@@ -2,7 +2,10 @@
 # The whole slmtune loop on the bundled example logs, on the CPU (2 cores: 5 min 51 s measured with the venv
 # and converted model present, ~9 min from scratch; see README "Performance"):
 # 490 logged calls of one agent (3 formats, planted PII) -> 3 tasks tuned on SmolLM2-135M-Instruct -> gated
-# exports + router.json. Summaries and the rare errands stay with the LLM.
+# exports + router.json. Summaries and the rare errands stay with the LLM. Then `slmtune serve` on the workdir,
+# in front of a STAND-IN upstream (answers from the logged teacher responses, not an LLM), gets the held-out
+# calls through the openai client (scripts/demo_serve.py: share served by the SLMs, fallbacks, accuracy, latency;
+# up to 10 calls per task, ≈ 2-4 min on the CPU: an estimate, not measured).
 #
 #   scripts/demo.sh                 # round 1
 #   DEMO_ROUND2=1 scripts/demo.sh   # then a second round with 40 new weather calls: only that task retrains
@@ -12,7 +15,7 @@
 # merge + checks ≈ 0.5 min; × 3 tasks ≈ 6 min, + venv setup (~2 min) + one-time GGUF conversion (~40 s).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-. "$ROOT/scripts/setup_env.sh"
+. "$ROOT/scripts/setup_env.sh" demo  # the demo extra: slmtune serve + the openai client
 WORK="${DEMO_WORKDIR:-$ROOT/runs/demo}"
 EXAMPLES="$(python -c 'import slmtune, pathlib; print(pathlib.Path(slmtune.__file__).parent / "examples")')"
 START=$(date +%s)
@@ -34,4 +37,12 @@ echo
 echo "Exports (load with AutoModelForCausalLM.from_pretrained, no slmtune needed): $WORK/exports"
 echo "Router (which checkpoint serves which requests; the rest stays with the LLM): $WORK/router.json"
 echo "Per-task eval reports: $WORK/round-*/eval/*/report.md"
+
+echo
+python "$ROOT/scripts/demo_serve.py" --workdir "$WORK" --limit 10
+echo
+echo "Serve it for real, your LLM as the upstream (requests the SLMs don't take, or get wrong, go there):"
+echo "  slmtune serve $WORK --upstream https://api.openai.com/v1 --upstream-key-env OPENAI_API_KEY --port 8000"
+echo "and point the agent's openai client at it:"
+echo '  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")  # a key is checked with --api-key-env'
 echo "Demo wall time: $(( $(date +%s) - START )) s (after setup)"

@@ -474,22 +474,23 @@ def serve(
         "--log-scrub/--no-log-scrub", help="Scrub PII and secrets from served logs, as curate does.")] = True,
 ) -> None:
     """Serve the exports as an OpenAI-compatible API: routed requests to their small model, the rest upstream."""
-    from slmtune.ship import serve as srv
+    from slmtune.ship import serve_config
+    from slmtune.ship.serve import run
 
     if (workdir is None) == (router is None):
         raise SlmtuneError("give a flywheel WORKDIR or --router router.json (one of them).")
     router_path = router if router is not None else workdir / "router.json"
     if print_vllm_command:
-        typer.echo(srv.vllm_command_text(router_path))
+        typer.echo(serve_config.vllm_command_text(router_path))
         return
-    config = srv.ServeConfig(
+    config = serve_config.ServeConfig(
         router=router_path, host=host, port=port, engine=engine, engine_urls=tuple(engine_url or ()),
         upstream=upstream, upstream_key_env=upstream_key_env, upstream_timeout_s=upstream_timeout,
         max_loaded=max_loaded, batch_window_ms=batch_window_ms, max_batch=max_batch, max_new_tokens=max_new_tokens,
         constrained=constrained, sample=sample, slm_timeout_s=slm_timeout,
-        min_score=srv.parse_min_score(min_score or []), api_key_env=api_key_env, max_body_bytes=max_body_bytes,
+        min_score=serve_config.parse_min_score(min_score or []), api_key_env=api_key_env, max_body_bytes=max_body_bytes,
         log_dir=log_dir, log_scrub=log_scrub)
-    srv.run(config)
+    run(config)
 
 
 def main() -> None:  # pragma: no cover - console entry point

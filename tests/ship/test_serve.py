@@ -12,9 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from slmtune.cli import app
+from slmtune.ship.asgi import serve_in_thread
 from slmtune.ship.engine import EmbeddedEngine, Params, vllm_commands
 from slmtune.ship.guard import check_answer, request_problems, to_record
-from slmtune.ship.serve import ServeConfig, StreamAssembler, checkpoints, create_app, load_router, serve_in_thread
+from slmtune.ship.serve import create_app
+from slmtune.ship.serve_config import ServeConfig, checkpoints, load_router
+from slmtune.ship.wire import StreamAssembler
 from slmtune.synthetic.logs import write_logs
 from slmtune.synthetic.upstream import UNKNOWN_ANSWER, create_upstream_app
 

@@ -1,0 +1,136 @@
+"""`slmtune serve`'s configuration: `ServeConfig` (what the CLI's options set) and what the server reads from
+router.json — the routes' exports as engine `Checkpoint`s, the routes `--min-score` turns off, and the vLLM
+commands for those exports (`slmtune serve --print-vllm-command`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmtune.errors import SlmtuneError
+from slmtune.ship.engine import Checkpoint
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    router: Path
+    """router.json (`slmtune flywheel` writes WORKDIR/router.json)."""
+    host: str = "127.0.0.1"
+    """Address to bind; anything but loopback exposes the server (set `api_key_env` then)."""
+    port: int = 8000
+    """TCP port."""
+    engine: str = "embedded"
+    """`embedded` (transformers in this process) or `vllm` (a running vLLM server, `engine_urls`)."""
+    engine_urls: tuple[str, ...] = ()
+    """vLLM base URLs: `URL` for every export, or `EXPORT=URL` per export."""
+    upstream: str | None = None
+    """Base URL of the OpenAI-compatible upstream LLM, as the openai client takes it (…/v1)."""
+    upstream_key_env: str | None = None
+    """Environment variable holding the upstream's API key (sent as `Authorization: Bearer`)."""
+    upstream_timeout_s: float = 120.0
+    """Seconds to wait for the upstream."""
+    max_loaded: int = 2
+    """Exports kept in memory by the embedded engine; the least recently used is unloaded."""
+    batch_window_ms: float = 10.0
+    """How long the first request of a batch waits for more requests to the same export."""
+    max_batch: int = 16
+    """Most requests generated as one batch."""
+    max_new_tokens: int = 512
+    """Most tokens an export generates per answer (a request's `max_tokens` may lower it)."""
+    constrained: bool = False
+    """Decode tool calls, extraction JSON and labels under the task's llguidance grammar (as `eval --constrained`)."""
+    sample: bool = False
+    """Honour a request's temperature > 0 in the embedded engine; off: greedy, as eval scored the model."""
+    slm_timeout_s: float = 30.0
+    """Seconds an export may take (queueing included) before the request goes to the upstream."""
+    min_score: tuple[tuple[str, float], ...] = ()
+    """(task or "*", threshold): routes whose tuned key metric (eval report) is below it go to the upstream."""
+    api_key_env: str | None = None
+    """Environment variable holding the key clients must send as `Authorization: Bearer`; None: no auth."""
+    max_body_bytes: int = 4 << 20
+    """Largest request body (4 MiB: ~1M tokens of text); larger ones get 413."""
+    log_dir: Path | None = None
+    """Where served calls are logged; default: `served/` beside router.json."""
+    log_scrub: bool = True
+    """Scrub PII and secrets from served logs (`slmtune.data.scrub`, as curate does)."""
+    dtype: str = "auto"
+    """Embedded engine weights dtype: auto, float32, bfloat16."""
+
+
+
+def load_router(path: Path) -> dict:
+    if not path.is_file():
+        raise SlmtuneError(f"{path}: no router.json there.", "Give a flywheel workdir or --router router.json.")
+    try:
+        router = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise SlmtuneError(f"{path}: not JSON ({e}).") from None
+    if not isinstance(router, dict) or not isinstance(router.get("routes"), list):
+        raise SlmtuneError(f"{path}: not a router.json (no `routes` list).")
+    return router
+
+
+def checkpoints(router: dict) -> dict[str, Checkpoint]:
+    """{task: Checkpoint} for every route, from its export's slmtune.json; a missing export is an error."""
+    from slmtune.ship.export import MANIFEST
+
+    out, missing = {}, []
+    for r in router["routes"]:
+        folder = Path(r["checkpoint"])
+        if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+            missing.append(str(folder))
+            continue
+        m = json.loads((folder / MANIFEST).read_text(encoding="utf-8")) if (folder / MANIFEST).is_file() else {}
+        task = m.get("task") or {}
+        out[r["task"]] = Checkpoint(
+            name=m.get("name") or folder.name, task=r["task"], category=r.get("category") or task.get("category"),
+            schema=task.get("schema"), path=str(folder), format=r.get("format") or m.get("format") or "merged",
+            base_path=(m.get("base_model") or {}).get("path"))
+    if missing:
+        raise SlmtuneError(f"router.json names exports that are not there: {', '.join(missing)}.",
+                           "Run `slmtune flywheel` again, or fix the router's `checkpoint` paths.")
+    return out
+
+
+def parse_min_score(values: list[str]) -> tuple[tuple[str, float], ...]:
+    """`--min-score` values: `0.5` for every route, `TASK=0.5` for one."""
+    out = []
+    for v in values:
+        task, _, num = v.rpartition("=")
+        try:
+            out.append((task or "*", float(num)))
+        except ValueError:
+            raise SlmtuneError(f"--min-score {v!r}: expected VALUE or TASK=VALUE, e.g. 0.8 or "
+                               "tool_calling-get_weather=0.9.") from None
+    return tuple(out)
+
+
+def disabled_routes(router: dict, min_score: tuple[tuple[str, float], ...]) -> dict[str, str]:
+    """{task: why} for routes whose tuned key metric is below their --min-score (or has no eval to show)."""
+    limits = dict(min_score)
+    out = {}
+    for r in router["routes"]:
+        limit = limits.get(r["task"], limits.get("*"))
+        if limit is None:
+            continue
+        metric, values = next(iter((r.get("metrics") or {}).items()), (None, {}))
+        tuned = (values or {}).get("tuned")
+        if tuned is None or tuned < limit:
+            out[r["task"]] = f"tuned {metric} {tuned} < --min-score {limit}"
+    return out
+
+
+
+def vllm_command_text(router_path: Path) -> str:
+    """The vLLM commands for a router's exports, and the `slmtune serve` line that uses them."""
+    from slmtune.ship.engine import vllm_commands
+
+    items = vllm_commands(list(checkpoints(load_router(router_path)).values()))
+    if not items:
+        return f"# {router_path} routes nothing: there is nothing for vLLM to serve."
+    lines = ["# Start vLLM (one server per merged export; one per base model for its adapters):"]
+    lines += [it["command"] for it in items]
+    urls = " ".join(f"--engine-url {m}={it['url']}" for it in items for m in it["models"])
+    lines += ["# Then point slmtune at it:", f"slmtune serve --router {router_path} --engine vllm {urls}"]
+    return "\n".join(lines)

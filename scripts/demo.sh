@@ -39,7 +39,9 @@ echo "Router (which checkpoint serves which requests; the rest stays with the LL
 echo "Per-task eval reports: $WORK/round-*/eval/*/report.md"
 
 echo
-python "$ROOT/scripts/demo_serve.py" --workdir "$WORK" --limit 10
+# 90 s per SLM call, not serve's 30 s default: a 2-core laptop busy with other work can take that long for a
+# ~500-token prompt; a call past it falls back to the upstream (reason: timeout) as in production.
+python "$ROOT/scripts/demo_serve.py" --workdir "$WORK" --limit 10 --slm-timeout 90
 echo
 echo "Serve it for real, your LLM as the upstream (requests the SLMs don't take, or get wrong, go there):"
 echo "  slmtune serve $WORK --upstream https://api.openai.com/v1 --upstream-key-env OPENAI_API_KEY --port 8000"

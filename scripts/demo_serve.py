@@ -248,6 +248,8 @@ def main() -> None:
     ap.add_argument("--constrained", action="store_true",
                     help="serve with --constrained: decode under each task's grammar (needs llguidance)")
     ap.add_argument("--start-timeout", type=float, default=300, help="seconds each server may take to start")
+    ap.add_argument("--slm-timeout", type=float, default=30.0,
+                    help="slmtune serve --slm-timeout: seconds an export may take before the upstream answers")
     args = ap.parse_args()
     work, out = args.workdir.resolve(), args.workdir.resolve() / "serve_demo"
     if not (work / "router.json").is_file():
@@ -275,7 +277,7 @@ def with_servers(args, work: Path, out: Path, sources: list[str], calls: list[di
         wait_ready(f"http://127.0.0.1:{up_port}/v1/models", upstream, out / "upstream.log", args.start_timeout)
         serve = start([py, "-m", "slmtune.cli", "serve", str(work), "--port", str(port), "--api-key-env", KEY_ENV,
                        "--upstream", f"http://127.0.0.1:{up_port}/v1", "--log-dir", str(out / "served"),
-                       *(["--constrained"] if args.constrained else [])],
+                       "--slm-timeout", str(args.slm_timeout), *(["--constrained"] if args.constrained else [])],
                       out / "serve.log", env=os.environ | {KEY_ENV: key})
         wait_ready(f"http://127.0.0.1:{port}/healthz", serve, out / "serve.log", args.start_timeout)
         print(f"slmtune serve on http://127.0.0.1:{port}/v1; upstream: {STANDIN}")

@@ -67,8 +67,13 @@ def clear_gguf_marker(model) -> None:
             del model.__dict__[attr]
 
 
+def converted_dir(key: str) -> Path:
+    """Where the dequantized checkpoint of a GGUF model (`key`: a BUILTIN name, or folder-file) is kept."""
+    return cache_dir() / "models" / key
+
+
 def _gguf_to_checkpoint(folder: Path, gguf_file: str, key: str) -> Path:
-    target = cache_dir() / "models" / key
+    target = converted_dir(key)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -11,7 +11,7 @@ Work dir::
       curate/curated.jsonl, report.json
       cluster/                     `slmtune cluster` output
       tasks/                       task dirs with eval sets pinned across rounds (see `slmtune.flywheel.tasks`)
-      recipes/<task>.yaml          `slmtune plan`
+      plan/<task>.yaml, plan.json  `slmtune plan`: recipes, lengths, tasks that could not be planned
       train/<task>/                run dir (`slmtune train`), or only a marker naming an earlier round's run
       eval/<task>/                 eval report (`slmtune eval`), or a marker naming an earlier one
       export/<task>/               marker naming the export folder
@@ -123,7 +123,9 @@ def run_flywheel(logs: Sequence[str | Path], workdir: str | Path, config: Flywhe
                                               "config": _config_json(config), "started": now()})
     selection = _data_stages(files, round_dir, registry, config, tick)
     tasks = selection["tasks"]
-    plan_failed = {f["task"]: f["reason"] for f in read_json_or_none(round_dir / "plan" / "plan.json")["failed"]}
+    # A plan stage finished by an older slmtune (marker, no plan.json) counts as no task failed.
+    plan_json = read_json_or_none(round_dir / "plan" / "plan.json") or {}
+    plan_failed = {f["task"]: f["reason"] for f in plan_json.get("failed", [])}
     outcomes = []
     for i, task in enumerate(tasks):
         def step(s, d, t, i=i, name=task["name"]):

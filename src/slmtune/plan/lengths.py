@@ -12,8 +12,8 @@ and `plan` falls back to an estimate it labels as such.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -65,6 +65,7 @@ def load_template_tokenizer(folder: Path) -> TemplateTokenizer | None:
     return TemplateTokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), template, special)
 
 
+@functools.lru_cache(maxsize=8)  # plan measures every task with the same few tokenizers: load each once
 def tokenizer_for(base: str) -> TemplateTokenizer | None:
     """The tokenizer `model.base` trains with: a local folder, the bundled GGUF's converted checkpoint, or a hub
     model already in the local Hugging Face cache; None when it is nowhere on this machine."""
@@ -73,10 +74,10 @@ def tokenizer_for(base: str) -> TemplateTokenizer | None:
 
 
 def _tokenizer_folder(base: str) -> Path | None:
-    from slmtune.models import BUILTIN, cache_dir
+    from slmtune.models import BUILTIN, converted_dir
 
     if base in BUILTIN:
-        target = cache_dir() / "models" / base
+        target = converted_dir(base)
         if not (target / "tokenizer.json").is_file():
             _convert_builtin(base)
         return target
@@ -94,7 +95,7 @@ def _convert_builtin(base: str) -> None:
     """Dequantize the bundled GGUF once (what `slmtune train` does first anyway) in a child process, so this
     process stays free of torch."""
     code = f"from slmtune.models import resolve_base; resolve_base({base!r})"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr or "").strip().splitlines() or ["(no output)"]
         raise SlmtuneError(f"model.base {base!r}: could not prepare its tokenizer: {lines[-1]}")

@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
+import pytest
 from typer.main import get_command
+from typer.testing import CliRunner
 
 from slmtune.cli import app
 
@@ -19,3 +21,92 @@ def test_help_does_not_import_the_training_stack():
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
             "heavy = {'torch', 'transformers', 'peft', 'trl'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"slmtune {version('slmtune')}"
+
+
+# (command, option, its choices): --help lists them, shells complete them, anything else is a usage error.
+CHOICES = [
+    ("ingest", "--format", ["auto", "openai", "messages", "anthropic"]),
+    ("curate", "--on-secret", ["redact", "drop"]),
+    ("curate", "--scrubber", ["regex", "presidio"]),
+    ("cluster", "--embedder", ["tfidf", "minilm"]),
+    ("merge", "--dtype", ["auto", "float32", "bfloat16", "float16"]),
+    ("serve", "--engine", ["embedded", "vllm"]),
+    ("export", "--gguf", ["f16", "q8_0", "q4_0", "q4_k_m"]),
+    ("flywheel", "--gguf", ["f16", "q8_0", "q4_0", "q4_k_m"]),
+]
+# Enough for every command's required arguments, so only the option under test is wrong.
+ARGS = {"ingest": ["x.jsonl", "-o", "r.jsonl"], "curate": ["r.jsonl", "-o", "c.jsonl"],
+        "cluster": ["c.jsonl", "-o", "tasks"], "merge": ["run", "-o", "m"], "serve": ["work"],
+        "plan": ["tasks", "-o", "r"], "flywheel": ["logs", "-w", "work"], "export": ["run", "-o", "e"]}
+
+
+@pytest.mark.parametrize("command, option, choices", CHOICES, ids=[f"{c} {o}" for c, o, _ in CHOICES])
+def test_enum_options_list_their_choices_and_refuse_others(command, option, choices):
+    runner = CliRunner()
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "250"}, terminal_width=250)
+    assert res.exit_code == 0
+    line = next(x for x in res.output.splitlines() if option in x)
+    assert "|".join(choices) in line, line
+    res = runner.invoke(app, [command, *ARGS[command], option, "nonsense"])
+    assert res.exit_code == 2 and option in res.output and "'nonsense'" in res.output, res.output
+
+
+def test_enum_choices_match_what_the_stages_accept():
+    from slmtune.data.ingest import FORMATS
+
+    assert [c for c, o, _ in CHOICES if o == "--format"] == ["ingest"]
+    assert CHOICES[0][2] == ["auto", *FORMATS]
+    from slmtune.ship.gguf_export import GGUF_TYPES
+
+    assert all(tuple(c) == GGUF_TYPES for _, o, c in CHOICES if o == "--gguf")
+
+
+@pytest.mark.parametrize("command", ["plan", "flywheel"])
+@pytest.mark.parametrize("bad", ["12tb", "nonsense", "0gb", "24"])
+def test_bad_gpu_is_a_usage_error_naming_the_forms(command, bad):
+    res = CliRunner().invoke(app, [command, *ARGS[command], "--gpu", bad])
+    assert res.exit_code == 2 and "--gpu" in res.output and "Traceback" not in res.output, res.output
+    assert "auto, cpu" in " ".join(res.output.split())
+
+
+def test_gpu_help_lists_the_forms():
+    res = CliRunner().invoke(app, ["plan", "--help"], env={"COLUMNS": "250"}, terminal_width=250)
+    line = next(x for x in res.output.splitlines() if "--gpu" in x)
+    assert "auto|cpu|NNgb" in line and "12gb" in line
+
+
+@pytest.mark.parametrize("value, canonical", [("12gb", "12gb"), ("40gb", "40gb"), ("24GB", "24gb"),
+                                              ("7.5gb", "7.5gb"), ("cpu", "cpu"), ("CPU", "cpu")])
+def test_gpu_sizes_are_normalized(value, canonical):
+    from slmtune.device import gpu_spec
+
+    assert gpu_spec(value) == canonical
+
+
+def test_gpu_auto_reads_cuda_device_0(monkeypatch):
+    import types
+
+    from slmtune.device import detect_gpu, gpu_spec
+
+    props = types.SimpleNamespace(total_memory=25_393_692_672)  # what a 24 GB card reports: 23.65 GiB
+    cuda = types.SimpleNamespace(is_available=lambda: True, get_device_properties=lambda i: props)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    assert detect_gpu() == "23.6gb" == gpu_spec("auto")
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
+    assert gpu_spec("auto") == "cpu"
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed: import fails
+    assert gpu_spec("auto") == "cpu"
+
+
+def test_missing_argument_is_a_usage_error():
+    res = CliRunner().invoke(app, ["plan"])
+    assert res.exit_code == 2
+    res = CliRunner().invoke(app, ["serve"])  # neither WORKDIR nor --router
+    assert res.exit_code == 2 and "--router" in res.output

@@ -77,6 +77,22 @@ def test_bad_recipe_cli_one_line_error(tmp_path, text, expected):
         assert fragment in err, (fragment, err)
 
 
+@pytest.mark.parametrize("replace, expected", [
+    (("max_length: 64", "max_lenght: 64"), "r.yaml:5: `data.max_lenght`: unknown key; did you mean `max_length`?"),
+    (("name: t\n", "nmae: t\n"), "`nmae`: unknown key; did you mean `name`?"),
+    (("output: {dir: out}", "output: {dir: out, zzz: 1}"), "`output.zzz`: unknown key; valid keys: dir"),
+], ids=["section-key", "top-level-key", "no-close-match"])
+def test_unknown_key_suggests_the_closest_valid_one(tmp_path, replace, expected):
+    with pytest.raises(SlmtuneError) as e:
+        load_recipe(_write(tmp_path, GOOD.replace(*replace)))
+    assert expected in str(e.value), str(e.value)
+
+
+def test_unknown_key_suggestion_knows_aliases(tmp_path):
+    with pytest.raises(SlmtuneError, match=r"`task.shema`: unknown key; did you mean `schema`\?"):
+        load_recipe(_write(tmp_path, GOOD + "task: {name: t, shema: {}}\n"))
+
+
 def test_all_problems_reported_at_once(tmp_path):
     bad = GOOD.replace("max_length: 64", "max_length: -1").replace("lr: 1.0e-3", "lr: 0\n  sead: 1")
     with pytest.raises(SlmtuneError) as e:
@@ -88,3 +104,33 @@ def test_all_problems_reported_at_once(tmp_path):
 def test_bad_override_names_the_flag(tmp_path):
     with pytest.raises(SlmtuneError, match="key.path=value"):
         load_recipe(_write(tmp_path, GOOD), ["train.lr"])
+
+
+def test_new_sections_default_and_round_trip(tmp_path):
+    """`logging:`, `trainer:`, `lora.use_dora/use_rslora`, `data.train_on`: defaults, and the resolved dump reloads."""
+    from slmtune.recipe import dump_recipe_yaml
+
+    r = load_recipe(_write(tmp_path, GOOD))
+    assert r.logging.report_to is None and r.logging.run_name is None and r.trainer.model_extra == {}
+    assert (r.lora.use_dora, r.lora.use_rslora, r.data.train_on) == (False, False, "last")
+    extra = ("trainer: {optim: adamw_torch, weight_decay: 0.1, attn_implementation: sdpa}\n"
+             "logging: {report_to: none, project: p}\nlora: {use_dora: true}\n")
+    r = load_recipe(_write(tmp_path, GOOD + extra), ["data.train_on=all_assistant"])
+    assert r.logging.report_to == [] and r.trainer.model_extra == {"optim": "adamw_torch", "weight_decay": 0.1}
+    assert r.trainer.attn_implementation == "sdpa" and r.lora.use_dora and r.data.train_on == "all_assistant"
+    (tmp_path / "resolved.yaml").write_text(dump_recipe_yaml(r))
+    assert load_recipe(tmp_path / "resolved.yaml") == r
+    assert load_recipe(_write(tmp_path, GOOD + "logging: {report_to: wandb}\n")).logging.report_to == ["wandb"]
+
+
+def test_trainer_keys_slmtune_sets_point_to_their_recipe_key(tmp_path):
+    text = GOOD + "trainer:\n  weight_decay: 0.1\n  learning_rate: 0.1\n  per_device_train_batch_size: 2\n"
+    text += "  use_cpu: true\n"
+    with pytest.raises(SlmtuneError) as e:
+        load_recipe(_write(tmp_path, text))
+    msg = str(e.value)
+    assert "r.yaml:11: `trainer.learning_rate`: Value error, slmtune sets it from `train.lr`" in msg, msg
+    assert "r.yaml:12: `trainer.per_device_train_batch_size`" in msg and "`train.batch_size`" in msg
+    assert "`trainer.use_cpu`" in msg and "weight_decay" not in msg
+    with pytest.raises(SlmtuneError, match="data.train_on"):
+        load_recipe(_write(tmp_path, GOOD), ["data.train_on=everything"])

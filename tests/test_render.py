@@ -130,3 +130,55 @@ def test_packed_examples_do_not_attend_across_boundaries(tmp_path):
     n0 = len(encs[0].input_ids)
     torch.testing.assert_close(packed[:n0], alone[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(packed[n0:n0 + len(encs[1].input_ids)], alone[1], atol=1e-4, rtol=1e-4)
+
+
+def three_turn_record() -> dict:
+    """Three assistant turns: text, a tool call (after a second question), text (after the tool result)."""
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    return {"id": "three", "tools": [WEATHER_TOOL], "messages": [
+        {"role": "system", "content": "You are a weather assistant."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello, which city?"},
+        {"role": "user", "content": "Oslo, please."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "content": '{"temp": 3}'},
+        {"role": "assistant", "content": "It is 3 degrees in Oslo."},
+    ]}
+
+
+def labelled_runs(r, enc) -> list[str]:
+    """The decoded runs of tokens that carry a label (labels equal to their tokens)."""
+    from itertools import groupby
+
+    assert all(lab in (-100, i) for i, lab in zip(enc.input_ids, enc.labels, strict=True))
+    return [r.tokenizer.decode([i for i, _ in run])
+            for target, run in groupby(zip(enc.input_ids, enc.labels, strict=True), key=lambda p: p[1] != -100)
+            if target]
+
+
+def test_all_assistant_labels_exactly_the_three_assistant_turns(r):
+    rec = three_turn_record()
+    # each assistant turn as rendered when it is the conversation's target (render_pair's cut)
+    turns = [target_text(r, {**rec, "messages": rec["messages"][:k + 1]}) for k in (2, 4, 6)]
+    assert turns[0] == "Hello, which city?<|im_end|>\n" and turns[1].startswith("<tool_call>\n{\"name\"")
+    every = encode(r, rec, 4096, train_on="all_assistant")
+    assert labelled_runs(r, every) == turns
+    assert every.n_target == sum(lab != -100 for lab in every.labels) and every.labels[every.n_prompt] != -100
+    assert all(lab == -100 for lab in every.labels[:every.n_prompt])
+    last = encode(r, rec, 4096)
+    assert labelled_runs(r, last) == turns[2:]
+    # same text either way: the whole conversation, prompt and targets
+    assert r.tokenizer.decode(every.input_ids) == r.tokenizer.decode(last.input_ids) == prompt_text(r, rec) + turns[2]
+    check_mask(every, "x.jsonl:1")
+
+
+def test_all_assistant_truncation_drops_a_turn_cut_at_the_left_edge(r):
+    rec = three_turn_record()
+    full = encode(r, rec, 4096, train_on="all_assistant")
+    first_target = full.n_prompt
+    cut = len(full.input_ids) - (first_target + 2)  # the window starts 2 tokens into the first assistant turn
+    short = encode(r, rec, cut, train_on="all_assistant")
+    assert short.truncated and short.input_ids == full.input_ids[-cut:]
+    assert len(labelled_runs(r, short)) == 2 and short.labels[0] == -100  # the cut turn carries no labels
+    check_mask(short, "x.jsonl:1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,7 +22,7 @@ app = typer.Typer(
     name="slmtune",
     help="Turn an AI agent's own LLM traffic into small, specialized language models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion: bash/zsh/fish complete commands and the choices below
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
@@ -44,6 +45,57 @@ def _edge(fn):
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"slmtune {version('slmtune')}")
+        except PackageNotFoundError:  # run from a source tree without an install
+            from slmtune import __version__
+
+            typer.echo(f"slmtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                          help="Print slmtune's version and exit.")] = False,
+) -> None:
+    pass
+
+
+# Options with a fixed set of values: Typer lists them in --help, completes them, and refuses others with a usage
+# error (exit 2). The stage functions check the same values for Python callers.
+def _choice(name: str, *values: str) -> type[Enum]:
+    return Enum(name, [(v, v) for v in values], type=str)
+
+
+LogFormat = _choice("LogFormat", "auto", "openai", "messages", "anthropic")
+OnSecret = _choice("OnSecret", "redact", "drop")
+Scrubber = _choice("Scrubber", "regex", "presidio")
+Embedder = _choice("Embedder", "tfidf", "minilm")
+SaveDtype = _choice("SaveDtype", "auto", "float32", "bfloat16", "float16")
+Engine = _choice("Engine", "embedded", "vllm")
+GgufType = _choice("GgufType", "f16", "q8_0", "q4_0", "q4_k_m")  # = ship.gguf_export.GGUF_TYPES (tested)
+GPU_HELP = "auto (CUDA device 0's memory, else cpu), cpu, or the card's memory: 8gb, 12gb, 24gb, 7.5gb, …"
+
+
+def _gpu_sizes() -> list[str]:  # shell completion for --gpu: the forms, with common card sizes
+    return ["auto", "cpu", "8gb", "12gb", "16gb", "24gb", "40gb", "48gb", "80gb"]
+
+
+def _gpu(value: str) -> str:
+    """`--gpu` as the plan stage wants it ("24GB" → "24gb", auto → this machine's); a bad value is a usage error."""
+    from slmtune.device import GPU_FORMS, gpu_spec
+
+    try:
+        return gpu_spec(value)
+    except SlmtuneError:
+        raise typer.BadParameter(f"{value!r} is not {GPU_FORMS}.") from None
+
+
 # ----------------------------------------------------------------------------- data stages (issue 3)
 # `ingest` and `curate` are registered below by their owners.
 def _counter_progress(label: str):
@@ -62,7 +114,8 @@ def ingest(
     paths: Annotated[list[str], typer.Argument(
         metavar="PATH", help="Log files, directories or globs (.jsonl, .jsonl.gz, .json, .parquet).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Canonical records JSONL to write.")],
-    format_: Annotated[str, typer.Option("--format", help="auto, openai, messages or anthropic.")] = "auto",
+    format_: Annotated[LogFormat, typer.Option("--format", help="Log format; auto detects it per line.")
+                       ] = "auto",
     rejected: Annotated[
         Optional[Path], typer.Option("--rejected", help="Rejected lines (default: OUT with .rejected.jsonl).")
     ] = None,
@@ -72,7 +125,7 @@ def ingest(
 
     bar, tick = _counter_progress("ingest")
     with bar:
-        s = do_ingest(paths, out, fmt=format_, rejected=rejected, progress=tick)
+        s = do_ingest(paths, out, fmt=format_.value, rejected=rejected, progress=tick)
     formats = ", ".join(f"{k} {v:,}" for k, v in sorted(s.by_format.items())) or "none"
     reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(s.by_reason.items())) or "none"
     console.print(f"ingested {s.lines_in:,} lines: [green]{s.kept:,} records[/] ({formats}), "
@@ -86,14 +139,15 @@ def curate(
     records: Annotated[Path, typer.Argument(help="Records JSONL written by `slmtune ingest`.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Curated records JSONL to write.")],
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the counts as JSON here.")] = None,
-    on_secret: Annotated[str, typer.Option("--on-secret", help="redact or drop records holding secrets.")] = "redact",
-    near_dup: Annotated[float, typer.Option("--near-dup", help="Prompt similarity for near duplicates; 0 = off.")
-                        ] = 0.9,
-    max_chars: Annotated[int, typer.Option("--max-chars", help="Drop records longer than this.")] = 32_000,
-    scrubber: Annotated[str, typer.Option("--scrubber", help="regex (built in) or presidio (if installed).")
+    on_secret: Annotated[OnSecret, typer.Option("--on-secret", help="Redact secrets, or drop records holding them.")
+                         ] = "redact",
+    near_dup: Annotated[float, typer.Option(
+        "--near-dup", min=0.0, max=1.0, help="Prompt similarity for near duplicates; 0 = off.")] = 0.9,
+    max_chars: Annotated[int, typer.Option("--max-chars", min=1, help="Drop records longer than this.")] = 32_000,
+    scrubber: Annotated[Scrubber, typer.Option("--scrubber", help="regex (built in) or presidio (if installed).")
                         ] = "regex",
     workers: Annotated[
-        int, typer.Option("--workers", help="Worker processes; 0 = one per idle core for inputs over 8 MB.")
+        int, typer.Option("--workers", min=0, help="Worker processes; 0 = one per idle core for inputs over 8 MB.")
     ] = 0,
     keep_slm_served: Annotated[bool, typer.Option(
         "--keep-slm-served", help="Keep calls `slmtune serve` answered with a small model (default: drop them).")
@@ -103,7 +157,7 @@ def curate(
     from slmtune.data.curate import CurateConfig
     from slmtune.data.curate import curate as do_curate
 
-    config = CurateConfig(on_secret=on_secret, near_dup=near_dup, max_chars=max_chars, scrubber=scrubber,
+    config = CurateConfig(on_secret=on_secret.value, near_dup=near_dup, max_chars=max_chars, scrubber=scrubber.value,
                           workers=workers, keep_slm_served=keep_slm_served)
     bar, tick = _counter_progress("curate")
     with bar:
@@ -121,17 +175,18 @@ def curate(
 def cluster(
     curated: Annotated[Path, typer.Argument(help="Curated canonical records (JSONL).")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Tasks directory to write.")],
-    min_size: Annotated[int, typer.Option("--min-size", help="Smaller groups go to `unassigned`.")] = 20,
-    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of each task held out.")] = 0.2,
+    min_size: Annotated[int, typer.Option("--min-size", min=1, help="Smaller groups go to `unassigned`.")] = 20,
+    eval_fraction: Annotated[float, typer.Option(
+        "--eval-fraction", min=0.0, max=1.0, help="Share of each task held out (below 1).")] = 0.2,
     embedder: Annotated[
-        str, typer.Option("--embedder", help="Prompt features: tfidf, or minilm if installed locally.")
+        Embedder, typer.Option("--embedder", help="Prompt features: tfidf, or minilm if installed locally.")
     ] = "tfidf",
 ) -> None:
     """Find the agent's recurring tasks and write one train/eval dir per task."""
     from slmtune.tasks.cluster import cluster as do_cluster
 
     with _stage_progress() as tick:
-        result = do_cluster(curated, out, min_size=min_size, eval_fraction=eval_fraction, embedder=embedder,
+        result = do_cluster(curated, out, min_size=min_size, eval_fraction=eval_fraction, embedder=embedder.value,
                             progress=tick)
     _print_tasks(result)
 
@@ -141,7 +196,8 @@ def cluster(
 def plan(
     tasks_dir: Annotated[Path, typer.Argument(help="Tasks directory written by `slmtune cluster`.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Directory for the recipe YAMLs.")],
-    gpu: Annotated[str, typer.Option("--gpu", help="cpu, 8gb, 16gb, 24gb, 48gb or 80gb.")] = "24gb",
+    gpu: Annotated[str, typer.Option("--gpu", parser=_gpu, autocompletion=_gpu_sizes, metavar="auto|cpu|NNgb",
+                                     help=GPU_HELP)] = "24gb",
     base_model: Annotated[
         Optional[str],
         typer.Option("--base-model", help="Use this model for every task (catalog key, hub id or folder)."),
@@ -282,12 +338,13 @@ def train(
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `slmtune train`.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Where to write the merged checkpoint.")],
-    dtype: Annotated[str, typer.Option(help="Saved weights dtype: float32, bfloat16, float16 or auto.")] = "auto",
+    dtype: Annotated[SaveDtype, typer.Option("--dtype", help="Saved weights dtype; auto keeps the base's.")
+                     ] = "auto",
 ) -> None:
     """Merge a run's adapter into full-precision base weights, verify it, and save a normal checkpoint."""
     from slmtune.ship.merge import merge_run
 
-    report = merge_run(run_dir, out, dtype=dtype)
+    report = merge_run(run_dir, out, dtype=dtype.value)
     typer.echo(f"merged: {out}  max |logit diff| = {report.max_abs_logit_diff:.2e}  "
                f"greedy outputs identical: {report.greedy_identical}")
 
@@ -301,11 +358,14 @@ def export(
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Export the LoRA adapter, not merged weights.")
                             ] = False,
     report: Annotated[Optional[Path], typer.Option("--report", help="Eval report dir (`slmtune eval -o`).")] = None,
+    gguf: Annotated[Optional[GgufType], typer.Option(
+        "--gguf", help="Also write a GGUF (llama.cpp's converter) + Ollama Modelfile: f16, q8_0 or q4_0 "
+                       "(q4_k_m needs llama.cpp's llama-quantize; the error says how).")] = None,
 ) -> None:
     """Export a run as a tagged checkpoint: weights, tokenizer, model card, slmtune.json manifest."""
     from slmtune.ship.export import export_run
 
-    path = export_run(run_dir, out, adapter_only=adapter_only, report=report)
+    path = export_run(run_dir, out, adapter_only=adapter_only, report=report, gguf=gguf.value if gguf else None)
     typer.echo(f"exported: {path}")
 
 
@@ -347,8 +407,8 @@ def _print_models(rows: list[dict], exports_dir: Path) -> None:
 def flywheel(
     logs: Annotated[list[str], typer.Argument(metavar="LOGS", help="Log files, dirs or globs (new ones this round).")],
     workdir: Annotated[Path, typer.Option("-w", "--workdir", help="Flywheel folder: rounds, exports, router.json.")],
-    gpu: Annotated[str, typer.Option("--gpu", help="cpu, 8gb, 16gb, 24gb, 48gb or 80gb (default cpu: runs "
-                                     "anywhere).")] = "cpu",
+    gpu: Annotated[str, typer.Option("--gpu", parser=_gpu, autocompletion=_gpu_sizes, metavar="auto|cpu|NNgb",
+                                     help=GPU_HELP + " Default cpu: runs anywhere.")] = "cpu",
     base_model: Annotated[Optional[str], typer.Option("--base-model", help="One base model for every task.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps per task.")] = None,
     gate: Annotated[Optional[Path], typer.Option("--gate", help="Eval thresholds (JSON/YAML) a task must pass to "
@@ -357,7 +417,10 @@ def flywheel(
                          ] = None,
     eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help="Eval records scored per task.")] = 24,
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Export adapters, not merged weights.")] = False,
-    min_size: Annotated[int, typer.Option("--min-size", help="Smallest task cluster keeps.")] = 20,
+    gguf: Annotated[Optional[GgufType], typer.Option(
+        "--gguf", help="Each export also gets a GGUF + Ollama Modelfile: f16, q8_0 or q4_0 (as `export --gguf`).")
+                    ] = None,
+    min_size: Annotated[int, typer.Option("--min-size", min=1, help="Smallest task cluster keeps.")] = 20,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Recipe override for every task (repeatable).")
                     ] = None,
 ) -> None:
@@ -372,7 +435,7 @@ def flywheel(
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's business
     config = FlywheelConfig(gpu=gpu, base_model=base_model, max_steps=max_steps, max_tasks=max_tasks,
                             eval_limit=eval_limit, gate=gate, adapter_only=adapter_only, min_size=min_size,
-                            overrides=tuple(set_ or []))
+                            overrides=tuple(set_ or []), gguf=gguf.value if gguf else None)
     workdir.mkdir(parents=True, exist_ok=True)
     # The trainer prints its loss dicts to stdout; they go to a log so the progress view and summary stay readable.
     with open(workdir / "flywheel.log", "a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
@@ -434,14 +497,14 @@ def serve(
     workdir: Annotated[Optional[Path], typer.Argument(help="Flywheel workdir: serves its router.json.")] = None,
     router: Annotated[Optional[Path], typer.Option("--router", help="A router.json instead of WORKDIR's.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
     upstream: Annotated[Optional[str], typer.Option(
         "--upstream", help="OpenAI-compatible base URL (…/v1) for unrouted requests and fallbacks.")] = None,
     upstream_key_env: Annotated[Optional[str], typer.Option(
         "--upstream-key-env", help="Environment variable holding the upstream's API key.")] = None,
     upstream_timeout: Annotated[float, typer.Option("--upstream-timeout", help="Seconds to wait for the upstream.")
                                 ] = 120.0,
-    engine: Annotated[str, typer.Option("--engine", help="embedded (transformers, in process) or vllm.")
+    engine: Annotated[Engine, typer.Option("--engine", help="embedded (transformers, in process) or vllm.")
                       ] = "embedded",
     engine_url: Annotated[Optional[list[str]], typer.Option(
         "--engine-url", help="vLLM base URL (…/v1), or EXPORT=URL per export (repeatable).")] = None,
@@ -478,13 +541,13 @@ def serve(
     from slmtune.ship.serve import run
 
     if (workdir is None) == (router is None):
-        raise SlmtuneError("give a flywheel WORKDIR or --router router.json (one of them).")
+        raise typer.BadParameter("give a flywheel WORKDIR or --router router.json (one of them).")  # exit 2
     router_path = router if router is not None else workdir / "router.json"
     if print_vllm_command:
         typer.echo(serve_config.vllm_command_text(router_path))
         return
     config = serve_config.ServeConfig(
-        router=router_path, host=host, port=port, engine=engine, engine_urls=tuple(engine_url or ()),
+        router=router_path, host=host, port=port, engine=engine.value, engine_urls=tuple(engine_url or ()),
         upstream=upstream, upstream_key_env=upstream_key_env, upstream_timeout_s=upstream_timeout,
         max_loaded=max_loaded, batch_window_ms=batch_window_ms, max_batch=max_batch, max_new_tokens=max_new_tokens,
         constrained=constrained, sample=sample, slm_timeout_s=slm_timeout,

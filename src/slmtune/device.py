@@ -5,8 +5,12 @@ One place for the checks that training, eval, serving and the benchmarks all mak
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
+
+from slmtune.errors import SlmtuneError
 
 
 def cuda() -> bool:
@@ -39,3 +43,41 @@ def bf16_verdict() -> tuple[bool, str]:
     if found:
         return True, f"CPU has {'/'.join(found)}: bf16 matmuls run in hardware"
     return False, "CPU lacks AVX512-BF16/AMX: bf16 matmuls are emulated, far slower than fp32"
+
+
+# ----------------------------------------------------------------------------- `--gpu`
+GPU_FORMS = "auto, cpu, or a memory size such as 8gb, 12gb, 24gb or 7.5gb"
+_GPU_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*gi?b")
+
+
+def gpu_spec(value: str) -> str:
+    """`--gpu` in canonical form: "cpu" or "<GiB>gb" ("24GB" → "24gb", "7.50gb" → "7.5gb"); "auto" is CUDA
+    device 0's memory when torch sees CUDA, else cpu. Raises SlmtuneError on anything else."""
+    v = value.strip().lower()
+    if v == "auto":
+        return detect_gpu()
+    if v == "cpu":
+        return v
+    m = _GPU_SIZE.fullmatch(v)
+    if not m or float(m[1]) <= 0:
+        raise SlmtuneError(f"--gpu must be {GPU_FORMS}; got {value!r}.")
+    return f"{float(m[1]):.3f}".rstrip("0").rstrip(".") + "gb"
+
+
+def gpu_gib(value: str) -> float:
+    """The memory a `--gpu` value names, in GiB: 0 for cpu, 24.0 for 24gb."""
+    spec = gpu_spec(value)
+    return 0.0 if spec == "cpu" else float(spec[:-2])
+
+
+def detect_gpu() -> str:
+    """`--gpu auto`: device 0's total memory rounded down to 0.1 GiB (a 24 GB RTX 4090 reports 23.65 GiB →
+    "23.6gb"); "cpu" without torch or CUDA. torch is imported here only, so `plan` stays torch-free unless asked."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return f"{math.floor(gib * 10) / 10:.1f}".removesuffix(".0") + "gb"

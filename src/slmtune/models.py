@@ -106,15 +106,18 @@ def load_tokenizer(ref: BaseRef, trust_remote_code: bool = False):
 
 
 def load_model(ref: BaseRef, quantization: str = "none", dtype=None, trust_remote_code: bool = False,
-               fsdp: bool = False):
+               fsdp: bool = False, attn_implementation: str | None = None):
     """Load a causal LM for training or inference; 4bit = NF4 + double quant with bf16/fp32 compute (QLoRA).
 
     Under FSDP the 4-bit weights are stored in the compute dtype so FSDP can shard them, and no device map is
-    set (FSDP places the shards); otherwise a quantized model goes whole onto this process's device."""
+    set (FSDP places the shards); otherwise a quantized model goes whole onto this process's device.
+    `attn_implementation` (recipe `trainer.attn_implementation`): e.g. sdpa, eager; None = transformers' pick."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if quantization != "none":
         kwargs["quantization_config"] = _bnb_config(quantization, kwargs["dtype"], fsdp)
         if not fsdp:
@@ -125,6 +128,11 @@ def load_model(ref: BaseRef, quantization: str = "none", dtype=None, trust_remot
     except OSError as e:
         raise SlmtuneError(f"model.base {ref.name!r} could not be loaded: {str(e).splitlines()[0]}",
                            "Give a local checkpoint folder, or a hub id when the hub is reachable.") from None
+    except (ValueError, ImportError) as e:
+        if not attn_implementation or not any(w in str(e).lower() for w in ("attn", "attention")):
+            raise
+        raise SlmtuneError(f"trainer.attn_implementation {attn_implementation!r}: {str(e).splitlines()[0]}",
+                           "Use sdpa or eager, or install the kernel it names.") from None
 
 
 def _bnb_config(quantization: str, compute_dtype, fsdp: bool = False):

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from slmtune.errors import SlmtuneError
 from slmtune.records import Category
@@ -55,6 +64,10 @@ class DataSection(_Strict):
         "auto", description="Encode each batch's common prompt prefix (system prompt, tool specs) once per batch; "
         "`auto` = when it saves >= 20% of the work, on one process, without gradient checkpointing."
     )
+    train_on: Literal["last", "all_assistant"] = Field(
+        "last", description="Which tokens carry the loss: `last` = the last assistant turn (what the model is asked "
+        "in use); `all_assistant` = every assistant turn of the conversation."
+    )
 
 
 class LoraSection(_Strict):
@@ -64,6 +77,9 @@ class LoraSection(_Strict):
     target_modules: str | list[str] = Field(
         "all-linear", description="`all-linear` or a list of module names (e.g. [q_proj, v_proj])."
     )
+    use_dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its LoRA direction "
+                                              "(peft `use_dora`; slower steps, merges like LoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale = alpha / sqrt(r) (peft `use_rslora`).")
 
 
 class TrainSection(_Strict):
@@ -103,6 +119,74 @@ class DistributedSection(_Strict):
     cpu_offload: bool = Field(False, description="Offload parameters/optimizer state to CPU (FSDP / DeepSpeed).")
 
 
+class LoggingSection(_Strict):
+    report_to: list[str] | None = Field(
+        None, description="Experiment trackers, any transformers integration (tensorboard, wandb, mlflow, ...); "
+        "null = tensorboard (event files in OUTPUT_DIR/tensorboard) when it is installed, else none; [] = none."
+    )
+    project: str | None = Field(None, description="Tracker project: sets WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME "
+                                                  "when those are unset.")
+    run_name: str | None = Field(None, description="Run name the trackers show; null = the recipe's `name`.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str) else v
+        return [] if v == ["none"] else v
+
+
+# TrainingArguments fields slmtune sets from its own recipe keys (one place per knob), and ones its pipeline fixes.
+TRAINER_OWNED = {
+    "output_dir": "output.dir", "num_train_epochs": "train.epochs", "max_steps": "train.max_steps",
+    "learning_rate": "train.lr", "per_device_train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "train.batch_size", "auto_find_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "warmup_steps": "train.warmup_ratio",
+    "lr_scheduler_type": "train.scheduler", "seed": "train.seed", "data_seed": "train.seed",
+    **dict.fromkeys(("gradient_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing",
+                     "activation_checkpointing_kwargs"), "train.gradient_checkpointing"),
+    "logging_steps": "train.logging_steps", "logging_strategy": "train.logging_steps",
+    "eval_steps": "train.eval_steps", "eval_strategy": "train.eval_steps",
+    "save_steps": "train.save_steps", "save_strategy": "train.save_steps",
+    "bf16": "train.precision", "fp16": "train.precision",
+    "report_to": "logging.report_to", "project": "logging.project", "run_name": "logging.run_name",
+    "max_length": "data.max_length", "packing": "data.packing", "padding_free": "data.packing",
+    "fsdp": "distributed.strategy", "fsdp_config": "distributed.strategy", "deepspeed": "distributed.strategy",
+    "resume_from_checkpoint": "the --resume flag",
+}
+TRAINER_FIXED = {
+    "use_cpu": "slmtune trains on CUDA when torch sees it, else on the CPU",
+    "remove_unused_columns": "slmtune's batches carry their own columns (prefix_ids, labels)",
+    "prediction_loss_only": "slmtune evaluates loss only",
+    "train_sampling_strategy": "slmtune picks it with its batching mode",
+    "label_smoothing_factor": "slmtune's target-only loss (train/loss.py) does not smooth labels",
+}
+
+
+class _TrainerBase(BaseModel):
+    """`trainer:` keys go to transformers' TrainingArguments as they are (checked against the installed version
+    by `slmtune.train.options` before the model loads); the keys slmtune sets itself are refused here."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel the model loads with (`sdpa`, `eager`, `flash_attention_2`, ...); "
+        "null = transformers' choice."
+    )
+
+    @field_validator(*TRAINER_OWNED, *TRAINER_FIXED, mode="before", check_fields=False)
+    @classmethod
+    def _refuse(cls, v: Any, info: ValidationInfo) -> Any:
+        key = info.field_name
+        if key in TRAINER_OWNED:
+            raise ValueError(f"slmtune sets it from `{TRAINER_OWNED[key]}`; set that instead")
+        raise ValueError(f"not settable: {TRAINER_FIXED[key]}")
+
+
+TrainerSection = create_model(  # the refused keys are declared (hidden from dumps) so errors carry their line
+    "TrainerSection", __base__=_TrainerBase,
+    **{k: (Any, Field(None, exclude=True, repr=False)) for k in (*TRAINER_OWNED, *TRAINER_FIXED)},
+)
+
+
 class Recipe(_Strict):
     name: str = Field(description="Run name.")
     task: TaskTags | None = Field(None, description="Optional task tags, carried into the run manifest.")
@@ -112,6 +196,11 @@ class Recipe(_Strict):
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection, description="Experiment tracking.")
+    trainer: TrainerSection = Field(  # type: ignore[valid-type]
+        default_factory=TrainerSection, description="More TrainingArguments (optim, weight_decay, max_grad_norm, "
+        "lr_scheduler_kwargs, adam_beta1, ...) and `attn_implementation`; keys slmtune sets are refused."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -155,6 +244,34 @@ def _key_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    """"unknown key; did you mean `max_length`?" — the closest key the section at loc[:-1] accepts (aliases too),
+    else the list of them."""
+    import difflib
+
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if part.isdigit():  # a list index: the list's item model is already in hand
+            continue
+        field = next((f for name, f in model.model_fields.items() if part in (name, f.alias)), None)
+        model = _submodel(field.annotation) if field else None
+        if model is None:
+            return "unknown key"
+    names = model.model_fields.items()
+    keys = list(dict.fromkeys(k for name, f in names for k in (f.alias, name) if k))
+    close = difflib.get_close_matches(loc[-1], keys, n=1)
+    return f"unknown key; did you mean `{close[0]}`?" if close else f"unknown key; valid keys: {', '.join(keys)}"
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field's type (`TaskTags | None`, `list[Section]`), if there is one."""
+    from typing import get_args, get_origin
+
+    if get_origin(annotation) is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_submodel, get_args(annotation))), None)
+
+
 def _format_errors(path: Path, err: ValidationError, lines: dict[tuple, int]) -> str:
     out = []
     for e in err.errors():
@@ -162,7 +279,7 @@ def _format_errors(path: Path, err: ValidationError, lines: dict[tuple, int]) ->
         key = ".".join(loc) or "(top level)"
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         where = f"{path}:{line}" if line else str(path)
-        msg = "unknown key (misspelled?)" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = _unknown_key(loc) if e["type"] == "extra_forbidden" else e["msg"]
         if e["type"] not in ("extra_forbidden", "missing") and "input" in e:
             msg += f", got {e['input']!r}"
         out.append(f"{where}: `{key}`: {msg}")

@@ -7,7 +7,7 @@ What the model sees in training is byte-for-byte what it sees in use:
 * `target_text(r, rec)` — the target assistant turn as the template closes it (e.g. ``...<|im_end|>\\n``);
 * `encode(r, rec, max_length)` — prompt tokens + target tokens, labels = -100 on the prompt. The two parts are
   tokenized separately, exactly as generation sees them (prompt in, target out), so no BPE merge crosses the
-  boundary.
+  boundary. With `train_on="all_assistant"` every assistant turn is a target (`render_turns`).
 
 **Tools when the template ignores them** (SmolLM2's and most small models' do). Then slmtune uses one
 documented format, the Hermes/Qwen convention most open models are already familiar with:
@@ -160,19 +160,43 @@ def target_text(r: Renderer, rec: dict) -> str:
     return render_pair(r, rec)[1]
 
 
+def render_turns(r: Renderer, rec: dict) -> list[tuple[str, bool]]:
+    """The conversation through its target as (text, is an assistant turn) pieces whose concatenation is the
+    full rendering; each assistant turn is cut as `render_pair` cuts the target (after the generation prompt,
+    through the template's close of the turn). Needs a template that renders earlier turns unchanged."""
+    prompt, target = split_prompt_target(rec)
+    msgs, tools = chat_messages(r, [*prompt, target], rec.get("tools"))
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        head = _apply(r, msgs[:i], tools, generation_prompt=True)
+        full = _apply(r, msgs[:i + 1], tools, generation_prompt=False)
+        if not (head.startswith(done) and full.startswith(head)):
+            raise SlmtuneError("data.train_on: all_assistant needs a chat template that renders earlier turns "
+                               "unchanged; this one rewrites them (e.g. drops their reasoning).",
+                               "Set data.train_on: last.")
+        pieces += [(head[len(done):], False), (full[len(head):], True)]
+        done = full
+    return pieces
+
+
 @dataclass(frozen=True)
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    n_prompt: int
-    n_target: int
+    n_prompt: int  # tokens before the first target token (a shared prefix never reaches past them)
+    n_target: int  # tokens that carry the loss
     truncated: bool
 
 
-def encode(r: Renderer, rec: dict, max_length: int) -> Encoded:
+def encode(r: Renderer, rec: dict, max_length: int, train_on: str = "last") -> Encoded:
     """Prompt + target tokens with the loss mask. Over-long examples lose prompt tokens from the left (the
     target is what we learn); a target that alone fills `max_length` leaves no prompt, which `check_mask`
-    rejects."""
+    rejects. `train_on="all_assistant"`: every assistant turn is a target (see `_encode_turns`)."""
+    if train_on == "all_assistant":
+        return _encode_turns(r, rec, max_length)
     tok = r.tokenizer
     head, tail = render_pair(r, rec)
     p = tok(head, add_special_tokens=False)["input_ids"]
@@ -182,6 +206,27 @@ def encode(r: Renderer, rec: dict, max_length: int) -> Encoded:
         t = t[:max_length]
         p = p[len(p) - (max_length - len(t)):] if len(t) < max_length else []
     return Encoded(p + t, [-100] * len(p) + list(t), len(p), len(t), truncated)
+
+
+def _encode_turns(r: Renderer, rec: dict, max_length: int) -> Encoded:
+    """Labels on every assistant turn's tokens. Each piece of `render_turns` is tokenized apart, as `encode`
+    splits prompt and target, so no BPE merge crosses a label boundary. Over-long examples keep their last
+    `max_length` tokens; an assistant turn cut at the left edge loses its labels (its start is gone)."""
+    tok = r.tokenizer
+    pieces = [(tok(text, add_special_tokens=False)["input_ids"], target) for text, target in render_turns(r, rec)]
+    if len(pieces[-1][0]) >= max_length:
+        return encode(r, rec, max_length)  # the target alone fills the window: `check_mask` says so
+    ids = [t for piece, _ in pieces for t in piece]
+    labels = [t if target else -100 for piece, target in pieces for t in piece]
+    truncated = len(ids) > max_length
+    if truncated:
+        ids, labels = ids[-max_length:], labels[-max_length:]
+        i = 0
+        while i < len(labels) and labels[i] != -100:
+            labels[i] = -100
+            i += 1
+    n_prompt = next((i for i, lab in enumerate(labels) if lab != -100), len(labels))
+    return Encoded(ids, labels, n_prompt, sum(lab != -100 for lab in labels), truncated)
 
 
 def check_mask(enc: Encoded, where: str) -> None:

@@ -217,15 +217,17 @@ def test_curate_twice_is_byte_identical_and_bad_options_fail_cleanly(tmp_path):
             "--report", str(tmp_path / run / "rep.json"))
     for name in ("c.jsonl", "c.rejected.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    result = runner.invoke(app, ["curate", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "x.jsonl"),
-                                 "--on-secret", "keep", "--near-dup", "2"])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "--on-secret must be redact or drop, got 'keep'" in result.output and "--near-dup" in result.output
+    for bad in (["--on-secret", "keep"], ["--near-dup", "2"], ["--scrubber", "spacy"]):  # usage errors: exit 2
+        result = runner.invoke(app, ["curate", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "x.jsonl"), *bad])
+        assert result.exit_code == 2 and bad[0] in result.output and "Traceback" not in result.output, result.output
+    from slmtune.data.curate import CurateConfig, curate
+    from slmtune.errors import SlmtuneError
+
+    with pytest.raises(SlmtuneError) as e:  # the stage checks the same for Python callers, every problem at once
+        curate(tmp_path / "r.jsonl", tmp_path / "x.jsonl", config=CurateConfig(on_secret="keep", near_dup=2))
+    assert "--on-secret must be redact or drop, got 'keep'" in str(e.value) and "--near-dup" in str(e.value)
     result = runner.invoke(app, ["curate", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "x.jsonl")])
     assert result.exit_code == 1 and "nope.jsonl: no such file" in result.output
-    result = runner.invoke(app, ["curate", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "x.jsonl"),
-                                 "--scrubber", "spacy"])
-    assert result.exit_code == 1 and "unknown scrubber 'spacy'" in result.output
 
 
 def test_worker_processes_give_the_same_bytes_as_one_process(tmp_path):

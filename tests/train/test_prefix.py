@@ -87,3 +87,23 @@ def test_prefix_loss_and_gradients_equal_plain_batch(encs, tiny_model):
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(g_shared[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_all_assistant_prefix_never_takes_a_target_token():
+    """`data.train_on: all_assistant` with records sharing their first assistant turn: the batch's common prefix
+    stops before the first target token, so every labelled token is computed in a suffix."""
+    r = make_renderer(build_tokenizer())
+    encs = []
+    for rec in weather_records(8, seed=9):
+        system, user, call = rec["messages"]
+        rec["messages"] = [system, {"role": "user", "content": "Hi!"},
+                           {"role": "assistant", "content": "Hello, which city?"}, user, call]
+        encs.append(encode(r, rec, 4096, train_on="all_assistant"))
+    plan = prefix.plan_batches(encs, batch_size=4)
+    first_target = encs[0].n_prompt
+    assert all(e.n_prompt == first_target for e in encs)  # "Hi!" + its answer open every record
+    for b in plan.batches:  # the shared prefix runs up to the first assistant turn, never into it
+        assert len(b["prefix_ids"]) == first_target - 1
+        assert all(lab[0] == -100 for lab in b["suffix_labels"])
+    labelled = sum(lab != -100 for b in plan.batches for labs in b["suffix_labels"] for lab in labs)
+    assert labelled == sum(e.n_target for e in encs) and all(e.n_target > 0 for e in encs)

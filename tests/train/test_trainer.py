@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from slmtune.cli import app
 from slmtune.io import write_jsonl
 from slmtune.recipe import load_recipe
-from slmtune.synthetic.tiny import CHAT_TEMPLATE, weather_records
+from slmtune.synthetic.tiny import CHAT_TEMPLATE, build_tokenizer, weather_records
 
 RECIPE = """\
 name: tiny-weather
@@ -271,3 +271,139 @@ def test_qlora_holds_under_0_6_of_lora_tensor_memory(tmp_path):
     weights_mb = 4 * (4 * (2 * 768 * 768 + 2 * 768 * 384 + 3 * 768 * 2048)) / 2**20  # fp32 linear weights
     assert peaks["none"] > weights_mb, peaks  # the fp32 weights are counted (not hidden in mmap-ed pages)
     assert peaks["4bit"] < 0.6 * peaks["none"], peaks
+
+
+def short_recipe(folder: Path, model: Path, blocks: str = "", lora: str = "", n: int = 4) -> Path:
+    """A 2-step run (batch 2) on `n` records; `blocks` appends YAML sections, `lora` adds `lora:` keys."""
+    recipe = make_recipe(folder, model, n=n)
+    text = recipe.read_text().replace("batch_size: 4,", "batch_size: 2, max_steps: 2,")
+    recipe.write_text(text.replace("dropout: 0.0}", f"dropout: 0.0, {lora}}}" if lora else "dropout: 0.0}") + blocks)
+    return recipe
+
+
+def test_tensorboard_by_default_holds_the_train_loss(tiny_model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_cli("train", short_recipe(tmp_path, tiny_model))
+    run = tmp_path / "run"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (run / "checkpoints" / "runs").exists(), "not transformers' default folder"
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx(losses(run), rel=1e-6)
+
+
+TRAINER_BLOCK = """\
+trainer:
+  optim: adamw_torch
+  weight_decay: 0.1
+  max_grad_norm: 0.5
+  adam_beta2: 0.95
+  lr_scheduler_kwargs: {num_cycles: 0.25}
+  dataloader_num_workers: 0
+  attn_implementation: eager
+logging: {report_to: [], project: slmtune-tests}
+"""
+
+
+def test_trainer_block_reaches_training_arguments_and_trains(tiny_model, tmp_path):
+    from slmtune.train.dataset import prepare
+    from slmtune.train.trainer import _build_trainer
+
+    path = short_recipe(tmp_path, tiny_model, TRAINER_BLOCK)
+    path.write_text(path.read_text().replace("scheduler: constant", "scheduler: cosine"))
+    recipe = load_recipe(path)
+    trainer, _ = _build_trainer(recipe, prepare(recipe), tmp_path / "run" / "checkpoints")
+    a = trainer.args
+    assert (a.optim, a.weight_decay, a.max_grad_norm, a.adam_beta2) == ("adamw_torch", 0.1, 0.5, 0.95)
+    assert a.lr_scheduler_kwargs == {"num_cycles": 0.25} and a.learning_rate == 2.0e-2
+    assert a.report_to == [] and a.run_name == "tiny-weather" and a.project == "slmtune-tests"
+    assert trainer.model.config._attn_implementation == "eager"
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    assert {g["weight_decay"] for g in groups} >= {0.1} and all(g["betas"] == (0.9, 0.95) for g in groups)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 2 and all(h["grad_norm"] >= 0 and h["loss"] > 0 for h in logged)
+
+
+@pytest.mark.parametrize("blocks, expected", [
+    ("trainer: {wieght_decay: 0.1}\n", ["`trainer.wieght_decay`", "Did you mean `trainer.weight_decay`?"]),
+    ("trainer: {weight_decay: lots}\n", ["`trainer.weight_decay`", "'lots'"]),
+    ("trainer: {learning_rate: 0.1}\n", ["recipe.yaml:8", "`trainer.learning_rate`", "`train.lr`"]),
+    ("logging: {report_to: [tensorbord]}\n", ["`logging.report_to`", "'tensorbord'", "'tensorboard'"]),
+], ids=["unknown-key", "wrong-type", "owned-key", "unknown-tracker"])
+def test_bad_trainer_or_logging_block_is_one_line(tiny_model, tmp_path, blocks, expected):
+    result = CliRunner().invoke(app, ["train", str(short_recipe(tmp_path, tiny_model, blocks)), "--dry-run"])
+    err = result.stderr.strip()
+    assert result.exit_code == 1 and len(err.splitlines()) == 1 and "Traceback" not in result.output + err, err
+    for fragment in expected:
+        assert fragment in err, (fragment, err)
+
+
+def test_bad_trainer_value_fails_before_the_model_loads(tiny_model, tmp_path, monkeypatch):
+    import importlib.util
+
+    import slmtune.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = CliRunner().invoke(app, ["train", str(short_recipe(tmp_path, tiny_model, "trainer: {optim: adamw_x}\n"))])
+    assert result.exit_code == 1 and "`trainer:` (optim)" in result.stderr and "adamw_x" in result.stderr
+    if importlib.util.find_spec("wandb") is None:
+        result = CliRunner().invoke(app, ["train", str(short_recipe(tmp_path / "w", tiny_model,
+                                                                    "logging: {report_to: [wandb]}\n"))])
+        assert result.exit_code == 1 and "wandb is not installed" in result.stderr
+
+
+def test_logging_project_fills_unset_tracker_variables(tiny_model, tmp_path, monkeypatch):
+    import transformers.integrations
+
+    from slmtune.train import options
+
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations",
+                        lambda: ["tensorboard", "wandb", "mlflow"])
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "set-by-the-user")
+    recipe = load_recipe(short_recipe(tmp_path, tiny_model, "logging: {report_to: [wandb, mlflow], project: p1, "
+                                                            "run_name: r1}\n"))
+    assert options.tracking_args(recipe) == {"report_to": ["wandb", "mlflow"], "run_name": "r1", "project": "p1"}
+    assert os.environ["WANDB_PROJECT"] == "p1" and os.environ["MLFLOW_EXPERIMENT_NAME"] == "set-by-the-user"
+    off = load_recipe(short_recipe(tmp_path / "off", tiny_model, "logging: {report_to: none}\n"))
+    assert options.tracking_args(off)["report_to"] == [] and options.tracking_args(off)["run_name"] == "tiny-weather"
+
+
+def test_dora_rslora_adapter_reloads_and_merges(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_cli("train", short_recipe(tmp_path, tiny_model, lora="use_dora: true, use_rslora: true"))
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is True
+    assert any("lora_magnitude_vector" in k for k in load_file(adapter / "adapter_model.safetensors"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)
+    assert model.peft_config["default"].use_dora
+    run_cli("merge", tmp_path / "run", "-o", tmp_path / "merged")
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    assert report["max_abs_logit_diff"] < report["logit_tolerance"] and report["greedy_identical"]
+    assert report["reload_greedy_identical"]
+
+
+def test_all_assistant_trains_on_every_turn(tiny_model, tmp_path):
+    """Three-turn records: `data.train_on: all_assistant` puts more tokens under the loss and trains."""
+    recipe = short_recipe(tmp_path, tiny_model, lora="")
+    recs = weather_records(4, seed=0)
+    for rec in recs:
+        system, user, call = rec["messages"]
+        rec["messages"] = [system, {"role": "user", "content": "Hi!"},
+                           {"role": "assistant", "content": "Hello, which city?"}, user, call]
+    write_jsonl(tmp_path / "train.jsonl", recs)
+    counts = {}
+    for mode in ("last", "all_assistant"):
+        run_cli("train", recipe, "--set", f"data.train_on={mode}", "--set", f"output.dir={tmp_path / mode}")
+        m = json.loads((tmp_path / mode / "metrics.json").read_text())
+        assert m["global_step"] == 2 and m["final_train_loss"] > 0
+        counts[mode] = m["target_tokens_per_epoch"]
+    hello = len(build_tokenizer()("Hello, which city?<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    assert counts["all_assistant"] == counts["last"] + 4 * hello

@@ -66,6 +66,8 @@ class FlywheelConfig:
     """Eval thresholds (JSON/YAML, see `slmtune.eval.report`); None = tuned must beat base on the key metric."""
     adapter_only: bool = False
     """Export adapters instead of merged weights."""
+    gguf: str | None = None
+    """Also write each export as a GGUF of this type (f16, q8_0, q4_0) + Ollama Modelfile (`export --gguf`)."""
     min_size: int = 20
     """Smallest task `slmtune cluster` keeps."""
     eval_fraction: float = 0.2
@@ -107,7 +109,10 @@ def run_flywheel(logs: Sequence[str | Path], workdir: str | Path, config: Flywhe
                  progress: Progress | None = None) -> FlywheelResult:
     """One flywheel round over every log given now or in earlier rounds (see the module docstring)."""
     from slmtune.data.ingest import expand_inputs
+    from slmtune.ship.gguf_export import check_gguf_type
 
+    if config.gguf:
+        check_gguf_type(config.gguf, config.adapter_only)  # refused now, not after every task has trained
     workdir = Path(workdir).resolve()
     tick = ticker(progress)
     registry = st.load_registry(workdir)
@@ -302,7 +307,8 @@ def _gate(report: dict, out: TaskOutcome, config: FlywheelConfig) -> tuple[bool,
 
 def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, workdir: Path, round_dir: Path,
             config: FlywheelConfig, tick: Progress) -> str:
-    fp = fingerprint(["export", eval_fp, config.adapter_only])
+    # (gguf joins the fingerprint only when set, so exports made before --gguf existed stay reusable)
+    fp = fingerprint(["export", eval_fp, config.adapter_only, *([config.gguf] if config.gguf else [])])
     for d in (stage_dir, prev_dir):
         marker = st.read_marker(d) if d else None
         if marker and marker["fingerprint"] == fp and Path(marker["export_dir"], "slmtune.json").is_file():
@@ -311,7 +317,7 @@ def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, wor
             return marker["export_dir"]
     tick("export", 0, 0)
     eval_marker = st.read_marker(round_dir / "eval" / stage_dir.name) or {}
-    path = export_run(run["run_dir"], workdir / "exports", adapter_only=config.adapter_only,
+    path = export_run(run["run_dir"], workdir / "exports", adapter_only=config.adapter_only, gguf=config.gguf,
                       report=eval_marker.get("report_dir"),
                       extra={"flywheel": {"workdir": str(workdir), "round": round_dir.name,
                                           "trained_in": run["trained_in"]}})

@@ -12,9 +12,11 @@ the header and `plan.json`. When the model's tokenizer is not on this machine, l
 characters (cluster's chars / 3.5) and the header says so. On `--gpu cpu` the model is SmolLM2-135M in fp32 and
 `max_steps` is set so a run takes about five minutes on two cores.
 
-Writes `RECIPES_DIR/<task>.yaml` per task and `RECIPES_DIR/plan.json`: `{"gpu", "planned": [{task, recipe,
-model, max_length, lengths}], "failed": [{task, reason}]}` — a task that cannot be planned (every record over
-the cap, no model fits) is listed there with its reason, and the other tasks are still planned.
+`--gpu` is cpu, auto (CUDA device 0's memory, else cpu) or any card size such as 12gb or 7.5gb.
+
+Writes `RECIPES_DIR/<task>.yaml` per task and `RECIPES_DIR/plan.json`: `{"gpu", "budget_gib", "planned": [{task,
+recipe, model, max_length, lengths}], "failed": [{task, reason}]}` — a task that cannot be planned (every record
+over the cap, no model fits) is listed there with its reason, and the other tasks are still planned.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from slmtune.device import gpu_gib, gpu_spec
 from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_open, iter_jsonl, read_json, write_json, write_jsonl
 from slmtune.plan.catalog import CATALOG, ModelSpec, lookup
 from slmtune.plan.estimate import Estimate, GiB, Setup, estimate, fmt_gib
 from slmtune.recipe import Recipe, dump_recipe_yaml, load_recipe
 
+# Common cards, for the tests' sweep; `--gpu` takes any size (`slmtune.device.gpu_spec`).
 GPUS = {"cpu": 0, "8gb": 8, "16gb": 16, "24gb": 24, "48gb": 48, "80gb": 80}
 CPU_RAM_BUDGET = 8 * GiB  # the flywheel's 2-core box runs other stages beside training
 # SmolLM2-135M LoRA (r=8, all-linear), fp32 forward+backward+AdamW on a 2-core box: measured ~105 tokens/s at
@@ -98,10 +102,10 @@ class PlanResult:
 
 
 def budget_bytes(gpu: str) -> float:
-    """Usable memory: 90% of the card (allocator fragmentation) minus 0.5 GiB of CUDA context; CPU: 8 GiB."""
-    if gpu not in GPUS:
-        raise SlmtuneError(f"--gpu must be one of {', '.join(GPUS)}, got {gpu!r}.")
-    return CPU_RAM_BUDGET if gpu == "cpu" else GPUS[gpu] * GiB * 0.9 - 0.5 * GiB
+    """Usable memory: 90% of the card (allocator fragmentation) minus 0.5 GiB of CUDA context; CPU: 8 GiB.
+    12gb → 12 × 0.9 − 0.5 = 10.3 GiB."""
+    gib = gpu_gib(gpu)
+    return CPU_RAM_BUDGET if gib == 0 else gib * GiB * 0.9 - 0.5 * GiB
 
 
 def fit_model(spec: ModelSpec, max_length: int, gpu: str, lora_r: int = 16) -> Fit | None:
@@ -173,7 +177,7 @@ def plan(tasks_dir: str | Path, out_dir: str | Path, gpu: str = "24gb", base_mod
     """Write `<out_dir>/<task>.yaml` for every task in `tasks_dir/index.json` (each validated on write) and
     `<out_dir>/plan.json`; a task that cannot be planned is listed as failed and the others go on."""
     tasks_dir, out_dir = Path(tasks_dir), Path(out_dir)
-    budget_bytes(gpu)  # reject a bad --gpu before reading anything
+    gpu = gpu_spec(gpu)  # "24GB" → "24gb", auto → this machine's; a bad --gpu fails before anything is read
     if base_model:
         lookup(base_model)  # an unknown model is the user's mistake, not one task's
     index = read_json(tasks_dir / "index.json", hint="Run `slmtune cluster CURATED.jsonl -o TASKS_DIR` first.")
@@ -187,7 +191,7 @@ def plan(tasks_dir: str | Path, out_dir: str | Path, gpu: str = "24gb", base_mod
     if failed and not planned:
         raise SlmtuneError(f"no task could be planned; {failed[0]['task']}: {failed[0]['reason']}")
     write_json(out_dir / "plan.json", {
-        "gpu": gpu, "failed": failed,
+        "gpu": gpu, "budget_gib": round(budget_bytes(gpu) / GiB, 2), "failed": failed,
         "planned": [{"task": p.task, "recipe": p.path.name, "model": p.model, "max_length": p.max_length,
                      "lengths": asdict(p.lengths)} for p in planned]})
     return PlanResult(planned, failed)

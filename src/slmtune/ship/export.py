@@ -12,6 +12,8 @@ Export folder (`EXPORTS_DIR/<task>-<base>-<schema_hash[:8]>/`)::
                         transformers or vLLM (`--tool-call-parser hermes`) gives the training prompt
     slmtune_render.json how training rendered prompts and tool calls (serving must do the same)
     merge_report.json   the merge verification (merged exports only)
+    <name>.<type>.gguf, Modelfile   with --gguf f16|q8_0|q4_0: the merged weights as a GGUF written by llama.cpp's
+                        converter, and an Ollama Modelfile for it (`slmtune.ship.gguf_export`)
     README.md           model card: YAML front matter (base_model, library_name, license, tags, model-index)
     slmtune.json        the manifest below
 
@@ -20,7 +22,8 @@ category, schema, schema_hash}, `tags`, `base_model` {spec, name, path}, `recipe
 {train, eval: {sha256, records}}, `curate` ({records_in, kept, rejected, rejected_by_reason, pii_placeholders}
 or null when no curate report is found), `eval` ({n, key_metric, metrics: {tuned, base, teacher: {metric:
 value}}, gate, report_sha256} or null without --report), `merge` (merge_report.json, null for adapters),
-`training` {global_step, final_train_loss, wall_time_s}, `source_run`, `versions`, `created`.
+`training` {global_step, final_train_loss, wall_time_s}, `gguf` ({file, type} or null without --gguf),
+`source_run`, `versions`, `created`.
 
 The folder is built in a temp dir beside it and swapped in with `os.replace`: a failed export leaves the
 previous one (or nothing) in place.
@@ -38,6 +41,7 @@ import yaml
 from slmtune.errors import SlmtuneError
 from slmtune.eval.metrics import key_metric
 from slmtune.io import atomic_dir, atomic_open, file_fingerprint, write_json
+from slmtune.ship.gguf_export import card_lines, check_gguf_type, gguf_filename, write_gguf, write_modelfile
 
 MANIFEST = "slmtune.json"
 MANIFEST_VERSION = 1
@@ -51,9 +55,12 @@ def export_name(task: str, base: str, schema_hash: str | None) -> str:
 
 def export_run(run_dir: str | Path, exports_dir: str | Path, adapter_only: bool = False,
                report: str | Path | None = None, curate_report: str | Path | None = None,
-               extra: dict | None = None) -> Path:
-    """Export `run_dir` into `exports_dir/<name>/`; returns that folder. `report`: an eval report dir or json."""
+               extra: dict | None = None, gguf: str | None = None) -> Path:
+    """Export `run_dir` into `exports_dir/<name>/`; returns that folder. `report`: an eval report dir or json;
+    `gguf`: also write a GGUF of that type (f16, q8_0, q4_0) and an Ollama Modelfile."""
     run_dir, exports_dir = Path(run_dir), Path(exports_dir)
+    if gguf:
+        check_gguf_type(gguf, adapter_only)  # before the merge: a refused type costs nothing
     run = _read_run(run_dir)
     task = _task_tags(run["manifest"])
     if not task.get("name"):
@@ -67,11 +74,15 @@ def export_run(run_dir: str | Path, exports_dir: str | Path, adapter_only: bool 
         if adapter_only:
             shutil.copytree(run_dir / "adapter", stage, dirs_exist_ok=True)
             _adapter_tokenizer(stage)
-        manifest = build_manifest(name, run, task, eval_report, curate, merge, extra)
+        gguf_info = {"file": gguf_filename(name, gguf), "type": gguf} if gguf else None
+        manifest = build_manifest(name, run, task, eval_report, curate, merge, extra, gguf_info)
         write_json(stage / MANIFEST, manifest)
         mode = json.loads((stage / "slmtune_render.json").read_text(encoding="utf-8"))["mode"]
         with atomic_open(stage / "README.md") as f:
             f.write(model_card(manifest, mode))
+        if gguf:  # after the card: the converter copies its license and tags into the GGUF's general.* keys
+            write_gguf(stage, gguf, name)
+            write_modelfile(stage, gguf_info["file"], name)
     return exports_dir / name
 
 
@@ -158,7 +169,7 @@ def eval_summary(report: dict) -> dict:
 
 
 def build_manifest(name: str, run: dict, task: dict, report: dict | None, curate: dict | None, merge: dict | None,
-                   extra: dict | None) -> dict:
+                   extra: dict | None, gguf: dict | None = None) -> dict:
     from slmtune.io import now
     from slmtune.train.runfiles import versions
 
@@ -173,7 +184,7 @@ def build_manifest(name: str, run: dict, task: dict, report: dict | None, curate
         "base_model": {k: m["base_model"].get(k) for k in ("spec", "name", "path")},
         "recipe": run["recipe"], "data": data, "curate": curate,
         "eval": eval_summary(report) if report else None, "merge": merge,
-        "training": {k: metrics.get(k) for k in ("global_step", "final_train_loss", "wall_time_s")},
+        "training": {k: metrics.get(k) for k in ("global_step", "final_train_loss", "wall_time_s")}, "gguf": gguf,
         "source_run": str(run["dir"].resolve()), "versions": versions(), "created": now(), **(extra or {}),
     }
 
@@ -205,6 +216,7 @@ def model_card(manifest: dict, render_mode: str = "slmtune-hermes") -> str:
             f"task `{task['name']}` ({task['category']}), output schema hash `{task['schema_hash'] or '-'}`. "
             f"Format: **{manifest['format']}**.", ""]
     body += _transformers_lines(manifest, render_mode) + _vllm_lines(manifest, render_mode)
+    body += card_lines(manifest["gguf"], manifest["name"]) if manifest.get("gguf") else []
     body += _eval_lines(ev) + _data_lines(manifest)
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body) + "\n"
 

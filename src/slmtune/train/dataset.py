@@ -28,11 +28,11 @@ class TokenStats:
     n_truncated: int
 
 
-def encode_records(r: Renderer, path: Path, max_length: int) -> list[Example]:
+def encode_records(r: Renderer, path: Path, max_length: int, train_on: str = "last") -> list[Example]:
     examples = []
     for lineno, rec in read_records(path):
         where = f"{path}:{lineno}"
-        enc = encode(r, rec, max_length)
+        enc = encode(r, rec, max_length, train_on)
         check_mask(enc, f"{where} (id {rec.get('id')!r})")
         examples.append(Example(where, str(rec.get("id", where)), rec, enc))
     return examples
@@ -73,6 +73,7 @@ def prepare(recipe: Recipe) -> Prepared:
     """Resolve the base model, load its tokenizer, render and mask every example (fails on a bad one)."""
     ref = resolve_base(recipe.model.base, recipe.model.gguf_file)
     renderer = make_renderer(load_tokenizer(ref, recipe.model.trust_remote_code))
-    train = encode_records(renderer, recipe.data.train, recipe.data.max_length)
-    evals = encode_records(renderer, recipe.data.eval, recipe.data.max_length) if recipe.data.eval else []
+    d = recipe.data
+    train = encode_records(renderer, d.train, d.max_length, d.train_on)
+    evals = encode_records(renderer, d.eval, d.max_length, d.train_on) if d.eval else []
     return Prepared(ref, renderer, train, evals)

@@ -8,6 +8,7 @@ Run directory (`output.dir`)::
     manifest.json       base model, quantization, render mode, data fingerprints, task tags, library versions
     metrics.json        train/eval loss history, tokens, wall time, tokens/s, peak memory
     loss.png            the loss curve
+    tensorboard/        TensorBoard event files (`logging.report_to`, default when tensorboard is installed)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from slmtune.errors import SlmtuneError
 from slmtune.models import keep_4bit_off_cpu_repacking, load_model, pick_dtype
 from slmtune.recipe import Recipe
 from slmtune.render import Renderer
+from slmtune.train import options
 from slmtune.train.dataset import Example, Prepared, prepare, to_dataset, token_stats
 from slmtune.train.runfiles import PeakSampler, last_checkpoint, peak_memory_mb, write_run_files
 
@@ -40,6 +43,7 @@ class TrainResult:
 
 def dry_run(recipe: Recipe, out: Console) -> Prepared:
     """Validate recipe and data, show two rendered examples with their loss masks and the token counts."""
+    options.check(recipe)
     prep = prepare(recipe)
     for ex in prep.train[:2]:
         out.rule(f"{ex.where}  id={ex.id}")
@@ -58,9 +62,8 @@ def dry_run(recipe: Recipe, out: Console) -> Prepared:
 
 def _masked_text(r: Renderer, ex: Example) -> Text:
     text = Text()
-    tok = r.tokenizer
-    text.append(tok.decode(ex.enc.input_ids[:ex.enc.n_prompt]), style="dim")
-    text.append(tok.decode(ex.enc.input_ids[ex.enc.n_prompt:]), style="bold green")
+    for target, run in groupby(zip(ex.enc.input_ids, ex.enc.labels, strict=True), key=lambda p: p[1] != -100):
+        text.append(r.tokenizer.decode([i for i, _ in run]), style="bold green" if target else "dim")
     return text
 
 
@@ -74,6 +77,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     if not resume and ckpt is not None:
         raise SlmtuneError(f"{run_dir} already holds checkpoints of a run.",
                            "Pass --resume to continue it, or choose another `output.dir`.")
+    options.check(recipe)
     prep = prepare(recipe)
     with PeakSampler() as memory:
         trainer, data = _build_trainer(recipe, prep, ckpt_root)
@@ -179,18 +183,21 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any
     from peft import LoraConfig
 
     precision = precision_choice(recipe)["used"]
+    data = _data_mode(recipe, prep)
+    args = _sft_config(recipe, ckpt_root, precision, data, has_eval=bool(prep.eval))  # refuses bad values early
     model = load_model(prep.ref, recipe.model.quantization, pick_dtype(recipe.model.dtype),
-                       recipe.model.trust_remote_code, fsdp=recipe.distributed.strategy == "fsdp")
+                       recipe.model.trust_remote_code, fsdp=recipe.distributed.strategy == "fsdp",
+                       attn_implementation=recipe.trainer.attn_implementation)
     if recipe.model.quantization == "4bit":
         keep_4bit_off_cpu_repacking(model)
-    lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                      target_modules=recipe.lora.target_modules, task_type="CAUSAL_LM")
-    data = _data_mode(recipe, prep)
-    args = _sft_config(recipe, ckpt_root, precision, data, has_eval=bool(prep.eval))
+    lo = recipe.lora
+    lora = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+                      use_dora=lo.use_dora, use_rslora=lo.use_rslora, task_type="CAUSAL_LM")
     trainer = trainer_class()(
         model=model, args=args, processing_class=prep.renderer.tokenizer, peft_config=lora,
         train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
     )
+    options.point_tensorboard(trainer, recipe.output.dir / "tensorboard")
     return trainer, data
 
 
@@ -221,7 +228,10 @@ def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: DataMode,
 
     t, pre = recipe.train, data.mode == "prefix"
     pack = data.mode == "packing"
-    return SFTConfig(
+    extra = options.trainer_options(recipe)  # `trainer:` keys; slmtune's defaults below give way to them
+    defaults = {"logging_first_step": True, "use_liger_kernel": _liger(), "disable_tqdm": False,
+                "dataloader_num_workers": 0}
+    kwargs = dict(
         output_dir=str(ckpt_root),
         num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.lr,
         per_device_train_batch_size=1 if pre else t.batch_size, per_device_eval_batch_size=1 if pre else t.batch_size,
@@ -229,16 +239,22 @@ def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: DataMode,
         lr_scheduler_type=t.scheduler, seed=t.seed, data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        logging_steps=t.logging_steps, logging_first_step=True,
+        logging_steps=t.logging_steps,
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda(),
         max_length=recipe.data.max_length, packing=pack, packing_strategy="bfd", padding_free=pack,
         train_sampling_strategy="group_by_length" if data.mode == "padding" else "random",
         dataset_kwargs={"skip_prepare_dataset": True} if pre else None,
-        remove_unused_columns=False, prediction_loss_only=True, use_liger_kernel=_liger(),
-        report_to="none", disable_tqdm=False, dataloader_num_workers=0,
+        remove_unused_columns=False, prediction_loss_only=True, **options.tracking_args(recipe),
     )
+    try:
+        return SFTConfig(**kwargs, **(defaults | extra))
+    except ValueError as e:
+        if not extra:
+            raise
+        raise SlmtuneError(f"`trainer:` ({', '.join(extra)}): TrainingArguments refused a value: "
+                           f"{str(e).splitlines()[0]}") from None
 
 
 def trainer_class():

@@ -39,13 +39,46 @@ from slmtune.device import cuda
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 
-def write_records(path: Path, n: int, seed: int) -> Path:
-    """`n` weather tool-calling records (seeded: the first n of a larger set are the same records)."""
-    from slmtune.io import write_jsonl
-    from slmtune.synthetic.tiny import weather_records
+def write_records(path: Path, n: int, seed: int, scenario: str = "shared-prefix", max_length: int = 1024,
+                  model: str = "smollm2-135m") -> Path:
+    """`n` training records of the scenario (seeded; seed 0 = training, 1 = held-out, never overlapping).
 
-    write_jsonl(path, weather_records(n, seed=seed))
+    shared-prefix — synthetic weather tool calls: one system prompt and tool list, ~80 % of every record shared;
+    heterogeneous — BFCL v4 development-category calls (see bench_quality.py), each with its own tools and prompt,
+    as traffic from many agents is; only records that render within `max_length` tokens (none is truncated)."""
+    from slmtune.io import write_jsonl
+
+    if scenario == "shared-prefix":
+        from slmtune.synthetic.tiny import weather_records
+
+        write_jsonl(path, weather_records(n, seed=seed))
+        return path
+    write_jsonl(path, heterogeneous_records(n, seed, max_length, model))
     return path
+
+
+def heterogeneous_records(n: int, seed: int, max_length: int, model: str) -> list[dict]:
+    import random
+
+    from bench_quality import bfcl, load_entries, teacher_log
+
+    from slmtune.models import load_tokenizer, resolve_base
+    from slmtune.render import encode, make_renderer
+
+    b = bfcl()
+    entries = sorted(load_entries(b), key=lambda e: e["id"])
+    random.Random(0).shuffle(entries)
+    r = make_renderer(load_tokenizer(resolve_base(model)))
+    fits = []
+    for e in entries:
+        log = teacher_log(b, e)
+        rec = {"id": e["id"], "messages": [*log["request"]["messages"], log["response"]["choices"][0]["message"]],
+               "tools": log["request"]["tools"]}
+        if len(encode(r, rec, 1 << 30).input_ids) <= max_length:
+            fits.append(rec)
+        if len(fits) >= 16 + n + 64:
+            break
+    return fits[:16] if seed == 1 else fits[16:16 + n]
 
 
 def records_loss(model, tokenizer, path: Path) -> float:
@@ -131,22 +164,33 @@ def arm_slmtune(a) -> dict:
 def _result(a, wall: float, tokens: int, losses: list[float], model, tok) -> dict:
     """Speed, memory and three losses: the logged mean of the last 3 steps (different batches per arm, so noisy)
     and, with the same function for every arm, the trained model's loss on all training and all held-out records."""
+    from slmtune.io import read_jsonl
+    from slmtune.render import make_renderer
+    from slmtune.train.dataset import encode_records
+    from slmtune.train.flops import linear_weights, training_flops
     from slmtune.train.runfiles import peak_memory_mb
 
     peak = peak_memory_mb()  # the training peak: taken before the loss passes below
+    n_records = sum(1 for _ in read_jsonl(a.train))
+    targets = sum(ex.enc.n_target for ex in encode_records(make_renderer(tok), Path(a.train), 1 << 30))
+    n_linear, n_head = linear_weights(model)
+    flops = training_flops(n_linear, n_head, tokens, targets)  # useful work: same formula for every arm
     return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
+            "records_per_s": round(n_records / wall, 4), "model_flops_per_s": round(flops / wall),
             "last_steps_loss": round(sum(losses[-3:]) / len(losses[-3:]), 4),
-            "final_loss": round(records_loss(model, tok, Path(a.train)), 4),
+            "final_loss": (round(records_loss(model, tok, Path(a.train)), 4) if a.scenario == "shared-prefix"
+                           else None),  # heterogeneous: held-out loss only (a full pass costs a third of training)
             "heldout_loss": round(records_loss(model, tok, Path(a.eval)), 4),
             "peak_memory_mb": peak, "losses": [round(x, 4) for x in losses]}
 
 
 def run_arm(name: str, a, folder: Path, n: int) -> dict:
     out = folder / name
-    train = write_records(folder / f"train-{n}.jsonl", n, seed=0)
+    train = write_records(folder / f"train-{n}.jsonl", n, seed=0, scenario=a.scenario, max_length=a.max_length,
+                          model=a.model)
     cmd = [sys.executable, __file__, "--arm", name, "--model", a.model, "--train", str(train), "--eval",
            str(a.eval), "--out", str(out), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
-           "--max-length", str(a.max_length)]
+           "--max-length", str(a.max_length), "--scenario", a.scenario]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} arm failed:\n{proc.stderr[-3000:]}")
@@ -156,8 +200,11 @@ def run_arm(name: str, a, folder: Path, n: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--scenario", choices=("heterogeneous", "shared-prefix"), default="heterogeneous",
+                   help="heterogeneous: BFCL dev calls, each with its own tools (needs `setup_env.sh bench`); "
+                        "shared-prefix: synthetic weather calls sharing one system prompt and tool list")
     p.add_argument("--n", type=int, default=64, help="training records")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--n-defaults", type=int, default=None,
@@ -185,28 +232,44 @@ def main() -> None:
     n_defaults = a.n_defaults or (a.n if fast_bf16 else min(a.n, 8))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        a.eval = write_records(folder / "eval.jsonl", 16, seed=1)
+        a.eval = write_records(folder / "eval.jsonl", 16, seed=1, scenario=a.scenario, max_length=a.max_length,
+                               model=a.model)
         results = {}
         for name in arms:  # one at a time: parallel arms would share the cores and distort each other
             results[name] = run_arm(name, a, folder, n_defaults if name == "baseline" else a.n)
             print(f"{name}: {results[name]}", file=sys.stderr)
+    import torch
+
+    from slmtune.train.flops import peak_flops
+
+    peaks = {"fp32": peak_flops(torch.float32, "cuda" if cuda() else "cpu")}
+    if fast_bf16:
+        peaks["bf16"] = peak_flops(torch.bfloat16, "cuda" if cuda() else "cpu")
+    for name, r in results.items():  # the precision each arm computed in: TRL's defaults autocast to bf16
+        r["precision"] = "bf16" if name == "baseline" or (name == "slmtune" and fast_bf16) else "fp32"
+        peak = peaks.get(r["precision"]) or peak_flops(torch.bfloat16)
+        r["mfu"] = round(r["model_flops_per_s"] / peak, 4)
     ours = results["slmtune"]
-    print(f"model {a.model}, {a.n} records ({ours['tokens']} tokens), batch {a.batch_size}, lr {a.lr}, "
-          f"bf16 fast here: {fast_bf16}")
-    print(f"{'':15}{'records':>8}{'tokens/s':>10}{'wall s':>9}{'peak MB':>9}{'last-3-steps':>14}{'train-set':>11}"
-          f"{'held-out':>10}")
+    cpu = "CUDA" if cuda() else ("AVX512-BF16/AMX CPU" if bf16_fast() else "AVX2-only CPU (no native bf16)")
+    print(f"model {a.model}, scenario {a.scenario}, {a.n} records ({ours['tokens']} tokens), batch {a.batch_size} "
+          f"× {a.max_length}, lr {a.lr}, {cpu}; measured matmul peak: "
+          + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+    print(f"{'':15}{'records':>8}{'prec':>6}{'rec/s':>8}{'tokens/s':>10}{'MFU':>7}{'wall s':>9}{'peak MB':>9}"
+          f"{'last-3-steps':>14}{'train-set':>11}{'held-out':>10}")
     for name, r in results.items():
-        print(f"{name:15}{r['records']:>8}{r['tokens_per_s']:>10}{r['wall_s']:>9}{r['peak_memory_mb']:>9}"
-              f"{r['last_steps_loss']:>14}{r['final_loss']:>11}{r['heldout_loss']:>10}")
-    summary = {"model": a.model, "n": a.n, "batch_size": a.batch_size, "lr": a.lr, "arms": results,
+        print(f"{name:15}{r['records']:>8}{r['precision']:>6}{r['records_per_s']:>8.3f}{r['tokens_per_s']:>10}"
+              f"{r['mfu']:>7.3f}{r['wall_s']:>9}{r['peak_memory_mb']:>9}{r['last_steps_loss']:>14}"
+              f"{str(r['final_loss']):>11}{r['heldout_loss']:>10}")
+    summary = {"model": a.model, "scenario": a.scenario, "n": a.n, "batch_size": a.batch_size,
+               "max_length": a.max_length, "lr": a.lr, "cpu": cpu, "matmul_peak_flops": peaks, "arms": results,
                "slmtune_batching": ours.get("batching")}
     for name, r in results.items():
         if name != "slmtune":
-            ratios = {"speedup": ours["tokens_per_s"] / r["tokens_per_s"],
+            ratios = {"speedup": ours["records_per_s"] / r["records_per_s"],
+                      "tokens_per_s_ratio": ours["tokens_per_s"] / r["tokens_per_s"],
                       "peak_memory_ratio": ours["peak_memory_mb"] / r["peak_memory_mb"]}
             if r["records"] == ours["records"]:  # losses compare only after training on the same examples
-                ratios |= {"final_loss_ratio": ours["final_loss"] / r["final_loss"],
-                           "heldout_loss_ratio": ours["heldout_loss"] / r["heldout_loss"],
+                ratios |= {"heldout_loss_ratio": ours["heldout_loss"] / r["heldout_loss"],
                            "last_steps_loss_ratio": ours["last_steps_loss"] / r["last_steps_loss"]}
             print(f"slmtune vs {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
             summary[f"vs_{name}"] = {k: round(v, 4) for k, v in ratios.items()}
@@ -215,7 +278,7 @@ def main() -> None:
     from slmtune.io import write_json
 
     write_json(out / "bench_train.json", summary)
-    plot(results, out / "bench_train.png", f"{a.model}: {a.n} records, batch {a.batch_size}")
+    plot(results, out / "bench_train.png", f"{a.model}, {a.scenario}: {a.n} records, batch {a.batch_size}")
     print(f"wrote {out / 'bench_train.json'} and {out / 'bench_train.png'}")
     print(json.dumps(summary))
 

@@ -81,3 +81,8 @@ def detect_gpu() -> str:
         return "cpu"
     gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     return f"{math.floor(gib * 10) / 10:.1f}".removesuffix(".0") + "gb"
+
+
+# Longest example one training step holds by default — `slmtune plan` sizes `max_length` within it, and so does
+# `data.max_length: auto`; a record over it is left out of training, never truncated.
+MAX_LENGTH_CAP = {"cpu": 2048, "gpu": 4096}

@@ -8,7 +8,7 @@ travels with its data; `output.dir` resolves against the working directory, like
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -58,7 +58,10 @@ class ModelSection(_Strict):
 class DataSection(_Strict):
     train: Path = Field(description="Canonical records (JSONL) to train on; relative to the recipe's folder.")
     eval: Path | None = Field(None, description="Optional held-out records for eval loss; relative to the recipe.")
-    max_length: int = Field(1024, gt=0, description="Tokens per example; longer examples are truncated from the left.")
+    max_length: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Tokens per example. `auto` = the longest training record, rounded up to a multiple "
+        "of 64, within 2,048 on the CPU and 4,096 on a GPU; records over that cap are left out (listed in "
+        "metrics.json), never truncated. A number: longer examples lose prompt tokens from the left.")
     packing: bool = Field(True, description="Pack examples padding-free with per-example attention boundaries.")
     prefix_sharing: Literal["auto", "on", "off"] = Field(
         "auto", description="Encode each batch's common prompt prefix (system prompt, tool specs) once per batch; "
@@ -70,10 +73,32 @@ class DataSection(_Strict):
     )
 
 
+# `augment:` defaults in one place: all off until the tool-choice benchmark (issue 15) says which pay.
+AUGMENT_DEFAULTS: dict[str, Any] = {"shuffle_tools": False, "distractors": 0, "irrelevance": 0.0, "mask_names": 0.0}
+
+
+class AugmentSection(_Strict):
+    """Tool-set augmentation of the training records (never eval), so the model picks a tool by its description,
+    not its position, and answers in text when no tool fits (`slmtune.train.augment`)."""
+
+    shuffle_tools: bool = Field(AUGMENT_DEFAULTS["shuffle_tools"], description="Shuffle the offered `tools` of "
+                                "each tool-calling record.")
+    distractors: int = Field(AUGMENT_DEFAULTS["distractors"], ge=0, description="Add up to N tools of other "
+                             "records of the training file (names not offered) at random positions; 0 = off.")
+    irrelevance: float = Field(AUGMENT_DEFAULTS["irrelevance"], ge=0, le=1, description="Extra records, as a share "
+                               "of the tool-calling ones: the called tools removed, the target a text answer that no "
+                               "offered function fits; 0 = off.")
+    mask_names: float = Field(AUGMENT_DEFAULTS["mask_names"], ge=0, le=1, description="Share of tool-calling "
+                              "records whose function and parameter names become opaque ids (func_3k9x, arg_7q2) "
+                              "in tools and calls alike; 0 = off.")
+    seed: int | None = Field(None, description="Seed of the augmentation; null = train.seed.")
+
+
 class LoraSection(_Strict):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (0: none — no random masks, no "
+                           "input copies; see README for the measured cost).")
     target_modules: str | list[str] = Field(
         "all-linear", description="`all-linear` or a list of module names (e.g. [q_proj, v_proj])."
     )
@@ -192,6 +217,8 @@ class Recipe(_Strict):
     task: TaskTags | None = Field(None, description="Optional task tags, carried into the run manifest.")
     model: ModelSection
     data: DataSection
+    augment: AugmentSection = Field(default_factory=AugmentSection, description="Tool-set augmentation of the "
+                                    "training records; all off by default.")
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection

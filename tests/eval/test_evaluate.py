@@ -105,6 +105,26 @@ def test_predictions_reproduce_hand_computed_metrics(crafted, tmp_path):
     assert lines[1]["outputs"]["predictions"]["verdicts"]["arguments_f1"] == [0.5]
 
 
+def test_predictions_report_lists_failure_kinds(crafted, tmp_path):
+    data, pred = crafted
+    res = invoke("eval", "--predictions", pred, "--data", data, "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    f = report["models"]["predictions"]["failures"]
+    assert f["n"] == 4 and f["failed"] == 3  # r0 is right
+    assert {k: v["count"] for k, v in f["kinds"].items()} == {"no_call": 2, "wrong_value": 1}
+    assert [e["id"] for e in f["kinds"]["no_call"]["examples"]] == ["r2", "r3"]  # r3: no prediction at all
+    assert f["kinds"]["wrong_value"]["examples"] == [{
+        "id": "r1", "expected": 'get_weather({"city": "Paris", "unit": "celsius"})',
+        "got": 'get_weather({"unit": "celsius", "city": "Rome"})',
+        "detail": 'get_weather.city: "Rome", the teacher gave "Paris"'}]
+    assert "failures" not in report["models"]["teacher"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Failures of `predictions`: 3 of 4 records" in md
+    assert '| no_call | 2 | 50% | `r2`: answered in text; the teacher made 1 call — got `"It is sunny in Rome."`' in md
+    assert "| wrong_value | 1 | 25% | `r1`: get_weather.city:" in md
+
+
 def test_gate_misses_exit_3_and_passes_exit_0(crafted, tmp_path):
     data, pred = crafted
     (tmp_path / "strict.yaml").write_text("parse_rate: 0.9\narguments_f1: {min: 0.3}\n")
@@ -132,6 +152,7 @@ def test_inferred_task_without_task_json(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["task"]["category"] == "classification" and report["task"]["schema_source"] == "inferred"
+    assert "failures" not in report["models"]["predictions"]  # failure kinds are for tool-calling tasks
     assert report["models"]["predictions"]["metrics"]["label_accuracy"] == {"value": pytest.approx(1 / 3, abs=1e-6),
                                                                             "count": 9}
 

@@ -62,3 +62,39 @@ def test_num_items_in_batch_sets_the_denominator(tiny_model):
     own = target_loss(model, batch)
     n = int((batch["labels"][:, 1:] != -100).sum())
     torch.testing.assert_close(target_loss(model, batch, num_items_in_batch=2 * n), own / 2)
+
+
+def test_head_runs_in_chunks_and_never_holds_all_target_logits(tiny_model, monkeypatch):
+    """The LoRA model takes the chunked head path; chunks of 3 rows give the full-logits loss and gradients, and
+    autograd keeps no tensor as wide as the vocabulary (only the head weight itself)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from slmtune.train import loss as loss_mod
+
+    model = _model(tiny_model)
+    assert loss_mod.fusable_head(model) is not None
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 3 * vocab)
+    encs = [encode(make_renderer(build_tokenizer()), rec, 4096) for rec in weather_records(3, seed=5)]
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encs]
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        ours = target_loss(model, packed)
+    n_targets = sum(sum(x != -100 for x in r["labels"][1:]) for r in rows)
+    assert n_targets > 3  # several chunks
+    assert not [s for s in saved if vocab in s and s != tuple(model.get_output_embeddings().weight.shape)]
+    per_example = sum(model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]]),
+                            use_cache=False).loss * sum(x != -100 for x in r["labels"][1:]) for r in rows)
+    _check(model, ours, per_example / n_targets)
+
+
+def test_trained_or_capped_heads_take_the_plain_path(tiny_model):
+    from slmtune.train.loss import fusable_head
+
+    model = _model(tiny_model)
+    model.get_output_embeddings().weight.requires_grad_(True)
+    assert fusable_head(model) is None
+    model.get_output_embeddings().weight.requires_grad_(False)
+    model.get_base_model().config.final_logit_softcapping = 30.0
+    assert fusable_head(model) is None

@@ -407,3 +407,27 @@ def test_all_assistant_trains_on_every_turn(tiny_model, tmp_path):
         counts[mode] = m["target_tokens_per_epoch"]
     hello = len(build_tokenizer()("Hello, which city?<|im_end|>\n", add_special_tokens=False)["input_ids"])
     assert counts["all_assistant"] == counts["last"] + 4 * hello
+
+
+def test_max_length_auto_fits_the_longest_record_and_leaves_out_what_is_over_the_cap(tmp_path):
+    """`data.max_length: auto` (the default): no example is truncated; the window is the longest kept record rounded
+    up to 64; a record longer than the CPU cap (2,048) is left out and listed."""
+    from slmtune.io import write_jsonl
+    from slmtune.recipe import load_recipe
+    from slmtune.synthetic.tiny import build_tokenizer, weather_records
+    from slmtune.train.dataset import prepare
+
+    tok = tmp_path / "tok"
+    build_tokenizer().save_pretrained(tok)
+    (tok / "config.json").write_text('{"model_type": "llama"}')
+    recs = weather_records(6, seed=2)
+    long = {**recs[0], "id": "long", "messages": [{"role": "user", "content": "weather " * 3000},
+                                                 *recs[0]["messages"][1:]]}
+    write_jsonl(tmp_path / "train.jsonl", [*recs, long])
+    (tmp_path / "r.yaml").write_text(f"name: t\nmodel: {{base: {tok}}}\ndata: {{train: train.jsonl}}\n"
+                                     f"output: {{dir: {tmp_path / 'run'}}}\n")
+    prep = prepare(load_recipe(tmp_path / "r.yaml"))
+    lengths = [len(e.enc.input_ids) for e in prep.train]
+    assert len(prep.train) == 6 and not any(e.enc.truncated for e in prep.train)
+    assert prep.max_length % 64 == 0 and max(lengths) <= prep.max_length < max(lengths) + 64
+    assert prep.left_out == (f"{tmp_path / 'train.jsonl'}:7",)

@@ -14,7 +14,7 @@ Output directory::
                         (rows: tuned, base, predictions, teacher, and "<row>+constrained"; verdicts are
                         {metric: [unit scores]}, see `slmtune.eval.metrics`)
     report.json         the contract below
-    report.md           the metrics table, one column per row
+    report.md           the metrics table, one column per row; tool_calling: the primary row's failure kinds
     report.png          bar chart of the category's main metrics
 
 `report.json` keys (version 1)::
@@ -34,7 +34,11 @@ Output directory::
               generation → parse_rate, token_f1, rouge_l, exact_match. `perf` (generated rows, else null):
               {"batch_size", "max_new_tokens", "render_mode", "wall_s", "s_per_record", "generated_tokens",
               "tokens_per_s", "unfinished"} (unfinished = outputs cut by max_new_tokens). `missing`: records
-              without a prediction (predictions row only; scored as empty output).
+              without a prediction (predictions row only; scored as empty output). `failures` (tool_calling
+              tasks, every row but the teacher's): {"n", "failed", "kinds": {kind: {"count", "examples":
+              [{"id", "expected", "got", "detail"}] (at most 2)}}}, one primary kind per failed record,
+              precedence no_call > unwanted_call > unparsed > wrong_function > wrong_count >
+              missing_argument > extra_argument > wrong_type > wrong_value (`slmtune.eval.failures`).
     constrained   present with --constrained: {row: same shape as in models} for the primary model,
               plus "backend": "llguidance"; for text tasks only {"backend", "skipped": reason}
     gate      null without --gate, else {"passed": bool, "thresholds": {...}, "failures": [{"metric", "value",
@@ -50,7 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from slmtune.errors import SlmtuneError
-from slmtune.eval.metrics import aggregate, score
+from slmtune.eval.failures import failure_report
+from slmtune.eval.metrics import TOOL_CALLING, aggregate, score
 from slmtune.io import file_fingerprint, iter_jsonl
 from slmtune.records import CATEGORIES, split_prompt_target
 from slmtune.records import read_records as read_canonical
@@ -88,6 +93,7 @@ class Row:
     perf: dict | None = None
     missing: int = 0
     metrics: dict = field(default_factory=dict)
+    failures: dict | None = None  # tool_calling tasks: `slmtune.eval.failures.failure_report`
 
 
 @dataclass(frozen=True)
@@ -272,6 +278,8 @@ def score_row(row: Row, records: list[dict], task: Task) -> Row:
         out["verdicts"] = score(task.category, task.schema, out["message"], split_prompt_target(rec)[1],
                                 rec.get("tools"))
     row.metrics = aggregate([o["verdicts"] for o in row.outputs], task.category)
+    if task.category == TOOL_CALLING and row.kind != "teacher":
+        row.failures = failure_report(records, row.outputs, task.schema)
     return row
 
 
@@ -326,6 +334,8 @@ def _row_json(row: Row) -> dict:
     out = {"source": row.source, "kind": row.kind, "metrics": row.metrics, "perf": row.perf}
     if row.kind == "predictions":
         out["missing"] = row.missing
+    if row.failures is not None:
+        out["failures"] = row.failures
     return out
 
 

@@ -98,7 +98,31 @@ def markdown(report: dict) -> str:
     if gate is not None:
         lines += ["", f"**Gate: {'passed' if gate['passed'] else 'FAILED'}**"]
         lines += [f"- {f['metric']} = {fmt(f['value'])}, needs {f['op']} {f['threshold']}" for f in gate["failures"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + failure_lines(report)) + "\n"
+
+
+def failure_lines(report: dict) -> list[str]:
+    """The primary row's failure kinds (tool_calling tasks): kind, count, share of records, one example."""
+    f = (report["models"].get(report["primary"]) or {}).get("failures")
+    if f is None:
+        return []
+    lines = ["", f"## Failures of `{report['primary']}`: {f['failed']} of {f['n']} records", ""]
+    if not f["kinds"]:
+        return [*lines, "None: every record makes the teacher's calls."]
+    lines += ["| kind | count | share | example |", "|---|---:|---:|---|"]
+    for kind, k in f["kinds"].items():
+        ex = k["examples"][0]
+        example = f"{_code(ex['id'])}: {_cell(ex['detail'])} — got {_code(ex['got'])}; expected {_code(ex['expected'])}"
+        lines.append(f"| {kind} | {k['count']} | {k['count'] / max(f['n'], 1):.0%} | {example} |")
+    return lines
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    return "`" + _cell(text).replace("`", "'") + "`"
 
 
 def plot(report: dict, path: Path) -> None:

@@ -26,7 +26,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from slmtune.device import gpu_gib, gpu_spec
+from slmtune.device import MAX_LENGTH_CAP, gpu_gib, gpu_spec
 from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_open, iter_jsonl, read_json, write_json, write_jsonl
 from slmtune.plan.catalog import CATALOG, ModelSpec, lookup
@@ -41,7 +41,6 @@ CPU_RAM_BUDGET = 8 * GiB  # the flywheel's 2-core box runs other stages beside t
 # 5 minutes ≈ 150 × 300 = 45k tokens.
 CPU_TOKENS_PER_SEC = 150
 CPU_SECONDS = 300
-MAX_LENGTH_CAP = {"cpu": 2048, "gpu": 4096}
 EFFECTIVE_BATCH = 16
 # (micro-batch, gradient checkpointing), cheapest first: checkpointing costs ~30% more compute.
 BATCH_LADDER = [(16, False), (8, False), (4, False), (16, True), (8, True), (4, True), (2, False), (2, True),

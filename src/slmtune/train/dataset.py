@@ -5,10 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmtune.device import MAX_LENGTH_CAP, cuda
+from slmtune.errors import SlmtuneError
 from slmtune.models import BaseRef, load_tokenizer, resolve_base
 from slmtune.recipe import Recipe
 from slmtune.records import read_records
 from slmtune.render import Encoded, Renderer, check_mask, encode, make_renderer
+from slmtune.train.augment import AugmentStats, augment
+
+NO_LIMIT = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -28,10 +33,18 @@ class TokenStats:
     n_truncated: int
 
 
+def read_items(path: Path) -> list[tuple[str, dict]]:
+    """("file:line", record) for every record of a JSONL file."""
+    return [(f"{path}:{lineno}", rec) for lineno, rec in read_records(path)]
+
+
 def encode_records(r: Renderer, path: Path, max_length: int, train_on: str = "last") -> list[Example]:
+    return encode_items(r, read_items(path), max_length, train_on)
+
+
+def encode_items(r: Renderer, items: list[tuple[str, dict]], max_length: int, train_on: str = "last") -> list[Example]:
     examples = []
-    for lineno, rec in read_records(path):
-        where = f"{path}:{lineno}"
+    for where, rec in items:
         enc = encode(r, rec, max_length, train_on)
         check_mask(enc, f"{where} (id {rec.get('id')!r})")
         examples.append(Example(where, str(rec.get("id", where)), rec, enc))
@@ -67,13 +80,31 @@ class Prepared:
     renderer: Renderer
     train: list[Example]
     eval: list[Example]
+    augment: AugmentStats = AugmentStats()  # what `augment:` did to the training records
+    max_length: int = 0  # the window trained with (`data.max_length`, `auto` resolved)
+    left_out: tuple[str, ...] = ()  # "file:line" of training records over the `auto` cap (not trained on)
 
 
 def prepare(recipe: Recipe) -> Prepared:
-    """Resolve the base model, load its tokenizer, render and mask every example (fails on a bad one)."""
+    """Resolve the base model, load its tokenizer, augment the training records (`augment:`; never eval's), render
+    and mask every example (fails on a bad one). The augmented set is made once: every epoch sees the same one."""
     ref = resolve_base(recipe.model.base, recipe.model.gguf_file)
     renderer = make_renderer(load_tokenizer(ref, recipe.model.trust_remote_code))
-    d = recipe.data
-    train = encode_records(renderer, d.train, d.max_length, d.train_on)
-    evals = encode_records(renderer, d.eval, d.max_length, d.train_on) if d.eval else []
-    return Prepared(ref, renderer, train, evals)
+    d, a = recipe.data, recipe.augment
+    items, stats = augment(read_items(d.train), a, recipe.train.seed if a.seed is None else a.seed)
+    if d.max_length != "auto":
+        train = encode_items(renderer, items, d.max_length, d.train_on)
+        evals = encode_records(renderer, d.eval, d.max_length, d.train_on) if d.eval else []
+        return Prepared(ref, renderer, train, evals, stats, d.max_length)
+    # `auto`: measured on the records as trained (after augmentation, which lengthens prompts); none truncated.
+    cap = MAX_LENGTH_CAP["gpu" if cuda() else "cpu"]
+    every = encode_items(renderer, items, NO_LIMIT, d.train_on)
+    train = [e for e in every if len(e.enc.input_ids) <= cap]
+    if not train:
+        raise SlmtuneError(f"{d.train}: every training record is longer than {cap} tokens (data.max_length: auto).",
+                           "Set data.max_length to a number to train on truncated prompts, or shorten them.")
+    max_length = max(128, min(cap, -(-max(len(e.enc.input_ids) for e in train) // 64) * 64))
+    evals = [e for e in (encode_records(renderer, d.eval, NO_LIMIT, d.train_on) if d.eval else [])
+             if len(e.enc.input_ids) <= max_length]
+    left_out = tuple(e.where for e in every if len(e.enc.input_ids) > cap)
+    return Prepared(ref, renderer, train, evals, stats, max_length, left_out)

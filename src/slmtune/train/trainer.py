@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -78,9 +78,14 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         raise SlmtuneError(f"{run_dir} already holds checkpoints of a run.",
                            "Pass --resume to continue it, or choose another `output.dir`.")
     options.check(recipe)
-    prep = prepare(recipe)
-    with PeakSampler() as memory:
+    t0 = time.perf_counter()
+    with PeakSampler() as load_memory:
+        prep = prepare(recipe)
+        # what the run used: `data.max_length: auto` resolved (the run dir's recipe.yaml shows the number)
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": prep.max_length})})
         trainer, data = _build_trainer(recipe, prep, ckpt_root)
+    load_s = time.perf_counter() - t0
+    with PeakSampler() as memory:
         counter = _step_counter()
         trainer.add_callback(counter)
         peak = _device_peak(trainer)
@@ -94,16 +99,33 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         write_rank_record(run_dir, trainer)
     if not trainer.is_world_process_zero():
         return TrainResult(run_dir, adapter_dir, {})
-    trainer.model.save_pretrained(adapter_dir)
-    prep.renderer.tokenizer.save_pretrained(adapter_dir)
+    t0 = time.perf_counter()
+    with PeakSampler() as save_memory:
+        if data.packed_attention:
+            from slmtune.train.attention import restore
+
+            restore(trainer.model.get_base_model(), data.packed_attention)
+        trainer.model.save_pretrained(adapter_dir)
+        prep.renderer.tokenizer.save_pretrained(adapter_dir)
+    save_s = time.perf_counter() - t0
     metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
-    metrics["batching"] = {"mode": data.mode, "token_saving": round(data.saving, 4)}
+    metrics["batching"] = {"mode": data.mode, "token_saving": round(data.saving, 4),
+                           "attention": "packed (per sequence)" if data.packed_attention else "transformers"}
+    metrics["max_length"] = prep.max_length
+    metrics["left_out"] = list(prep.left_out)
+    metrics["augment"] = prep.augment.as_dict()
     weights = str(trainer.model.dtype).removeprefix("torch.")
     metrics["precision"] = precision_choice(recipe) | {"weights_dtype": weights}
-    metrics["peak_anon_memory_mb"] = memory.peak
+    metrics["peak_anon_memory_mb"] = max(load_memory.peak, memory.peak)
     if tensors is not None:
         metrics["peak_tensor_memory_mb"] = tensors.peak_mb
     metrics.update(_utilisation(trainer, metrics, peak))
+    metrics["phases"] = {
+        "load": {"wall_s": round(load_s, 2), "peak_rss_mb": load_memory.peak},
+        "train": {"wall_s": round(wall, 2), "peak_rss_mb": memory.peak, "tokens_per_s": metrics["tokens_per_s"],
+                  "mfu": metrics["mfu"]},
+        "save": {"wall_s": round(save_s, 2), "peak_rss_mb": save_memory.peak},
+    }
     write_run_files(recipe, prep, metrics)
     return TrainResult(run_dir, adapter_dir, metrics)
 
@@ -177,6 +199,7 @@ class DataMode:
     train: Any  # datasets.Dataset
     eval: Any  # datasets.Dataset | None
     collator: Any  # None: TRL's own
+    packed_attention: str | None = None  # the attention implementation packed attention replaced, when in use
 
 
 def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any, DataMode]:
@@ -184,12 +207,17 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any
 
     precision = precision_choice(recipe)["used"]
     data = _data_mode(recipe, prep)
-    args = _sft_config(recipe, ckpt_root, precision, data, has_eval=bool(prep.eval))  # refuses bad values early
+    args = _sft_config(recipe, prep, ckpt_root, precision, data)  # refuses bad values early
     model = load_model(prep.ref, recipe.model.quantization, pick_dtype(recipe.model.dtype),
                        recipe.model.trust_remote_code, fsdp=recipe.distributed.strategy == "fsdp",
                        attn_implementation=recipe.trainer.attn_implementation)
     if recipe.model.quantization == "4bit":
         keep_4bit_off_cpu_repacking(model)
+    if data.mode == "packing" and not recipe.trainer.attn_implementation:
+        from slmtune.train.attention import use_packed_attention
+
+        # each packed sequence attends to itself, no dense mask (train/attention.py); undone before saving
+        data = replace(data, packed_attention=use_packed_attention(model))
     lo = recipe.lora
     lora = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
                       use_dora=lo.use_dora, use_rslora=lo.use_rslora, task_type="CAUSAL_LM")
@@ -223,7 +251,7 @@ def _data_mode(recipe: Recipe, prep: Prepared) -> DataMode:
     return DataMode(mode, 0.0, to_dataset(prep.train), to_dataset(prep.eval) if prep.eval else None, None)
 
 
-def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: DataMode, has_eval: bool):
+def _sft_config(recipe: Recipe, prep: Prepared, ckpt_root: Path, precision: str, data: DataMode):
     from trl import SFTConfig
 
     t, pre = recipe.train, data.mode == "prefix"
@@ -234,16 +262,20 @@ def _sft_config(recipe: Recipe, ckpt_root: Path, precision: str, data: DataMode,
     kwargs = dict(
         output_dir=str(ckpt_root),
         num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.lr,
-        per_device_train_batch_size=1 if pre else t.batch_size, per_device_eval_batch_size=1 if pre else t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, warmup_steps=min(t.warmup_ratio, 0.999),
+        # Shared-prefix batches are one dataset row; packed ones run bin by bin (one forward holds one bin's
+        # activations, not batch_size bins'), accumulated into the same optimizer step and loss normalisation.
+        per_device_train_batch_size=1 if pre or pack else t.batch_size,
+        per_device_eval_batch_size=1 if pre or pack else t.batch_size,
+        gradient_accumulation_steps=t.grad_accum * (t.batch_size if pack else 1),
+        warmup_steps=min(t.warmup_ratio, 0.999),
         lr_scheduler_type=t.scheduler, seed=t.seed, data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
-        eval_strategy="steps" if (t.eval_steps and has_eval) else "no", eval_steps=t.eval_steps,
+        eval_strategy="steps" if (t.eval_steps and prep.eval) else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda(),
-        max_length=recipe.data.max_length, packing=pack, packing_strategy="bfd", padding_free=pack,
+        max_length=prep.max_length, packing=pack, packing_strategy="bfd", padding_free=pack,
         train_sampling_strategy="group_by_length" if data.mode == "padding" else "random",
         dataset_kwargs={"skip_prepare_dataset": True} if pre else None,
         remove_unused_columns=False, prediction_loss_only=True, **options.tracking_args(recipe),

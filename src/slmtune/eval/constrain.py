@@ -5,7 +5,8 @@ What the grammar allows, per category (the formats `slmtune.render` trains and `
 
 * tool_calling — 1..K blocks ``<tool_call>\\n{"name": <tool>, "arguments": {...}}\\n</tool_call>`` joined by
   newlines, where each block's JSON is `anyOf` one tool (name `const`, arguments = its parameter schema) and K
-  is the most calls any teacher target made;
+  is the most calls any teacher target made; or, when some teacher targets answer in text (no offered tool
+  fits), a text answer that does not open with ``<`` (`allow_text`);
 * extraction — one JSON value of the task schema;
 * classification — exactly one of the enum labels;
 * text tasks — unconstrained.
@@ -105,8 +106,15 @@ def _json(schema: dict) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE})
 
 
-def grammar_for(category: str, schema: Any, record_tools: list | None, caps: tuple[int, int, int]) -> str | None:
-    """The Lark grammar (llguidance dialect) of an answer of this task, or None when unconstrained."""
+# A text answer instead of calls (a tool-calling task whose teacher sometimes answers in text: nothing offered fits):
+# any text that does not open like a tool call.
+TEXT_ANSWER = "text: /[^<\\s][^\\x00]*/\n"
+
+
+def grammar_for(category: str, schema: Any, record_tools: list | None, caps: tuple[int, int, int],
+                allow_text: bool = False) -> str | None:
+    """The Lark grammar (llguidance dialect) of an answer of this task, or None when unconstrained. `allow_text`:
+    a tool-calling answer may instead be text (see `TEXT_ANSWER`)."""
     max_chars, max_items, max_calls = caps
     if category == TOOL_CALLING:
         specs = tool_specs(schema, record_tools)
@@ -117,6 +125,8 @@ def grammar_for(category: str, schema: Any, record_tools: list | None, caps: tup
             "required": ["name", "arguments"], "additionalProperties": False} for name, params in specs.items()]}
         block = '"<tool_call>\\n" ' + _json(one) + ' "\\n</tool_call>"'
         more = f' ("\\n" call){{0,{max_calls - 1}}}' if max_calls > 1 else ""
+        if allow_text:
+            return f"start: text | call{more}\ncall: {block}\n{TEXT_ANSWER}"
         return f"start: call{more}\ncall: {block}\n"
     if category == EXTRACTION and isinstance(schema, dict):
         return "start: " + _json(tighten(schema, max_chars, max_items)) + "\n"

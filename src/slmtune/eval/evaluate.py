@@ -243,8 +243,11 @@ def _grammar_factory(model, tok, records: list[dict], task: Task, stops: list[in
     from slmtune.eval import constrain
 
     constrain.require()
-    caps = constrain.caps_from([split_prompt_target(rec)[1] for rec in records])
-    grammars = [constrain.grammar_for(task.category, task.schema, rec.get("tools"), caps) for rec in records]
+    targets = [split_prompt_target(rec)[1] for rec in records]
+    caps = constrain.caps_from(targets)
+    text_too = any(not t.get("tool_calls") for t in targets)  # the teacher sometimes answers in text: allow it
+    grammars = [constrain.grammar_for(task.category, task.schema, rec.get("tools"), caps, allow_text=text_too)
+                for rec in records]
     if not any(grammars):
         return None
     ll = constrain.ll_tokenizer(tok, model.get_output_embeddings().weight.shape[0], stops)

@@ -288,6 +288,11 @@ def run(a) -> dict:
             rows["slmtune"] = got["tuned"]
         if "constrained" in a.arms:
             rows["constrained"] = got["tuned+constrained"]
+        report = json.loads((work / "eval-slmtune" / "report.json").read_text())
+        results["failures"] = {row: {k: v["count"] for k, v in (m.get("failures") or {}).get("kinds", {}).items()}
+                               for row, m in report["models"].items() if m.get("failures")}
+        results["slmtune_metrics"] = json.loads((work / "run" / "metrics.json").read_text())
+        results["slmtune_metrics"].pop("train_loss", None)
 
     # Teacher answers as scored by the checker: how faithful the logs are to BFCL's ground truth.
     teacher = {e["id"]: teacher_log(b, e)["response"]["choices"][0]["message"] for e in test_e}
@@ -327,6 +332,8 @@ def print_table(results: dict) -> None:
         print(f"{k:24}{n:>5} {row}")
     times = results["train_time_s"]
     print(f"{'train time (s)':30}" + "".join(f"{times.get(a, '-'):>22}" for a in arms))
+    for row, kinds in (results.get("failures") or {}).items():
+        print(f"failure kinds ({row}, slmtune eval): " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -351,8 +358,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--train", type=int, default=300, help="training logs (stratified by category)")
-    p.add_argument("--test", type=int, default=200, help="held-out logs (stratified by category)")
+    p.add_argument("--train", type=int, default=100, help="training logs (stratified by category)")
+    p.add_argument("--test", type=int, default=100, help="held-out logs (stratified by category)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--set", action="append", default=[], help="recipe override for the slmtune arm (key=value)")

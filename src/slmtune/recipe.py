@@ -62,7 +62,8 @@ class DataSection(_Strict):
         "auto", description="Tokens per example. `auto` = the longest training record, rounded up to a multiple "
         "of 64, within 2,048 on the CPU and 4,096 on a GPU; records over that cap are left out (listed in "
         "metrics.json), never truncated. A number: longer examples lose prompt tokens from the left.")
-    packing: bool = Field(True, description="Pack examples padding-free with per-example attention boundaries.")
+    packing: bool = Field(False, description="Pack records into `max_length` bins (more tokens per optimizer step). "
+                          "false = one record per forward, `train.batch_size` of them per step; neither pads.")
     prefix_sharing: Literal["auto", "on", "off"] = Field(
         "auto", description="Encode each batch's common prompt prefix (system prompt, tool specs) once per batch; "
         "`auto` = when it saves >= 20% of the work, on one process, without gradient checkpointing."

@@ -230,7 +230,7 @@ def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str, 
     if gpu == "cpu":
         train |= {"epochs": 1, "max_steps": cpu_steps(s.batch_size, s.max_length), "grad_accum": 1,
                   "precision": "fp32"}
-    data = {"train": _rel(train_file, out_dir), "max_length": s.max_length, "packing": True}
+    data = {"train": _rel(train_file, out_dir), "max_length": s.max_length}
     if task.get("n_eval"):
         data["eval"] = _rel(task_dir / "eval.jsonl", out_dir)
     raw = {

@@ -56,6 +56,12 @@ def dry_run(recipe: Recipe, out: Console) -> Prepared:
             s = token_stats(exs)
             table.add_row(split, *map(str, (s.n_examples, s.tokens, s.target_tokens, s.max_tokens, s.n_truncated)))
     out.print(table)
+    auto = " (auto: the longest record)" if recipe.data.max_length == "auto" else ""
+    out.print(f"max_length {prep.max_length}{auto}; records left out (over the cap): {len(prep.left_out)}"
+              + (f" — {', '.join(prep.left_out[:5])}{' …' if len(prep.left_out) > 5 else ''}" if prep.left_out else ""))
+    a = prep.augment
+    if a.shuffled or a.distractors_added or a.irrelevance or a.masked:
+        out.print(f"augment: {prep.augment.as_dict()}")
     out.print("[dim]Legend: [green]green[/green] tokens carry the loss; the rest is prompt. Dry run: not training.")
     return prep
 
@@ -194,7 +200,7 @@ def precision_choice(recipe: Recipe) -> dict:
 class DataMode:
     """How batches are formed (see `_data_mode`) and the datasets and collator that form them."""
 
-    mode: str  # prefix | packing | padding
+    mode: str  # prefix | records | packing
     saving: float  # share of token-passes shared-prefix batches skip (0 otherwise)
     train: Any  # datasets.Dataset
     eval: Any  # datasets.Dataset | None
@@ -213,7 +219,7 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any
                        attn_implementation=recipe.trainer.attn_implementation)
     if recipe.model.quantization == "4bit":
         keep_4bit_off_cpu_repacking(model)
-    if data.mode == "packing" and not recipe.trainer.attn_implementation:
+    if data.mode in ("packing", "records") and not recipe.trainer.attn_implementation:
         from slmtune.train.attention import use_packed_attention
 
         # each packed sequence attends to itself, no dense mask (train/attention.py); undone before saving
@@ -230,7 +236,8 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any
 
 
 def _data_mode(recipe: Recipe, prep: Prepared) -> DataMode:
-    """Shared-prefix batches when they pay (see slmtune.train.prefix), else TRL's padding-free packing or padding."""
+    """Shared-prefix batches when they pay (see slmtune.train.prefix), else one record per forward (`records`) or
+    TRL's padding-free packing into `max_length` bins (`data.packing: true`)."""
     from datasets import Dataset
 
     from slmtune.train import prefix
@@ -247,7 +254,7 @@ def _data_mode(recipe: Recipe, prep: Prepared) -> DataMode:
             return DataMode("prefix", 1 - plan.computed / plan.tokens, Dataset.from_list(plan.batches),
                             Dataset.from_list(evals.batches) if evals else None,
                             prefix.collate(prep.renderer.tokenizer.pad_token_id))
-    mode = "packing" if recipe.data.packing else "padding"
+    mode = "packing" if recipe.data.packing else "records"
     return DataMode(mode, 0.0, to_dataset(prep.train), to_dataset(prep.eval) if prep.eval else None, None)
 
 
@@ -256,17 +263,18 @@ def _sft_config(recipe: Recipe, prep: Prepared, ckpt_root: Path, precision: str,
 
     t, pre = recipe.train, data.mode == "prefix"
     pack = data.mode == "packing"
+    one = data.mode == "records"  # one record per forward, no padding; batch_size records per optimizer step
     extra = options.trainer_options(recipe)  # `trainer:` keys; slmtune's defaults below give way to them
     defaults = {"logging_first_step": True, "use_liger_kernel": _liger(), "disable_tqdm": False,
                 "dataloader_num_workers": 0}
     kwargs = dict(
         output_dir=str(ckpt_root),
         num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.lr,
-        # Shared-prefix batches are one dataset row; packed ones run bin by bin (one forward holds one bin's
-        # activations, not batch_size bins'), accumulated into the same optimizer step and loss normalisation.
-        per_device_train_batch_size=1 if pre or pack else t.batch_size,
-        per_device_eval_batch_size=1 if pre or pack else t.batch_size,
-        gradient_accumulation_steps=t.grad_accum * (t.batch_size if pack else 1),
+        # Shared-prefix batches are one dataset row. Records (and packed bins) run one per forward — a forward
+        # holds one record's activations, not a batch's, and nothing is padded — and batch_size of them are
+        # accumulated into one optimizer step, normalised over all their target tokens (`num_items_in_batch`).
+        per_device_train_batch_size=1, per_device_eval_batch_size=1,
+        gradient_accumulation_steps=t.grad_accum * (1 if pre else t.batch_size),
         warmup_steps=min(t.warmup_ratio, 0.999),
         lr_scheduler_type=t.scheduler, seed=t.seed, data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
@@ -275,8 +283,7 @@ def _sft_config(recipe: Recipe, prep: Prepared, ckpt_root: Path, precision: str,
         eval_strategy="steps" if (t.eval_steps and prep.eval) else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda(),
-        max_length=prep.max_length, packing=pack, packing_strategy="bfd", padding_free=pack,
-        train_sampling_strategy="group_by_length" if data.mode == "padding" else "random",
+        max_length=prep.max_length, packing=pack, packing_strategy="bfd", padding_free=pack or one,
         dataset_kwargs={"skip_prepare_dataset": True} if pre else None,
         remove_unused_columns=False, prediction_loss_only=True, **options.tracking_args(recipe),
     )

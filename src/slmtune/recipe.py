@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -55,6 +56,11 @@ class ModelSection(_Strict):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (off unless you trust it).")
 
 
+def _yaml_switch(v: Any) -> Any:
+    """YAML 1.1 reads a bare `on` / `off` as true / false: take them back."""
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
 class DataSection(_Strict):
     train: Path = Field(description="Canonical records (JSONL) to train on; relative to the recipe's folder.")
     eval: Path | None = Field(None, description="Optional held-out records for eval loss; relative to the recipe.")
@@ -64,7 +70,7 @@ class DataSection(_Strict):
         "metrics.json), never truncated. A number: longer examples lose prompt tokens from the left.")
     packing: bool = Field(False, description="Pack records into `max_length` bins (more tokens per optimizer step). "
                           "false = one record per forward, `train.batch_size` of them per step; neither pads.")
-    prefix_sharing: Literal["auto", "on", "off"] = Field(
+    prefix_sharing: Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)] = Field(
         "auto", description="Encode each batch's common prompt prefix (system prompt, tool specs) once per batch; "
         "`auto` = when it saves >= 20% of the work, on one process, without gradient checkpointing."
     )

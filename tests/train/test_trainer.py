@@ -431,3 +431,21 @@ def test_max_length_auto_fits_the_longest_record_and_leaves_out_what_is_over_the
     assert len(prep.train) == 6 and not any(e.enc.truncated for e in prep.train)
     assert prep.max_length % 64 == 0 and max(lengths) <= prep.max_length < max(lengths) + 64
     assert prep.left_out == (f"{tmp_path / 'train.jsonl'}:7",)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_records_and_packed_modes_train_with_packed_attention(tiny_model, tmp_path, packing):
+    """Without shared prefixes: the default (`records`, one record per forward, batch_size per optimizer step) and
+    `data.packing: true` (BFD bins) both train through packed attention; records mode takes n / batch_size steps
+    per epoch, as TRL's padded batches would."""
+    recipe = make_recipe(tmp_path, tiny_model)
+    text = recipe.read_text().replace("max_length: 512, packing: true", f"packing: {str(packing).lower()}, "
+                                      "prefix_sharing: off")
+    recipe.write_text(text)
+    run_cli("train", recipe, "--set", "train.epochs=1")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["batching"]["mode"] == ("packing" if packing else "records")
+    assert m["batching"]["attention"] == "packed (per sequence)"
+    if not packing:
+        assert m["global_step"] == 16 // 4 and m["max_length"] % 64 == 0
+    assert_lora_trained(tmp_path / "run" / "adapter")

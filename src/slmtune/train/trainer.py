@@ -283,7 +283,8 @@ def _sft_config(recipe: Recipe, prep: Prepared, ckpt_root: Path, precision: str,
         eval_strategy="steps" if (t.eval_steps and prep.eval) else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=not cuda(),
-        max_length=prep.max_length, packing=pack, packing_strategy="bfd", padding_free=pack or one,
+        # records mode: examples are already within max_length (TRL refuses a limit it would not enforce)
+        max_length=None if one else prep.max_length, packing=pack, packing_strategy="bfd", padding_free=pack or one,
         dataset_kwargs={"skip_prepare_dataset": True} if pre else None,
         remove_unused_columns=False, prediction_loss_only=True, **options.tracking_args(recipe),
     )

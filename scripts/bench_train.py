@@ -248,7 +248,9 @@ def main() -> None:
     for name, r in results.items():  # the precision each arm computed in: TRL's defaults autocast to bf16
         r["precision"] = "bf16" if name == "baseline" or (name == "slmtune" and fast_bf16) else "fp32"
         peak = peaks.get(r["precision"]) or peak_flops(torch.bfloat16)
-        r["mfu"] = round(r["model_flops_per_s"] / peak, 4)
+        # shared-prefix batches compute each prefix once: count the token-passes actually run
+        done = 1 - (r.get("batching") or {}).get("token_saving", 0.0)
+        r["mfu"] = round(r["model_flops_per_s"] * done / peak, 4)
     ours = results["slmtune"]
     cpu = "CUDA" if cuda() else ("AVX512-BF16/AMX CPU" if bf16_fast() else "AVX2-only CPU (no native bf16)")
     print(f"model {a.model}, scenario {a.scenario}, {a.n} records ({ours['tokens']} tokens), batch {a.batch_size} "

@@ -425,7 +425,7 @@ def test_print_vllm_command_and_help(work):
     out = cli("serve", work["work"], "--print-vllm-command").output
     assert out.count("vllm serve") == 2 and "--enable-auto-tool-choice --tool-call-parser hermes" in out
     assert "--engine vllm --engine-url" in out
-    cli("serve", code=1)  # neither WORKDIR nor --router
+    cli("serve", code=2)  # neither WORKDIR nor --router: a usage error
     assert "--batch-window-ms" in cli("serve", "--help").output
 
 

@@ -21,8 +21,9 @@ Arms, each run the way a user would (the `slmtune` CLI with its defaults, unless
 * base         — `slmtune eval` of the untuned base model;
 * trl          — a plain TRL script written from TRL's docs: `SFTTrainer` on the same training records (messages
                  rendered as slmtune renders them, so the model sees the same tools; prompt/completion format so the
-                 loss is on the answer), LoRA r=16 on all linear layers, lr 2e-4, 1 epoch, fp32; merged and
-                 evaluated by `slmtune eval` like the others;
+                 loss is on the answer), LoRA r=16 on all linear layers, lr 2e-4, 1 epoch, fp32, TRL's own
+                 `max_length` (1,024: its padded batches of 2,048-token records ran out of 24 GB here); merged
+                 and evaluated by `slmtune eval` like the others;
 * slmtune      — `slmtune ingest` → `slmtune curate` → `slmtune train` on a recipe naming only the model, the data
                  and the output directory → `slmtune eval` (free decoding);
 * constrained  — the same model decoded with `slmtune eval --constrained` (llguidance grammar from each record's
@@ -213,7 +214,7 @@ def arm_trl(a) -> None:
         rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
     model = load_model(ref)
     args = SFTConfig(output_dir=str(a.trl_out / "trainer"), per_device_train_batch_size=4, num_train_epochs=1,
-                     learning_rate=2e-4, max_length=2048, logging_steps=5, report_to="none", save_strategy="no",
+                     learning_rate=2e-4, logging_steps=5, report_to="none", save_strategy="no",
                      seed=0, bf16=False, gradient_checkpointing=False)
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,

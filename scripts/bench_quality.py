@@ -195,23 +195,16 @@ def predictions(report_dir: Path) -> dict[str, dict[str, dict]]:
 
 def arm_trl(a) -> None:
     """The plain TRL script (run in its own process): train, merge, save a checkpoint `slmtune eval` can load."""
+    from bench_train import trl_rows  # the same rows bench_train's TRL arms train on
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from slmtune.io import read_jsonl
     from slmtune.models import clear_gguf_marker, load_model, load_tokenizer, resolve_base
-    from slmtune.records import split_prompt_target
-    from slmtune.render import chat_messages, make_renderer
 
     ref = resolve_base(a.model)
     tok = load_tokenizer(ref)
-    r = make_renderer(tok)
-    rows = []
-    for rec in read_jsonl(a.trl_train):
-        prompt, target = split_prompt_target(rec)
-        msgs, _ = chat_messages(r, [*prompt, target], rec.get("tools"))
-        rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    rows = trl_rows(tok, a.trl_train)
     model = load_model(ref)
     args = SFTConfig(output_dir=str(a.trl_out / "trainer"), per_device_train_batch_size=4, num_train_epochs=1,
                      learning_rate=2e-4, logging_steps=5, report_to="none", save_strategy="no",

@@ -100,24 +100,32 @@ def records_loss(model, tokenizer, path: Path) -> float:
     return total / n
 
 
+def trl_rows(tok, path) -> list[dict]:
+    """TRL prompt/completion rows of the records in `path`, their messages rendered as slmtune renders them (tools
+    in the system turn, calls as <tool_call> text), so a plain TRL script trains on the same tokens."""
+    from slmtune.io import read_jsonl
+    from slmtune.records import split_prompt_target
+    from slmtune.render import chat_messages, make_renderer
+
+    r = make_renderer(tok)
+    rows = []
+    for rec in read_jsonl(path):
+        prompt, target = split_prompt_target(rec)
+        msgs, _ = chat_messages(r, [*prompt, target], rec.get("tools"))
+        rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    return rows
+
+
 def arm_baseline(a, tuned: bool = False) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from slmtune.io import read_jsonl
     from slmtune.models import load_model, load_tokenizer, resolve_base
-    from slmtune.records import split_prompt_target
-    from slmtune.render import chat_messages, make_renderer
 
     ref = resolve_base(a.model)
     tok = load_tokenizer(ref)
-    r = make_renderer(tok)
-    rows = []
-    for rec in read_jsonl(a.train):
-        prompt, target = split_prompt_target(rec)
-        msgs, _ = chat_messages(r, [*prompt, target], rec.get("tools"))
-        rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    rows = trl_rows(tok, a.train)
     model = load_model(ref)  # float32 weights; the compute precision is SFTConfig's (bf16 autocast by default)
     args = SFTConfig(output_dir=a.out, per_device_train_batch_size=a.batch_size, num_train_epochs=1,
                      learning_rate=a.lr, max_length=a.max_length, logging_steps=1, report_to="none",

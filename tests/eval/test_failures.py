@@ -1,9 +1,9 @@
 """Failure kinds on crafted predictions: one prediction per kind lands on exactly that kind, correct answers (any key
 order, parallel calls in any order) on None, and the report counts kinds and keeps two examples each."""
 
-import json
 
 import pytest
+from test_metrics import call, msg
 
 from slmtune.eval.failures import KINDS, classify, diagnose, failure_report, show
 from slmtune.render import parse_output
@@ -16,15 +16,6 @@ TOOLS = [{"type": "function", "function": {"name": name, "parameters": PARAMS}}
 SPECS = {"get_weather": PARAMS, "get_forecast": PARAMS}
 
 
-def call(name, **args):
-    return {"id": "c", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
-
-
-def msg(*calls, content=None):
-    m = {"role": "assistant", "content": content}
-    if calls:
-        m["tool_calls"] = list(calls)
-    return m
 
 
 PARIS = msg(call("get_weather", city="Paris", days=3))

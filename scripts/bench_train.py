@@ -11,10 +11,13 @@
     checkpointing on). Its messages are slmtune-rendered (tools in the system turn), so all arms train on the
     same tokens. Where bf16 is slow (no CUDA, no AVX512-BF16/AMX) this arm trains on the first `--n-defaults`
     (8) records only — tokens/s is a rate and still compares; its losses then are not compared.
-(a') baseline-fp32 — the same script with `bf16=False, gradient_checkpointing=False`: what a user who knows the
-    hardware would write. On a CPU without native bf16 (AVX2 only) TRL's bf16 default is the single biggest
-    loss, so this arm shows how much of slmtune's lead is *not* just the precision choice.
-(b) slmtune — `slmtune.train.trainer.train(recipe)` with default settings (shared-prefix batches / packing, dtype auto).
+(a') baseline-fp32 — the same script with TRL's best precision for a machine without fast bf16: `bf16=False`,
+    everything else TRL's defaults (gradient checkpointing stays on). On a CPU without native bf16 (AVX2 only)
+    TRL's bf16 default is the single biggest loss, so this arm shows how much of slmtune's lead is *not* just the
+    precision choice.
+(a'') baseline-tuned — tuned by hand beyond TRL's docs: `bf16=False, gradient_checkpointing=False` (fp32, every
+    activation kept: faster than (a') where memory allows).
+(b) slmtune — `slmtune.train.trainer.train(recipe)` with default settings (dtype auto: bf16 where it is fast).
 
 Each arm runs in its own process, one after the other (clean peak-memory figures, no shared cores). Prints per
 arm: trained (non-pad) tokens/s, wall time, peak memory and three losses — the logged mean of the last 3 steps
@@ -116,7 +119,7 @@ def trl_rows(tok, path) -> list[dict]:
     return rows
 
 
-def arm_baseline(a, tuned: bool = False) -> dict:
+def arm_baseline(a, fp32: bool = False, checkpointing: bool = True) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -130,7 +133,8 @@ def arm_baseline(a, tuned: bool = False) -> dict:
     args = SFTConfig(output_dir=a.out, per_device_train_batch_size=a.batch_size, num_train_epochs=1,
                      learning_rate=a.lr, max_length=a.max_length, logging_steps=1, report_to="none",
                      save_strategy="no", seed=0, use_cpu=not cuda(), lr_scheduler_type="constant",
-                     **({"bf16": False, "gradient_checkpointing": False} if tuned else {}))
+                     **({"bf16": False} if fp32 else {}),
+                     **({} if checkpointing else {"gradient_checkpointing": False}))
     peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
@@ -312,7 +316,8 @@ def plot(results: dict, path: Path, title: str) -> None:
     save_png(fig, path, dpi=110)
 
 
-ARMS = {"baseline": arm_baseline, "baseline-fp32": lambda a: arm_baseline(a, tuned=True), "slmtune": arm_slmtune}
+ARMS = {"baseline": arm_baseline, "baseline-fp32": lambda a: arm_baseline(a, fp32=True),
+        "baseline-tuned": lambda a: arm_baseline(a, fp32=True, checkpointing=False), "slmtune": arm_slmtune}
 
 
 if __name__ == "__main__":

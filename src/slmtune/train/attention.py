@@ -33,14 +33,12 @@ def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
 
         return sdpa_attention_forward(module, query, key, value, _dense(attention_mask, query, key), scaling=scaling,
                                       dropout=dropout, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # grouped-query attention: SDPA's CPU flash kernel wants as many k/v heads as q heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    # grouped-query attention: SDPA reads each k/v head for its group of q heads (no repeated copies kept)
+    gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
     p = dropout if module.training else 0.0
     spans = zip(bounds[:-1], bounds[1:], strict=True)
     parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                            dropout_p=p, scale=scaling) for s, e in spans]
+                                            dropout_p=p, scale=scaling, **gqa) for s, e in spans]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
 

@@ -111,12 +111,17 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
             from slmtune.train.attention import restore
 
             restore(trainer.model.get_base_model(), data.packed_attention)
+        if data.fused_mlp:
+            from slmtune.train.fused import unfuse_mlps
+
+            unfuse_mlps(trainer.model)
         trainer.model.save_pretrained(adapter_dir)
         prep.renderer.tokenizer.save_pretrained(adapter_dir)
     save_s = time.perf_counter() - t0
     metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
     metrics["batching"] = {"mode": data.mode, "token_saving": round(data.saving, 4),
-                           "attention": "packed (per sequence)" if data.packed_attention else "transformers"}
+                           "attention": "packed (per sequence)" if data.packed_attention else "transformers",
+                           "mlp": "fused silu*up" if data.fused_mlp else "transformers"}
     metrics["max_length"] = prep.max_length
     metrics["left_out"] = list(prep.left_out)
     metrics["augment"] = prep.augment.as_dict()
@@ -206,6 +211,7 @@ class DataMode:
     eval: Any  # datasets.Dataset | None
     collator: Any  # None: TRL's own
     packed_attention: str | None = None  # the attention implementation packed attention replaced, when in use
+    fused_mlp: bool = False  # the MLPs run train/fused.py's SiluMul (undone before saving)
 
 
 def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any, DataMode]:
@@ -224,6 +230,10 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any
 
         # each packed sequence attends to itself, no dense mask (train/attention.py); undone before saving
         data = replace(data, packed_attention=use_packed_attention(model))
+    from slmtune.train.fused import fuse_mlps
+
+    if fuse_mlps(model):  # silu(gate) * up as one autograd function: fewer activations kept (train/fused.py)
+        data = replace(data, fused_mlp=True)
     lo = recipe.lora
     lora = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
                       use_dora=lo.use_dora, use_rslora=lo.use_rslora, task_type="CAUSAL_LM")

@@ -1,0 +1,65 @@
+"""The gated MLP's `silu(gate) * up` as one autograd function: fewer activations kept, fewer temporaries made.
+
+Llama-family MLPs compute `down_proj(silu(gate_proj(x)) * up_proj(x))`. Run op by op, autograd keeps four
+`[tokens × intermediate]` tensors per layer for the backward pass (the gate, its SiLU, the up projection and their
+product, which `down_proj`'s LoRA needs) and the forward pass allocates two. `SiluMul` keeps the gate and the up
+projection only, recomputing the SiLU in the backward pass (one sigmoid), and writes the product in place of the
+SiLU. On SmolLM2-135M (1,536-wide MLPs, 30 layers) that is 180 MB less per 1,024-token record, at no speed cost
+(the backward pass allocates three tensors, as autograd's did). Values and gradients equal the unfused module's
+(tests/train/test_fused.py). The same idea as Liger Kernel's SwiGLU, in plain torch so that it runs everywhere.
+
+`fuse_mlps(model)` patches every MLP that has `gate_proj`, `up_proj`, `down_proj` and a SiLU `act_fn` (Llama,
+Mistral, Qwen2/3, SmolLM, Phi-3-style models with a split gate) and returns how many; `unfuse_mlps` restores them.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+class SiluMul(torch.autograd.Function):
+    """`silu(gate) * up`, keeping `gate` and `up` (not the SiLU or the product) for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        grad_up = gate * sig  # silu(gate)
+        grad_up.mul_(grad)
+        # d silu(g)/dg = σ(g) · (1 + g · (1 − σ(g)))
+        grad_gate = torch.sub(1, sig).mul_(gate).add_(1).mul_(sig).mul_(grad).mul_(up)
+        return grad_gate, grad_up
+
+
+def _fused_forward(self, x):
+    return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _fusable(module: torch.nn.Module) -> bool:
+    act = getattr(module, "act_fn", None)
+    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return silu and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
+
+
+def fuse_mlps(model: torch.nn.Module) -> int:
+    """Route every gated-SiLU MLP of `model` through `SiluMul`; returns the number of MLPs patched."""
+    n = 0
+    for module in model.modules():
+        if _fusable(module) and "forward" not in module.__dict__:
+            module.forward = types.MethodType(_fused_forward, module)
+            n += 1
+    return n
+
+
+def unfuse_mlps(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if module.__dict__.get("forward") is not None and getattr(module.forward, "__func__", None) is _fused_forward:
+            del module.forward

@@ -1,0 +1,90 @@
+"""The fused SiLU-gate product: same values and gradients as the MLP run op by op, fewer tensors kept."""
+
+import pytest
+import torch
+
+from slmtune.train.fused import SiluMul, fuse_mlps, unfuse_mlps
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_silu_mul_matches_autograd_values_and_gradients(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    gate = (torch.randn(3, 17, 40, generator=g) * 4).to(dtype).requires_grad_()
+    up = torch.randn(3, 17, 40, generator=g).to(dtype).requires_grad_()
+    grad = torch.randn(3, 17, 40, generator=g).to(dtype)
+    ref = torch.nn.functional.silu(gate) * up
+    ref_gate, ref_up = torch.autograd.grad(ref, (gate, up), grad)
+    got = SiluMul.apply(gate, up)
+    got_gate, got_up = torch.autograd.grad(got, (gate, up), grad)
+    for a, b in ((got, ref), (got_gate, ref_gate), (got_up, ref_up)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps for the backward pass of `fn()`, parameters excluded."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_fused_lora_model_equals_unfused_and_keeps_less(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = step()
+    ref_saved = _saved_bytes(lambda: model(input_ids=ids, use_cache=False))
+    n_layers = model.config.num_hidden_layers
+    assert fuse_mlps(model) == n_layers
+    assert fuse_mlps(model) == 0  # already fused: nothing patched twice
+    loss, grads = step()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert ref_grads.keys() == grads.keys() and any("gate_proj" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    saved = _saved_bytes(lambda: model(input_ids=ids, use_cache=False))
+    one = ids.numel() * model.config.intermediate_size * 4  # one fp32 [tokens × intermediate] tensor
+    assert ref_saved - saved >= n_layers * one  # the SiLU output is no longer kept, in every layer
+
+    unfuse_mlps(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    loss, _ = step()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+
+
+def _env_after(code: str, env: dict) -> str:
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_training_processes_ask_torch_for_huge_page_allocations_before_importing_it():
+    show = "import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'), {})"
+    # importing slmtune.train (what `slmtune train` does) switches it on before torch's first allocation
+    assert _env_after("import slmtune.train; import torch; " + show.format(0), {}) == "1 0"
+    assert _env_after("import slmtune.train; " + show.format(0), {"THP_MEM_ALLOC_ENABLE": "0"}) == "0 0"  # user's
+    # too late once torch is in: left alone, and reported as off
+    code = "import torch; from slmtune.device import huge_page_allocations as h; " + show.format("h()")
+    assert _env_after(code, {}) == "None False"

@@ -88,3 +88,36 @@ def test_training_processes_ask_torch_for_huge_page_allocations_before_importing
     # too late once torch is in: left alone, and reported as off
     code = "import torch; from slmtune.device import huge_page_allocations as h; " + show.format("h()")
     assert _env_after(code, {}) == "None False"
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_fused_lora_equals_peft_values_and_gradients(tiny_model, use_dora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from slmtune.train.fused import fuse_lora, unfuse_lora
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                                      use_dora=use_dora))
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = step()
+    n = fuse_lora(model)
+    assert n == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down in every layer
+    loss, grads = step()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    with model.disable_adapter():  # peft's own path: the base model alone
+        base = model(input_ids=ids, labels=ids, use_cache=False).loss
+    assert not torch.isclose(base, loss)
+    unfuse_lora(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())

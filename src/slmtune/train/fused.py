@@ -8,6 +8,11 @@ SiLU. On SmolLM2-135M (1,536-wide MLPs, 30 layers) that is 180 MB less per 1,024
 (the backward pass allocates three tensors, as autograd's did). Values and gradients equal the unfused module's
 (tests/train/test_fused.py). The same idea as Liger Kernel's SwiGLU, in plain torch so that it runs everywhere.
 
+`fuse_lora(model)` does the same for peft's LoRA linears: peft computes `base(x) + lora_B(lora_A(x)) * scaling` as
+three `[tokens × out]` tensors (B's output, its scaled copy, the sum); `_lora_forward` writes the whole sum with
+one `addmm(base(x), lora_A(x), Bᵀ, alpha=scaling)`. DoRA and other LoRA variants, several active adapters,
+merged or disabled adapters, a bias on B and mixed dtypes keep peft's own forward.
+
 `fuse_mlps(model)` patches every MLP that has `gate_proj`, `up_proj`, `down_proj` and a SiLU `act_fn` (Llama,
 Mistral, Qwen2/3, SmolLM, Phi-3-style models with a split gate) and returns how many; `unfuse_mlps` restores them.
 """
@@ -62,4 +67,42 @@ def fuse_mlps(model: torch.nn.Module) -> int:
 def unfuse_mlps(model: torch.nn.Module) -> None:
     for module in model.modules():
         if module.__dict__.get("forward") is not None and getattr(module.forward, "__func__", None) is _fused_forward:
+            del module.forward
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    if (name is None or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+            or name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    a = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
+    if result.dtype != lora_b.weight.dtype and not torch.is_autocast_enabled(result.device.type):
+        return (result + lora_b(a) * self.scaling[name]).to(result.dtype)  # peft's own arithmetic
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), lora_b.weight.t(),
+                      alpha=self.scaling[name])
+    return out.view(result.shape)
+
+
+def _lora_layers(model: torch.nn.Module):
+    from peft.tuners.lora.layer import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def fuse_lora(model: torch.nn.Module) -> int:
+    """Route peft's LoRA `Linear` layers through `_lora_forward`; returns how many were patched."""
+    n = 0
+    for module in _lora_layers(model):
+        if "forward" not in module.__dict__:
+            module.forward = types.MethodType(_lora_forward, module)
+            n += 1
+    return n
+
+
+def unfuse_lora(model: torch.nn.Module) -> None:
+    for module in _lora_layers(model):
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _lora_forward:
             del module.forward

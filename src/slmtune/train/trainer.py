@@ -111,10 +111,10 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
             from slmtune.train.attention import restore
 
             restore(trainer.model.get_base_model(), data.packed_attention)
-        if data.fused_mlp:
-            from slmtune.train.fused import unfuse_mlps
+        from slmtune.train.fused import unfuse_lora, unfuse_mlps
 
-            unfuse_mlps(trainer.model)
+        unfuse_mlps(trainer.model)
+        unfuse_lora(trainer.model)
         trainer.model.save_pretrained(adapter_dir)
         prep.renderer.tokenizer.save_pretrained(adapter_dir)
     save_s = time.perf_counter() - t0
@@ -241,6 +241,9 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any
         model=model, args=args, processing_class=prep.renderer.tokenizer, peft_config=lora,
         train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
     )
+    from slmtune.train.fused import fuse_lora
+
+    fuse_lora(trainer.model)  # base(x) + scaling·B(A(x)) as one addmm (train/fused.py); undone before saving
     options.point_tensorboard(trainer, recipe.output.dir / "tensorboard")
     return trainer, data
 

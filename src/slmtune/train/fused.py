@@ -54,20 +54,29 @@ def _fusable(module: torch.nn.Module) -> bool:
     return silu and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
 
 
-def fuse_mlps(model: torch.nn.Module) -> int:
-    """Route every gated-SiLU MLP of `model` through `SiluMul`; returns the number of MLPs patched."""
+def _patch(modules, forward) -> int:
+    """Give each module without an instance-level forward `forward` as one; returns how many were patched."""
     n = 0
-    for module in model.modules():
-        if _fusable(module) and "forward" not in module.__dict__:
-            module.forward = types.MethodType(_fused_forward, module)
+    for module in modules:
+        if "forward" not in module.__dict__:
+            module.forward = types.MethodType(forward, module)
             n += 1
     return n
 
 
-def unfuse_mlps(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if module.__dict__.get("forward") is not None and getattr(module.forward, "__func__", None) is _fused_forward:
+def _unpatch(modules, forward) -> None:
+    for module in modules:
+        if getattr(module.__dict__.get("forward"), "__func__", None) is forward:
             del module.forward
+
+
+def fuse_mlps(model: torch.nn.Module) -> int:
+    """Route every gated-SiLU MLP of `model` through `SiluMul`; returns the number of MLPs patched."""
+    return _patch(filter(_fusable, model.modules()), _fused_forward)
+
+
+def unfuse_mlps(model: torch.nn.Module) -> None:
+    _unpatch(model.modules(), _fused_forward)
 
 
 def _lora_forward(self, x, *args, **kwargs):
@@ -94,15 +103,8 @@ def _lora_layers(model: torch.nn.Module):
 
 def fuse_lora(model: torch.nn.Module) -> int:
     """Route peft's LoRA `Linear` layers through `_lora_forward`; returns how many were patched."""
-    n = 0
-    for module in _lora_layers(model):
-        if "forward" not in module.__dict__:
-            module.forward = types.MethodType(_lora_forward, module)
-            n += 1
-    return n
+    return _patch(_lora_layers(model), _lora_forward)
 
 
 def unfuse_lora(model: torch.nn.Module) -> None:
-    for module in _lora_layers(model):
-        if getattr(module.__dict__.get("forward"), "__func__", None) is _lora_forward:
-            del module.forward
+    _unpatch(_lora_layers(model), _lora_forward)

@@ -435,17 +435,19 @@ def test_max_length_auto_fits_the_longest_record_and_leaves_out_what_is_over_the
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_records_and_packed_modes_train_with_packed_attention(tiny_model, tmp_path, packing):
-    """Without shared prefixes: the default (`records`, one record per forward, batch_size per optimizer step) and
-    `data.packing: true` (BFD bins) both train through packed attention; records mode takes n / batch_size steps
-    per epoch, as TRL's padded batches would."""
+    """Without shared prefixes: the default (`records`: batch_size records per optimizer step, run in forwards of
+    at most max_length tokens) and `data.packing: true` (BFD bins) both train through packed attention; records
+    mode takes n / batch_size steps per epoch, as TRL's padded batches would."""
     recipe = make_recipe(tmp_path, tiny_model)
     text = recipe.read_text().replace("max_length: 512, packing: true", f"packing: {str(packing).lower()}, "
                                       "prefix_sharing: off")
     recipe.write_text(text)
-    run_cli("train", recipe, "--set", "train.epochs=1")
+    # records of 359-397 tokens: two fit an 800-token forward, three do not
+    run_cli("train", recipe, "--set", "train.epochs=1", "--set", "data.max_length=800")
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["batching"]["mode"] == ("packing" if packing else "records")
     assert m["batching"]["attention"] == "packed (per sequence)"
     if not packing:
-        assert m["global_step"] == 16 // 4 and m["max_length"] % 64 == 0
+        assert m["global_step"] == 16 // 4 and m["max_length"] == 800
+        assert m["batching"]["forwards"] == 16 // 2, m["batching"]  # each step's 4 records in 2 forwards
     assert_lora_trained(tmp_path / "run" / "adapter")

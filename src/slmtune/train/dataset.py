@@ -108,3 +108,41 @@ def prepare(recipe: Recipe) -> Prepared:
              if len(e.enc.input_ids) <= max_length]
     left_out = tuple(e.where for e in every if len(e.enc.input_ids) > cap)
     return Prepared(ref, renderer, train, evals, stats, max_length, left_out)
+
+
+def step_bins(inputs: dict, max_tokens: int) -> list[dict]:
+    """A padding-free batch (its records end to end in one row, `cu_seq_lens_q` their bounds) split into rows of
+    at most `max_tokens` tokens, whole records each (first-fit by decreasing length); one row if it fits already.
+
+    Records mode runs one optimizer step's records this way: a forward holds at most `max_tokens` tokens of
+    activations, as a single record would, but short records share a forward, so the frozen weights are read from
+    memory once per row rather than once per record (the same gradient: attention stays within each record)."""
+    import torch
+
+    cu = inputs.get("cu_seq_lens_q")
+    ids = inputs["input_ids"]
+    if cu is None or ids.shape[0] != 1 or ids.shape[1] <= max_tokens:
+        return [inputs]
+    bounds = [int(x) for x in cu.tolist()]
+    spans = sorted(zip(bounds[:-1], bounds[1:], strict=True), key=lambda s: s[0] - s[1])  # longest first
+    bins: list[list[tuple[int, int]]] = []
+    for s, e in spans:
+        room = next((b for b in bins if sum(y - x for x, y in b) + e - s <= max_tokens), None)
+        if room is None:
+            bins.append([(s, e)])
+        else:
+            room.append((s, e))
+    rows = []
+    for b in sorted(sorted(b) for b in bins):  # in batch order
+        idx = torch.cat([torch.arange(s, e, device=ids.device) for s, e in b])
+        lens = [e - s for s, e in b]
+        row = {k: (v[:, idx] if torch.is_tensor(v) and v.dim() == 2 and v.shape == ids.shape else v)
+               for k, v in inputs.items()}
+        cu_row = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=cu.dtype, device=cu.device)
+        row |= {"cu_seq_lens_q": cu_row, "cu_seq_lens_k": cu_row, "max_length_q": max(lens), "max_length_k": max(lens)}
+        if "seq_idx" in inputs:
+            row["seq_idx"] = torch.repeat_interleave(torch.arange(len(lens), device=ids.device),
+                                                     torch.tensor(lens, device=ids.device))[None].to(
+                                                         inputs["seq_idx"].dtype)
+        rows.append(row)
+    return rows

@@ -85,14 +85,23 @@ def _lora_forward(self, x, *args, **kwargs):
     if (name is None or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
             or name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None):
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    a = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
-    if result.dtype != lora_b.weight.dtype and not torch.is_autocast_enabled(result.device.type):
-        return (result + lora_b(a) * self.scaling[name]).to(result.dtype)  # peft's own arithmetic
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), lora_b.weight.t(),
-                      alpha=self.scaling[name])
-    return out.view(result.shape)
+    if torch.is_autocast_enabled(x.device.type) or type(self.base_layer) is not torch.nn.Linear:
+        result = self.base_layer(x, *args, **kwargs)
+        a = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
+        if result.dtype != lora_b.weight.dtype and not torch.is_autocast_enabled(result.device.type):
+            return (result + lora_b(a) * self.scaling[name]).to(result.dtype)  # peft's own arithmetic
+        # (autocast casts addmm's operands to its dtype, not those of an in-place addmm_)
+        return torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), lora_b.weight.t(),
+                           alpha=self.scaling[name]).view(result.shape)
+    # A plain Linear on 2-D rows: its output is a fresh tensor that its backward does not keep (the weight is
+    # frozen), so the low-rank term is added in place, without addmm's copy of it.
+    flat = x.reshape(-1, x.shape[-1])
+    result = self.base_layer(flat, *args, **kwargs)
+    a = lora_a(self.lora_dropout[name](self._cast_input_dtype(flat, lora_a.weight.dtype)))
+    if result.dtype != lora_b.weight.dtype:
+        return (result + lora_b(a) * self.scaling[name]).to(result.dtype).view(*x.shape[:-1], -1)
+    return result.addmm_(a, lora_b.weight.t(), alpha=self.scaling[name]).view(*x.shape[:-1], result.shape[-1])
 
 
 def _lora_layers(model: torch.nn.Module):

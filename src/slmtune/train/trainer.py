@@ -14,7 +14,7 @@ Run directory (`output.dir`)::
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from itertools import groupby
 from pathlib import Path
@@ -119,7 +119,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         prep.renderer.tokenizer.save_pretrained(adapter_dir)
     save_s = time.perf_counter() - t0
     metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
-    metrics["batching"] = {"mode": data.mode, "token_saving": round(data.saving, 4),
+    metrics["batching"] = {"mode": data.mode, "token_saving": round(data.saving, 4), "forwards": trainer.forwards,
                            "attention": "packed (per sequence)" if data.packed_attention else "transformers",
                            "mlp": "fused silu*up" if data.fused_mlp else "transformers"}
     metrics["max_length"] = prep.max_length
@@ -244,12 +244,15 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any
     from slmtune.train.fused import fuse_lora
 
     fuse_lora(trainer.model)  # base(x) + scaling·B(A(x)) as one addmm (train/fused.py); undone before saving
+    if data.mode == "records":
+        trainer.bin_tokens = prep.max_length
     options.point_tensorboard(trainer, recipe.output.dir / "tensorboard")
     return trainer, data
 
 
 def _data_mode(recipe: Recipe, prep: Prepared) -> DataMode:
-    """Shared-prefix batches when they pay (see slmtune.train.prefix), else one record per forward (`records`) or
+    """Shared-prefix batches when they pay (see slmtune.train.prefix), else whole records, a step's records in
+    forwards of at most max_length tokens (`records`, see `step_bins`), or
     TRL's padding-free packing into `max_length` bins (`data.packing: true`)."""
     from datasets import Dataset
 
@@ -276,18 +279,19 @@ def _sft_config(recipe: Recipe, prep: Prepared, ckpt_root: Path, precision: str,
 
     t, pre = recipe.train, data.mode == "prefix"
     pack = data.mode == "packing"
-    one = data.mode == "records"  # one record per forward, no padding; batch_size records per optimizer step
+    one = data.mode == "records"  # batch_size records per optimizer step, in forwards of ≤ max_length tokens
     extra = options.trainer_options(recipe)  # `trainer:` keys; slmtune's defaults below give way to them
     defaults = {"logging_first_step": True, "use_liger_kernel": _liger(), "disable_tqdm": False,
                 "dataloader_num_workers": 0}
     kwargs = dict(
         output_dir=str(ckpt_root),
         num_train_epochs=t.epochs, max_steps=t.max_steps, learning_rate=t.lr,
-        # Shared-prefix batches are one dataset row. Records (and packed bins) run one per forward — a forward
-        # holds one record's activations, not a batch's, and nothing is padded — and batch_size of them are
-        # accumulated into one optimizer step, normalised over all their target tokens (`num_items_in_batch`).
-        per_device_train_batch_size=1, per_device_eval_batch_size=1,
-        gradient_accumulation_steps=t.grad_accum * (1 if pre else t.batch_size),
+        # Shared-prefix batches are one dataset row. Records mode takes batch_size records per optimizer step and
+        # runs them in forwards of at most max_length tokens, whole records each, nothing padded (`step_bins`):
+        # a forward holds one bin's activations, not the batch's. Packed bins run one per forward and batch_size
+        # of them are accumulated. Losses are normalised over all the step's target tokens (`num_items_in_batch`).
+        per_device_train_batch_size=t.batch_size if one else 1, per_device_eval_batch_size=1,
+        gradient_accumulation_steps=t.grad_accum * (1 if pre or one else t.batch_size),
         warmup_steps=min(t.warmup_ratio, 0.999),
         lr_scheduler_type=t.scheduler, seed=t.seed, data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
@@ -314,9 +318,23 @@ def trainer_class():
     """TRL's SFTTrainer with slmtune's loss: logits only at target positions, shared prefixes run once."""
     from trl import SFTTrainer
 
+    from slmtune.train.dataset import step_bins
     from slmtune.train.loss import target_loss
 
     class SlmtuneTrainer(SFTTrainer):
+        bin_tokens: int | None = None  # records mode: a step's records run in forwards of at most this many tokens
+        forwards = 0  # training forwards run (records mode: bins)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            rows = step_bins(inputs, self.bin_tokens) if self.bin_tokens else [inputs]
+            self.forwards += len(rows)
+            total = None
+            for i, row in enumerate(rows):  # gradients accumulate locally; DDP reduces them after the last row
+                with self.accelerator.no_sync(model) if i < len(rows) - 1 else nullcontext():
+                    loss = super().training_step(model, row, num_items_in_batch)
+                total = loss if total is None else total + loss
+            return total
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = target_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -69,7 +69,8 @@ class DataSection(_Strict):
         "of 64, within 2,048 on the CPU and 4,096 on a GPU; records over that cap are left out (listed in "
         "metrics.json), never truncated. A number: longer examples lose prompt tokens from the left.")
     packing: bool = Field(False, description="Pack records into `max_length` bins (more tokens per optimizer step). "
-                          "false = one record per forward, `train.batch_size` of them per step; neither pads.")
+                          "false = `train.batch_size` whole records per step, run in forwards of at most "
+                          "`max_length` tokens; neither pads.")
     prefix_sharing: Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)] = Field(
         "auto", description="Encode each batch's common prompt prefix (system prompt, tool specs) once per batch; "
         "`auto` = when it saves >= 20% of the work, on one process, without gradient checkpointing."

@@ -101,9 +101,13 @@ def test_training_processes_ask_torch_for_huge_page_allocations_before_importing
     assert _env_after(code, {}) == "None False"
 
 
-@pytest.mark.parametrize("dtype, use_dora, tol", [(torch.float32, False, 1e-5), (torch.float32, True, 1e-5),
-                                                   (torch.bfloat16, False, 2e-2)])
-def test_fused_lora_equals_peft_values_and_gradients(tiny_model, dtype, use_dora, tol):
+@pytest.mark.parametrize("dtype, use_dora, autocast, tol", [
+    (torch.float32, False, False, 1e-5),  # the in-place addmm_ path
+    (torch.float32, True, False, 1e-5),  # DoRA: peft's own forward
+    (torch.bfloat16, False, False, 2e-2),  # fp32 adapters on a bf16 base: the mixed-dtype path
+    (torch.float32, False, True, 2e-2),  # bf16 autocast (`precision: bf16`): the out-of-place addmm path
+])
+def test_fused_lora_equals_peft_values_and_gradients(tiny_model, dtype, use_dora, autocast, tol):
     from slmtune.train.fused import fuse_lora, unfuse_lora
 
     model, ids = _lora_model(tiny_model, dtype, use_dora=use_dora), IDS
@@ -112,7 +116,8 @@ def test_fused_lora_equals_peft_values_and_gradients(tiny_model, dtype, use_dora
         assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_B["default"].weight.dtype == torch.float32
 
     def step():
-        return _loss_and_grads(model, ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _loss_and_grads(model, ids)
 
     ref_loss, ref_grads = step()
     n = fuse_lora(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 from slmtune.device import MAX_LENGTH_CAP, cuda
@@ -138,7 +139,7 @@ def step_bins(inputs: dict, max_tokens: int) -> list[dict]:
         lens = [e - s for s, e in b]
         row = {k: (v[:, idx] if torch.is_tensor(v) and v.dim() == 2 and v.shape == ids.shape else v)
                for k, v in inputs.items()}
-        cu_row = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=cu.dtype, device=cu.device)
+        cu_row = torch.tensor([0, *accumulate(lens)], dtype=cu.dtype, device=cu.device)
         row |= {"cu_seq_lens_q": cu_row, "cu_seq_lens_k": cu_row, "max_length_q": max(lens), "max_length_k": max(lens)}
         if "seq_idx" in inputs:
             row["seq_idx"] = torch.repeat_interleave(torch.arange(len(lens), device=ids.device),

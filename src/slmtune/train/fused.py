@@ -9,8 +9,9 @@ SiLU. On SmolLM2-135M (1,536-wide MLPs, 30 layers) that is 180 MB less per 1,024
 (tests/train/test_fused.py). The same idea as Liger Kernel's SwiGLU, in plain torch so that it runs everywhere.
 
 `fuse_lora(model)` does the same for peft's LoRA linears: peft computes `base(x) + lora_B(lora_A(x)) * scaling` as
-three `[tokens × out]` tensors (B's output, its scaled copy, the sum); `_lora_forward` writes the whole sum with
-one `addmm(base(x), lora_A(x), Bᵀ, alpha=scaling)`. DoRA and other LoRA variants, several active adapters,
+three `[tokens × out]` tensors (B's output, its scaled copy, the sum); `_lora_forward` adds the low-rank term to
+a plain `Linear` base's output in place, `base(x).addmm_(lora_A(x), Bᵀ, alpha=scaling)` (under autocast or for
+other base layers, one out-of-place `addmm`). DoRA and other LoRA variants, several active adapters,
 merged or disabled adapters, a bias on B and mixed dtypes keep peft's own forward.
 
 `fuse_mlps(model)` patches every MLP that has `gate_proj`, `up_proj`, `down_proj` and a SiLU `act_fn` (Llama,
@@ -85,23 +86,23 @@ def _lora_forward(self, x, *args, **kwargs):
     if (name is None or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
             or name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None):
         return type(self).forward(self, x, *args, **kwargs)
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    if torch.is_autocast_enabled(x.device.type) or type(self.base_layer) is not torch.nn.Linear:
-        result = self.base_layer(x, *args, **kwargs)
-        a = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
-        if result.dtype != lora_b.weight.dtype and not torch.is_autocast_enabled(result.device.type):
-            return (result + lora_b(a) * self.scaling[name]).to(result.dtype)  # peft's own arithmetic
-        # (autocast casts addmm's operands to its dtype, not those of an in-place addmm_)
-        return torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), lora_b.weight.t(),
-                           alpha=self.scaling[name]).view(result.shape)
-    # A plain Linear on 2-D rows: its output is a fresh tensor that its backward does not keep (the weight is
-    # frozen), so the low-rank term is added in place, without addmm's copy of it.
-    flat = x.reshape(-1, x.shape[-1])
-    result = self.base_layer(flat, *args, **kwargs)
-    a = lora_a(self.lora_dropout[name](self._cast_input_dtype(flat, lora_a.weight.dtype)))
-    if result.dtype != lora_b.weight.dtype:
-        return (result + lora_b(a) * self.scaling[name]).to(result.dtype).view(*x.shape[:-1], -1)
-    return result.addmm_(a, lora_b.weight.t(), alpha=self.scaling[name]).view(*x.shape[:-1], result.shape[-1])
+    lora_a, lora_b, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
+    autocast = torch.is_autocast_enabled(x.device.type)
+    # A plain Linear on 2-D rows outputs a fresh tensor that its backward does not keep (the weight is frozen), so
+    # the low-rank term can be added in place, without addmm's copy of it; autocast casts addmm's operands to its
+    # dtype, not those of an in-place addmm_.
+    in_place = not autocast and type(self.base_layer) is torch.nn.Linear
+    rows = x.reshape(-1, x.shape[-1]) if in_place else x
+    result = self.base_layer(rows, *args, **kwargs)
+    a = lora_a(self.lora_dropout[name](self._cast_input_dtype(rows, lora_a.weight.dtype)))
+    if result.dtype != lora_b.weight.dtype and not autocast:
+        out = (result + lora_b(a) * scaling).to(result.dtype)  # peft's own arithmetic
+    elif in_place:
+        out = result.addmm_(a, lora_b.weight.t(), alpha=scaling)
+    else:
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), lora_b.weight.t(),
+                          alpha=scaling)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _lora_layers(model: torch.nn.Module):

@@ -87,14 +87,15 @@ def ask(server: dict, **request):
     return raw.parse(), raw.headers
 
 
-def served_lines(log_dir: Path, n: int, timeout_s: float = 20.0) -> list[dict]:
-    """The served log's lines once there are at least `n` (the writer thread appends after the response)."""
+def served_lines(log_dir: Path, *response_ids: str, timeout_s: float = 20.0) -> list[dict]:
+    """The served log's lines once every given response id is in it (the writer thread appends after the
+    response, in order, so earlier calls' lines are then in too)."""
     import time
 
     deadline = time.monotonic() + timeout_s
     while True:
         lines = [json.loads(x) for p in sorted(log_dir.glob("*.jsonl")) for x in p.open()]
-        if len(lines) >= n or time.monotonic() > deadline:
+        if set(response_ids) <= {(x.get("response") or {}).get("id") for x in lines} or time.monotonic() > deadline:
             return lines
         time.sleep(0.05)
 
@@ -270,7 +271,6 @@ def test_the_guard_names_what_is_wrong():
 # ----------------------------------------------------------------------------- load, logs, metrics
 def test_32_concurrent_requests_are_all_answered_and_logged_once(work, servers):
     server = servers("main")
-    before = len(served_lines(server["log_dir"], 0, 0))
     kinds = [work["weather_logs"], work["sentiment_logs"], [{"request": POEM}]]
     requests = [{**kinds[i % 3][i % len(kinds[i % 3])]["request"], "max_tokens": 24, "metadata": {"probe": str(i)}}
                 for i in range(32)]
@@ -288,7 +288,7 @@ def test_32_concurrent_requests_are_all_answered_and_logged_once(work, servers):
 
     results = asyncio.run(all_of_them())
     assert [status for status, _ in results] == [200] * 32 and all(r.choices for _, r in results)
-    lines = served_lines(server["log_dir"], before + 32)
+    lines = served_lines(server["log_dir"], *(r.id for _, r in results))
     probes = [x["metadata"].get("probe") for x in lines if x["metadata"].get("probe") is not None]
     assert sorted(probes, key=int) == [str(i) for i in range(32)], "every call logged exactly once"
     text = httpx.get(server["url"] + "/metrics").text
@@ -300,10 +300,10 @@ def test_32_concurrent_requests_are_all_answered_and_logged_once(work, servers):
 
 
 def test_served_logs_ingest_cleanly_and_curate_drops_slm_answers(work, servers):
-    ask(servers("main"), **POEM)
-    ask(servers("constrained"), **work["sentiment_logs"][1]["request"], max_tokens=32)
+    poem, _ = ask(servers("main"), **POEM)
+    label, _ = ask(servers("constrained"), **work["sentiment_logs"][1]["request"], max_tokens=32)
     dirs = [servers(n)["log_dir"] for n in ("main", "constrained")]
-    n_lines = sum(len(served_lines(d, 1)) for d in dirs)
+    n_lines = len(served_lines(dirs[0], poem.id)) + len(served_lines(dirs[1], label.id))
     out = work["root"] / "served-records.jsonl"
     cli("ingest", *dirs, "-o", out)
     assert (work["root"] / "served-records.rejected.jsonl").read_text() == ""
@@ -322,10 +322,10 @@ def test_served_logs_ingest_cleanly_and_curate_drops_slm_answers(work, servers):
 
 def test_served_logs_are_scrubbed(servers):
     server = servers("main")
-    before = len(served_lines(server["log_dir"], 0, 0))
     secret = "Write a poem for jane.doe@example.com, card 4111 1111 1111 1111."
-    ask(server, model="m", messages=[{"role": "user", "content": secret}], metadata={"note": "jane.doe@example.com"})
-    line = served_lines(server["log_dir"], before + 1)[-1]
+    resp, _ = ask(server, model="m", messages=[{"role": "user", "content": secret}],
+                  metadata={"note": "jane.doe@example.com"})
+    line = next(x for x in served_lines(server["log_dir"], resp.id) if x["response"].get("id") == resp.id)
     text = json.dumps(line)
     assert "jane.doe@example.com" not in text and "4111" not in text
     assert "<EMAIL_1>" in line["request"]["messages"][0]["content"] and line["metadata"]["note"] == "<EMAIL_1>"

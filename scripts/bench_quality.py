@@ -18,7 +18,7 @@ Entries are split by a fixed seed, stratified by category, into `--train` and `-
 
 Arms, each run the way a user would (the `slmtune` CLI with its defaults, unless `--set` measures an option):
 
-* base         — `slmtune eval` of the untuned base model;
+* base         — `slmtune eval` of the untuned base model (`--max-new-tokens 160`: it rarely stops by itself);
 * trl          — a plain TRL script written from TRL's docs: `SFTTrainer` on the same training records (messages
                  rendered as slmtune renders them, so the model sees the same tools; prompt/completion format so the
                  loss is on the answer), LoRA r=16 on all linear layers, lr 2e-4, 1 epoch, fp32, TRL's own
@@ -54,6 +54,9 @@ CATEGORIES = ("live_multiple", "parallel_multiple", "live_parallel", "live_paral
 IRRELEVANCE = ("irrelevance", "live_irrelevance")
 NO_CALL = "None of the offered functions fits this request, so I cannot call one."
 ARMS = ("base", "trl", "slmtune", "constrained")
+# The untuned model rarely stops on its own: it would fill the whole budget (1.5 × the longest test target + 16,
+# ~330 tokens) on most records. Its answers are cut at 160 tokens, which only a few parallel calls need more than.
+BASE_MAX_NEW_TOKENS = 160
 MODEL_NAME = "slmtune-bench"  # BFCL's checker asks this name's config: OpenAI-style (dots in names became "_")
 
 
@@ -249,7 +252,7 @@ def run(a) -> dict:
 
     if "base" in a.arms:
         slmtune("eval", "--data", test_data, "--model", a.model, "--baseline", "none", "-o", work / "eval-base",
-                *extra_eval, log=log)
+                "--max-new-tokens", str(BASE_MAX_NEW_TOKENS), *extra_eval, log=log)
         rows["base"] = predictions(work / "eval-base")["tuned"]
     if "trl" in a.arms:
         trl_out = work / "trl"

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from slmtune.errors import SlmtuneError
+from slmtune.eval.generate import MAX_BATCH_TOKENS
 from slmtune.ui import fmt, human_size
 
 app = typer.Typer(
@@ -277,7 +278,10 @@ def eval_(
     gate: Annotated[
         Optional[Path], typer.Option("--gate", help="Thresholds per metric (JSON/YAML); exit 3 when one is missed.")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records generated together.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records generated together, at most.")] = 16,
+    batch_tokens: Annotated[int, typer.Option(
+        "--batch-tokens", min=0, help="At most this many cache slots per batch: rows × (longest prompt + max new "
+        "tokens); long prompts get fewer rows. 0 = no bound.")] = MAX_BATCH_TOKENS,
     max_new_tokens: Annotated[
         Optional[int], typer.Option("--max-new-tokens", min=1, help="Default: 1.5 × longest teacher target + 16.")
     ] = None,
@@ -290,7 +294,8 @@ def eval_(
     with _stage_progress() as tick:
         result = evaluate(data, out, model=model, baseline=baseline, predictions=predictions,
                           constrained=constrained, gate=gate, limit=limit, progress=tick,
-                          settings=GenSettings(batch_size=batch_size, max_new_tokens=max_new_tokens))
+                          settings=GenSettings(batch_size=batch_size, batch_tokens=batch_tokens or None,
+                                               max_new_tokens=max_new_tokens))
     typer.echo(markdown(result.report))
     typer.echo(f"report: {out / 'report.json'}")
     if not result.gate_passed:

@@ -2,6 +2,7 @@
 code, the tiny model generating (plain and grammar-constrained), and a trained run dir against its base."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -207,9 +208,24 @@ def test_batched_generation_matches_one_at_a_time(tiny, weather):
     prompts = [prompt_text(make_renderer(tok), r) for r in read_jsonl(weather)]
     one = generate(model, tok, prompts, 24, batch_size=1, share_prefix=False)
     many = generate(model, tok, prompts, 24, batch_size=3)  # a full and a partial batch, shared-prefix cache
-    assert common_prefix([tok(p, add_special_tokens=False)["input_ids"] for p in prompts])  # exercised
-    assert [g.text for g in one] == [g.text for g in many]
-    assert [g.n_tokens for g in one] == [g.n_tokens for g in many]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    bound = 2 * (max(map(len, ids)) + 24)  # two rows of the longest prompt fit, so batches of 2, 2, 1 …
+    bounded = generate(model, tok, prompts, 24, batch_size=16, max_batch_tokens=bound)
+    assert common_prefix(ids)  # exercised
+    assert len({g.batch for g in bounded}) == math.ceil(len(prompts) / 2)
+    assert [g.text for g in one] == [g.text for g in many] == [g.text for g in bounded]
+    assert [g.n_tokens for g in one] == [g.n_tokens for g in many] == [g.n_tokens for g in bounded]
+
+
+def test_token_batches_bound_rows_by_cache_slots():
+    from slmtune.eval.generate import token_batches
+
+    lengths = [900, 800, 300, 200, 100, 100, 50]  # longest first, as generate sorts them
+    assert token_batches(lengths, 100, 16, None) == [(0, 7)]
+    assert token_batches(lengths, 100, 3, None) == [(0, 3), (3, 6), (6, 7)]
+    # 2,000 slots: 2 rows of 1,000, then 5 rows of 400 (the widest row of each batch decides), then the rest
+    assert token_batches(lengths, 100, 16, 2000) == [(0, 2), (2, 7)]
+    assert token_batches([5000, 10], 100, 16, 2000) == [(0, 1), (1, 2)]  # a prompt over the bound goes alone
 
 
 def make_run_dir(base: Path, run: Path) -> Path:

@@ -32,12 +32,12 @@ Output directory::
               exact_match; extraction → parse_rate, schema_valid_rate, fields_f1, exact_match;
               classification → parse_rate, schema_valid_rate, label_accuracy; summarization / coding /
               generation → parse_rate, token_f1, rouge_l, exact_match. `perf` (generated rows, else null):
-              {"batch_size", "max_new_tokens", "render_mode", "wall_s", "s_per_record", "generated_tokens",
-              "tokens_per_s", "unfinished"} (unfinished = outputs cut by max_new_tokens). `missing`: records
-              without a prediction (predictions row only; scored as empty output). `failures` (tool_calling
-              tasks, every row but the teacher's): {"n", "failed", "kinds": {kind: {"count", "examples":
-              [{"id", "expected", "got", "detail"}] (at most 2)}}}, one primary kind per failed record,
-              precedence no_call > unwanted_call > unparsed > wrong_function > wrong_count >
+              {"batch_size", "batch_tokens", "max_new_tokens", "render_mode", "wall_s", "s_per_record",
+              "generated_tokens", "tokens_per_s", "unfinished"} (unfinished = outputs cut by max_new_tokens).
+              `missing`: records without a prediction (predictions row only; scored as empty output).
+              `failures` (tool_calling tasks, every row but the teacher's): {"n", "failed", "kinds": {kind:
+              {"count", "examples": [{"id", "expected", "got", "detail"}] (at most 2)}}}, one primary kind per
+              failed record, precedence no_call > unwanted_call > unparsed > wrong_function > wrong_count >
               missing_argument > extra_argument > wrong_type > wrong_value (`slmtune.eval.failures`).
     constrained   present with --constrained: {row: same shape as in models} for the primary model,
               plus "backend": "llguidance"; for text tasks only {"backend", "skipped": reason}
@@ -55,6 +55,7 @@ from typing import Any
 
 from slmtune.errors import SlmtuneError
 from slmtune.eval.failures import failure_report
+from slmtune.eval.generate import MAX_BATCH_TOKENS
 from slmtune.eval.metrics import TOOL_CALLING, aggregate, score
 from slmtune.io import file_fingerprint, iter_jsonl
 from slmtune.records import CATEGORIES, split_prompt_target
@@ -214,6 +215,7 @@ def load(ref: ModelRef, dtype: str = "auto"):
 @dataclass(frozen=True)
 class GenSettings:
     batch_size: int = 16
+    batch_tokens: int | None = MAX_BATCH_TOKENS  # rows × (widest prompt + budget) per batch (`token_batches`)
     max_new_tokens: int | None = None  # None: from the teacher targets (`generate.token_budget`)
     dtype: str = "auto"
 
@@ -228,12 +230,14 @@ def generate_rows(ref: ModelRef, name: str, records: list[dict], task: Task, gs:
     r = make_renderer(tok)
     prompts = [prompt_text(r, rec) for rec in records]
     budget = gs.max_new_tokens or token_budget(tok, [target_text(r, rec) for rec in records])
-    rows = [_run(name, ref, generate(model, tok, prompts, budget, gs.batch_size, progress=_label(progress, name)),
+    rows = [_run(name, ref, generate(model, tok, prompts, budget, gs.batch_size, progress=_label(progress, name),
+                                  max_batch_tokens=gs.batch_tokens),
                  gs, budget, r.mode)]
     factory = _grammar_factory(model, tok, records, task, stop_ids(tok, model)) if constrained else None
     if factory is not None:
         cbudget = gs.max_new_tokens or 2 * budget  # room for the grammar's longest strings (see constrain.caps_from)
-        gens = generate(model, tok, prompts, cbudget, gs.batch_size, factory, _label(progress, f"{name}+constrained"))
+        gens = generate(model, tok, prompts, cbudget, gs.batch_size, factory, _label(progress, f"{name}+constrained"),
+                        max_batch_tokens=gs.batch_tokens)
         rows.append(_run(f"{name}+constrained", ref, gens, gs, cbudget, r.mode))
     return rows
 
@@ -268,7 +272,8 @@ def _run(name: str, ref: ModelRef, gens: list, gs: GenSettings, budget: int, mod
              "latency_s": g.latency_s} for g in gens]
     wall = wall_time(gens)
     tokens = sum(g.n_tokens for g in gens)
-    perf = {"batch_size": gs.batch_size, "max_new_tokens": budget, "render_mode": mode, "wall_s": round(wall, 3),
+    perf = {"batch_size": gs.batch_size, "batch_tokens": gs.batch_tokens, "max_new_tokens": budget,
+            "render_mode": mode, "wall_s": round(wall, 3),
             "s_per_record": round(wall / max(len(gens), 1), 4), "generated_tokens": tokens,
             "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
             "unfinished": sum(not g.finished for g in gens)}

@@ -222,7 +222,7 @@ class EmbeddedEngine:
         t0 = time.perf_counter()
         # +1: a row stopped at its own limit still emits the end-of-turn token.
         gens = generate(lm.model, lm.tokenizer, prompts, max(limits) + 1, batch_size=len(jobs),
-                        processor_factory=factory)
+                        processor_factory=factory, max_batch_tokens=None)  # the batcher already chose the batch
         dt = time.perf_counter() - t0
         out = []
         for p, g, limit in zip(prompts, gens, limits, strict=True):

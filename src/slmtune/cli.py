@@ -334,7 +334,7 @@ def train(
 
     result = do_train(rec, resume=resume)
     if result.metrics:  # only rank 0 reports (and writes the run files)
-        typer.echo(f"adapter: {result.adapter_dir}")
+        typer.echo(f"{result.weights_dir.name}: {result.weights_dir}")
         typer.echo(f"metrics: {result.run_dir / 'metrics.json'}")
 
 

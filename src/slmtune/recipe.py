@@ -224,6 +224,9 @@ class Recipe(_Strict):
     name: str = Field(description="Run name.")
     task: TaskTags | None = Field(None, description="Optional task tags, carried into the run manifest.")
     model: ModelSection
+    method: Literal["lora", "full"] = Field(
+        "lora", description="`lora`: train a LoRA adapter (`lora:`; with model.quantization 4bit, QLoRA) and save "
+        "it in `adapter/`; `full`: train every weight and save the whole model in `model/`.")
     data: DataSection
     augment: AugmentSection = Field(default_factory=AugmentSection, description="Tool-set augmentation of the "
                                     "training records; all off by default.")
@@ -242,6 +245,9 @@ class Recipe(_Strict):
         if self.model.gguf_file and self.model.quantization != "none":
             raise ValueError("model.quantization: a GGUF base is dequantized on load; quantize it with 4bit/8bit "
                              "only from a safetensors checkpoint (set model.quantization: none)")
+        if self.method == "full" and self.model.quantization != "none":
+            raise ValueError("method: full trains every weight, which a quantized base cannot hold (set "
+                             "model.quantization: none, or method: lora for QLoRA)")
         return self
 
 

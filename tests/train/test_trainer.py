@@ -451,3 +451,44 @@ def test_records_and_packed_modes_train_with_packed_attention(tiny_model, tmp_pa
         assert m["global_step"] == 16 // 4 and m["max_length"] == 800
         assert m["batching"]["forwards"] == 16 // 2, m["batching"]  # each step's 4 records in 2 forwards
     assert_lora_trained(tmp_path / "run" / "adapter")
+
+
+def test_full_fine_tune_trains_every_weight_and_evals_merges_exports(tiny_model, tmp_path):
+    """`method: full`: model/ instead of adapter/, every weight moved, loss fell; eval, merge and export take it."""
+    recipe = make_recipe(tmp_path, tiny_model)
+    recipe.write_text(recipe.read_text().replace("lr: 2.0e-2", "lr: 1.0e-3") + "method: full\n")
+    run = tmp_path / "run"
+    assert "model: " in run_cli("train", recipe).output
+    assert not (run / "adapter").exists() and (run / "model" / "config.json").is_file()
+    trained, base = load_file(run / "model" / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    moved = [k for k in base if k in trained and not torch.equal(base[k], trained[k])]
+    assert len(moved) == len(base), sorted(set(base) - set(moved))
+    assert losses(run)[-1] < losses(run)[0]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["method"] == "full" and manifest["lora"] is None
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model_flops"] > 0
+
+    out = tmp_path / "eval"
+    run_cli("eval", "--model", run, "--data", tmp_path / "eval.jsonl", "-o", out)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"teacher", "tuned", "base"}
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").open()]
+    assert any(p["outputs"]["tuned"] != p["outputs"]["base"] for p in preds), "the base row is the untuned model"
+
+    merged = tmp_path / "merged"
+    run_cli("merge", run, "-o", merged)
+    merge = json.loads((merged / "merge_report.json").read_text())
+    assert merge["max_abs_logit_diff"] == 0.0 and merge["reload_greedy_identical"]
+    saved = load_file(merged / "model.safetensors")
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+    result = CliRunner().invoke(app, ["export", str(run), "-o", str(tmp_path / "exports"), "--adapter-only"])
+    assert result.exit_code != 0 and "no adapter to export" in result.output + (result.stderr or "")
+
+
+def test_full_fine_tune_refuses_a_quantized_base(tiny_model, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_model, quant="4bit")
+    recipe.write_text(recipe.read_text() + "method: full\n")
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code != 0 and "method: full" in (result.stderr or result.output)
+    assert "Traceback" not in result.output

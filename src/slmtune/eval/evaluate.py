@@ -83,6 +83,7 @@ class ModelRef:
     path: str
     adapter: Path | None
     tokenizer: str
+    base: str | None = None  # a full fine-tune's base model (else the base is `path`)
 
 
 @dataclass
@@ -171,15 +172,19 @@ def teacher_row(records: list[dict]) -> Row:
 
 # ----------------------------------------------------------------------------- models
 def resolve_model(spec: str) -> ModelRef:
-    """A run dir (base + adapter from its manifest), a checkpoint folder, or anything `resolve_base` takes."""
+    """A run dir (base + adapter from its manifest, or a full fine-tune's model/), a checkpoint folder, or anything
+    `resolve_base` takes."""
     from slmtune.models import resolve_base
 
     p = Path(spec)
     if (p / "manifest.json").is_file():
-        from slmtune.train.runfiles import read_run
+        from slmtune.train.runfiles import read_run, run_weights
 
         manifest = read_run(p)
-        return ModelRef(spec, "run", manifest["base_model"]["path"], p / "adapter", str(p / "adapter"))
+        weights = run_weights(p)
+        if weights.name == "model":
+            return ModelRef(spec, "run", str(weights), None, str(weights), base=manifest["base_model"]["path"])
+        return ModelRef(spec, "run", manifest["base_model"]["path"], weights, str(weights))
     if (p / "config.json").is_file():
         return ModelRef(spec, "checkpoint", str(p), None, str(p))
     ref = resolve_base(spec)
@@ -188,7 +193,8 @@ def resolve_model(spec: str) -> ModelRef:
 
 def base_of(ref: ModelRef) -> ModelRef:
     """A run's base model, rendered with the run's tokenizer so both rows see identical prompts."""
-    return ModelRef(ref.path, "base", ref.path, None, ref.tokenizer)
+    base = ref.base or ref.path
+    return ModelRef(base, "base", base, None, ref.tokenizer)
 
 
 def load(ref: ModelRef, dtype: str = "auto"):

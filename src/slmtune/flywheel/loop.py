@@ -251,12 +251,12 @@ def _recipe(round_dir: Path, name: str, config: FlywheelConfig):
 
 
 def _train(stage_dir: Path, prev_dir: Path | None, recipe, fp: str, tick: Progress) -> dict:
-    from slmtune.train.runfiles import last_checkpoint
+    from slmtune.train.runfiles import last_checkpoint, run_weights
     from slmtune.train.trainer import train
 
     for d in (stage_dir, prev_dir):
         marker = st.read_marker(d) if d else None
-        if marker and marker["fingerprint"] == fp and Path(marker["run_dir"], "adapter").is_dir():
+        if marker and marker["fingerprint"] == fp and run_weights(Path(marker["run_dir"])):
             run = {"status": "reused" if d == prev_dir else marker["status"], "run_dir": marker["run_dir"],
                    "trained_in": marker["trained_in"]}
             if d == prev_dir:

@@ -62,6 +62,9 @@ def export_run(run_dir: str | Path, exports_dir: str | Path, adapter_only: bool 
     if gguf:
         check_gguf_type(gguf, adapter_only)  # before the merge: a refused type costs nothing
     run = _read_run(run_dir)
+    if adapter_only and run["manifest"].get("method") == "full":
+        raise SlmtuneError(f"{run_dir}: a full fine-tune (method: full) has no adapter to export.",
+                           "Export it merged (drop --adapter-only).")
     task = _task_tags(run["manifest"])
     if not task.get("name"):
         raise SlmtuneError(f"{run_dir}: the run has no task tags (recipe `task.name`).",

@@ -5,6 +5,8 @@ original weights, never into 4-bit ones). Before saving we check, on a few train
 `slmtune.render`, that the merged model's logits match base+adapter (max |diff| recorded) and that greedy
 outputs are identical; after saving we reload the checkpoint with plain `from_pretrained` and generate again.
 All figures go to `OUT_DIR/merge_report.json`; a failed check raises (non-zero exit) and leaves no checkpoint.
+A full fine-tune (`method: full`) has no adapter: its `model/` is saved the same way (max |diff| 0 by
+construction; the reload check still runs).
 
 `OUT_DIR` holds: model.safetensors + config, the tokenizer whose `chat_template.jinja` renders records exactly as
 training did (`slmtune.ship.template`: plain `apply_chat_template(messages, tools=tools)` gives the training
@@ -77,6 +79,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> 
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     manifest = read_run(run_dir)
+    if manifest.get("method") == "full":
+        return _save_full(run_dir, out_dir, manifest, dtype)
     base_path = manifest["base_model"]["path"]
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
     r = make_renderer(tokenizer)
@@ -95,6 +99,23 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> 
                "max_abs_logit_diff": diff, "logit_tolerance": LOGIT_TOLERANCE, "greedy_identical": True}
     save_dtype = _save_dtype(dtype, merged)
     return _save_atomically(merged.to(save_dtype), tokenizer, r, out_dir, checked, prompts, new_out)
+
+
+def _save_full(run_dir: Path, out_dir: Path, manifest: dict, dtype: str) -> MergeReport:
+    """A full fine-tune has nothing to fold in: its model/ is saved as the checkpoint (render files added, the
+    reload checked the same way), with a logit diff of 0 by construction."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    r = make_renderer(tokenizer)
+    prompts = check_prompts(r, manifest)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32).eval()
+    _, out = _logits_and_greedy(model, tokenizer, prompts)
+    checked = {"run_dir": str(run_dir.resolve()), "base_model": manifest["base_model"]["name"],
+               "quantization_trained": manifest.get("quantization"), "prompts_checked": len(prompts),
+               "max_abs_logit_diff": 0.0, "logit_tolerance": LOGIT_TOLERANCE, "greedy_identical": True}
+    return _save_atomically(model.to(_save_dtype(dtype, model)), tokenizer, r, out_dir, checked, prompts, out)
 
 
 def _save_dtype(dtype: str, model):

@@ -3,8 +3,9 @@
 Peak: measured, not looked up — a square matmul in the training dtype (`peak_flops`), the best of a few runs.
 Work: LoRA leaves the base frozen, so per token that passes through a linear layer of `n` weights it costs
 2n FLOPs forward + 2n backward (gradients w.r.t. the inputs, to reach earlier adapters); the adapters' own
-weight gradients are ~r/d of that and ignored. Attention scores are ignored too (4·L·d·ctx per token: ~5% for
-SmolLM2 at 300 tokens). The LM head is counted only where logits are computed.
+weight gradients are ~r/d of that and ignored. Full fine-tuning (`method: full`) adds the weight gradients:
+6n. Attention scores are ignored too (4·L·d·ctx per token: ~5% for SmolLM2 at 300 tokens). The LM head is
+counted only where logits are computed.
 
     SmolLM2-135M: 30 layers × (4·576² + 3·576·1536 + … ) ≈ 106M linear weights → 4 × 106M ≈ 0.42 GFLOP/token
 """
@@ -31,8 +32,9 @@ def linear_weights(model) -> tuple[int, int]:
     return total, head_n
 
 
-def training_flops(n_linear: int, n_head: int, token_passes: int, logit_positions: int) -> float:
-    return 4.0 * n_linear * token_passes + 4.0 * n_head * logit_positions
+def training_flops(n_linear: int, n_head: int, token_passes: int, logit_positions: int, full: bool = False) -> float:
+    per = 6.0 if full else 4.0
+    return per * n_linear * token_passes + per * n_head * logit_positions
 
 
 def peak_flops(dtype, device: str = "cpu", size: int = 1024, repeats: int = 6) -> float:

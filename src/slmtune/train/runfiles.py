@@ -102,7 +102,8 @@ def manifest(recipe: Recipe, prep: Prepared) -> dict:
         "quantization": recipe.model.quantization,
         "dtype": recipe.model.dtype,
         "render_mode": prep.renderer.mode,
-        "lora": recipe.lora.model_dump(mode="json"),
+        "method": recipe.method,
+        "lora": recipe.lora.model_dump(mode="json") if recipe.method == "lora" else None,
         "data": {"train": data_fingerprint(recipe.data.train), "eval": data_fingerprint(recipe.data.eval)},
         "versions": versions(),
         "created": now(),
@@ -142,6 +143,15 @@ def read_run(run_dir: Path) -> dict:
     path = run_dir / "manifest.json"
     if not path.is_file():
         raise SlmtuneError(f"{run_dir}: no manifest.json; not a run directory written by `slmtune train`.")
-    if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        raise SlmtuneError(f"{run_dir}/adapter: no adapter; did the run finish?")
+    if not run_weights(run_dir):
+        raise SlmtuneError(f"{run_dir}: no adapter/ (nor model/ of a full fine-tune); did the run finish?")
     return json.loads(path.read_text())
+
+
+def run_weights(run_dir: Path) -> Path | None:
+    """What a finished run trained: its `adapter/` (LoRA, QLoRA) or its `model/` (`method: full`); None if neither."""
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        return run_dir / "adapter"
+    if (run_dir / "model" / "config.json").is_file():
+        return run_dir / "model"
+    return None

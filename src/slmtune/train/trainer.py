@@ -1,8 +1,10 @@
-"""`slmtune train`: a recipe in, a LoRA / QLoRA adapter and a documented run directory out.
+"""`slmtune train`: a recipe in, a LoRA / QLoRA adapter (or, `method: full`, a whole model) and a documented
+run directory out.
 
 Run directory (`output.dir`)::
 
     adapter/            peft adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
+    model/              instead, `method: full`: the whole trained model (safetensors) + tokenizer
     checkpoints/        Trainer checkpoints (every `train.save_steps`), what `--resume` continues from
     recipe.yaml         the resolved recipe (absolute paths)
     manifest.json       base model, quantization, render mode, data fingerprints, task tags, library versions
@@ -37,7 +39,7 @@ from slmtune.train.runfiles import PeakSampler, last_checkpoint, peak_memory_mb,
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
-    adapter_dir: Path
+    weights_dir: Path  # adapter/ (LoRA, QLoRA) or model/ (`method: full`)
     metrics: dict
 
 
@@ -100,23 +102,28 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
             wall = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if prep.eval else {}
-    adapter_dir = run_dir / "adapter"
+    weights_dir = run_dir / ("model" if recipe.method == "full" else "adapter")
     if world_size() > 1:
         write_rank_record(run_dir, trainer)
     if not trainer.is_world_process_zero():
-        return TrainResult(run_dir, adapter_dir, {})
+        return TrainResult(run_dir, weights_dir, {})
     t0 = time.perf_counter()
     with PeakSampler() as save_memory:
+        model = trainer.model
         if data.packed_attention:
             from slmtune.train.attention import restore
 
-            restore(trainer.model.get_base_model(), data.packed_attention)
+            restore(model.get_base_model() if hasattr(model, "get_base_model") else model, data.packed_attention)
         from slmtune.train.fused import unfuse_lora, unfuse_mlps
 
-        unfuse_mlps(trainer.model)
-        unfuse_lora(trainer.model)
-        trainer.model.save_pretrained(adapter_dir)
-        prep.renderer.tokenizer.save_pretrained(adapter_dir)
+        unfuse_mlps(model)
+        unfuse_lora(model)
+        if recipe.method == "full":
+            from slmtune.models import clear_gguf_marker
+
+            clear_gguf_marker(model)
+        model.save_pretrained(weights_dir)
+        prep.renderer.tokenizer.save_pretrained(weights_dir)
     save_s = time.perf_counter() - t0
     metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
     metrics["batching"] = {"mode": data.mode, "token_saving": round(data.saving, 4), "forwards": trainer.forwards,
@@ -130,7 +137,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     metrics["peak_anon_memory_mb"] = max(load_memory.peak, memory.peak)
     if tensors is not None:
         metrics["peak_tensor_memory_mb"] = tensors.peak_mb
-    metrics.update(_utilisation(trainer, metrics, peak))
+    metrics.update(_utilisation(trainer, metrics, peak, full=recipe.method == "full"))
     metrics["phases"] = {
         "load": {"wall_s": round(load_s, 2), "peak_rss_mb": load_memory.peak},
         "train": {"wall_s": round(wall, 2), "peak_rss_mb": memory.peak, "tokens_per_s": metrics["tokens_per_s"],
@@ -138,7 +145,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         "save": {"wall_s": round(save_s, 2), "peak_rss_mb": save_memory.peak},
     }
     write_run_files(recipe, prep, metrics)
-    return TrainResult(run_dir, adapter_dir, metrics)
+    return TrainResult(run_dir, weights_dir, metrics)
 
 
 @contextmanager
@@ -165,7 +172,7 @@ def _device_peak(trainer) -> dict:
     return {"device": device, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": peak_flops(dtype, device)}
 
 
-def _utilisation(trainer, metrics: dict, peak: dict) -> dict:
+def _utilisation(trainer, metrics: dict, peak: dict, full: bool) -> dict:
     """Achieved model FLOP/s and MFU of this process's training (see slmtune.train.flops for the arithmetic)."""
     from slmtune.train.flops import linear_weights, training_flops
 
@@ -173,7 +180,7 @@ def _utilisation(trainer, metrics: dict, peak: dict) -> dict:
     epochs = metrics["epochs_this_run"]
     share = 1 - metrics["batching"]["token_saving"]  # shared-prefix batches compute fewer token-passes
     flops = training_flops(n_linear, n_head, metrics["train_tokens_per_epoch"] * share * epochs,
-                           metrics["target_tokens_per_epoch"] * epochs)
+                           metrics["target_tokens_per_epoch"] * epochs, full=full)
     achieved = flops / metrics["wall_time_s"] if metrics["wall_time_s"] else 0.0
     return {"model_flops": flops, "achieved_flops_per_s": achieved, "device_peak": peak,
             "mfu": achieved / peak["flops_per_s"] if peak["flops_per_s"] else None}
@@ -235,8 +242,9 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any
     if fuse_mlps(model):  # silu(gate) * up as one autograd function: fewer activations kept (train/fused.py)
         data = replace(data, fused_mlp=True)
     lo = recipe.lora
-    lora = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-                      use_dora=lo.use_dora, use_rslora=lo.use_rslora, task_type="CAUSAL_LM")
+    lora = None if recipe.method == "full" else LoraConfig(
+        r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules, use_dora=lo.use_dora,
+        use_rslora=lo.use_rslora, task_type="CAUSAL_LM")
     trainer = trainer_class()(
         model=model, args=args, processing_class=prep.renderer.tokenizer, peft_config=lora,
         train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,

@@ -62,7 +62,7 @@ def export_run(run_dir: str | Path, exports_dir: str | Path, adapter_only: bool 
     if gguf:
         check_gguf_type(gguf, adapter_only)  # before the merge: a refused type costs nothing
     run = _read_run(run_dir)
-    if adapter_only and run["manifest"].get("method") == "full":
+    if adapter_only and run["weights"].name == "model":
         raise SlmtuneError(f"{run_dir}: a full fine-tune (method: full) has no adapter to export.",
                            "Export it merged (drop --adapter-only).")
     task = _task_tags(run["manifest"])
@@ -112,13 +112,14 @@ def _adapter_tokenizer(folder: Path) -> None:
 
 # ----------------------------------------------------------------------------- inputs
 def _read_run(run_dir: Path) -> dict:
-    from slmtune.train.runfiles import read_run
+    from slmtune.train.runfiles import read_run, run_weights
 
     manifest = read_run(run_dir)  # raises a clear error for a folder that is not a finished run
+    weights = run_weights(run_dir)  # adapter/, or model/ of a full fine-tune
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-    return {"dir": run_dir, "manifest": manifest, "recipe": recipe, "metrics": metrics}
+    return {"dir": run_dir, "manifest": manifest, "recipe": recipe, "metrics": metrics, "weights": weights}
 
 
 def _task_tags(manifest: dict) -> dict:

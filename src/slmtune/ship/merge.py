@@ -22,7 +22,7 @@ from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_dir, iter_jsonl, write_json
 from slmtune.render import TOOLS_PREAMBLE, Renderer, make_renderer, prompt_text
 from slmtune.ship.template import save_tokenizer
-from slmtune.train.runfiles import read_run
+from slmtune.train.runfiles import read_run, run_weights
 
 # fp32 merge arithmetic differs from the unmerged path only by rounding; a real mistake (wrong scale, adapter
 # not applied) moves logits by whole units.
@@ -74,26 +74,19 @@ class MergeReport:
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> MergeReport:
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     manifest = read_run(run_dir)
-    if manifest.get("method") == "full":
-        return _save_full(run_dir, out_dir, manifest, dtype)
-    base_path = manifest["base_model"]["path"]
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    weights = run_weights(run_dir)  # adapter/, or model/ of a full fine-tune
+    tokenizer = AutoTokenizer.from_pretrained(weights)
     r = make_renderer(tokenizer)
     prompts = check_prompts(r, manifest)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
-    ref_logits, ref_out = _logits_and_greedy(model, tokenizer, prompts)
-    merged = model.merge_and_unload().eval()
-    new_logits, new_out = _logits_and_greedy(merged, tokenizer, prompts)
-    diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, new_logits, strict=True))
-    if diff > LOGIT_TOLERANCE or ref_out != new_out:
-        raise SlmtuneError(f"merge check failed: max |logit diff| {diff:.3g} (tolerance {LOGIT_TOLERANCE}), "
-                           f"greedy identical: {ref_out == new_out}.", "Nothing was written.")
+    if weights.name == "model":  # nothing to fold in: the trained model is the checkpoint, diff 0 by construction
+        merged = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+        diff, (_, new_out) = 0.0, _logits_and_greedy(merged, tokenizer, prompts)
+    else:
+        merged, diff, new_out = _fold_adapter(manifest["base_model"]["path"], weights, tokenizer, prompts)
     checked = {"run_dir": str(run_dir.resolve()), "base_model": manifest["base_model"]["name"],
                "quantization_trained": manifest.get("quantization"), "prompts_checked": len(prompts),
                "max_abs_logit_diff": diff, "logit_tolerance": LOGIT_TOLERANCE, "greedy_identical": True}
@@ -101,21 +94,23 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "auto") -> 
     return _save_atomically(merged.to(save_dtype), tokenizer, r, out_dir, checked, prompts, new_out)
 
 
-def _save_full(run_dir: Path, out_dir: Path, manifest: dict, dtype: str) -> MergeReport:
-    """A full fine-tune has nothing to fold in: its model/ is saved as the checkpoint (render files added, the
-    reload checked the same way), with a logit diff of 0 by construction."""
+def _fold_adapter(base_path: str, adapter: Path, tokenizer, prompts):
+    """(merged model, max |logit diff|, greedy outputs): the adapter folded into the fp32 base, checked against
+    base+adapter; a failed check raises before anything is written."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
-    r = make_renderer(tokenizer)
-    prompts = check_prompts(r, manifest)
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32).eval()
-    _, out = _logits_and_greedy(model, tokenizer, prompts)
-    checked = {"run_dir": str(run_dir.resolve()), "base_model": manifest["base_model"]["name"],
-               "quantization_trained": manifest.get("quantization"), "prompts_checked": len(prompts),
-               "max_abs_logit_diff": 0.0, "logit_tolerance": LOGIT_TOLERANCE, "greedy_identical": True}
-    return _save_atomically(model.to(_save_dtype(dtype, model)), tokenizer, r, out_dir, checked, prompts, out)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    ref_logits, ref_out = _logits_and_greedy(model, tokenizer, prompts)
+    merged = model.merge_and_unload().eval()
+    new_logits, new_out = _logits_and_greedy(merged, tokenizer, prompts)
+    diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, new_logits, strict=True))
+    if diff > LOGIT_TOLERANCE or ref_out != new_out:
+        raise SlmtuneError(f"merge check failed: max |logit diff| {diff:.3g} (tolerance {LOGIT_TOLERANCE}), "
+                           f"greedy identical: {ref_out == new_out}.", "Nothing was written.")
+    return merged, diff, new_out
 
 
 def _save_dtype(dtype: str, model):

@@ -457,6 +457,7 @@ def test_full_fine_tune_trains_every_weight_and_evals_merges_exports(tiny_model,
     """`method: full`: model/ instead of adapter/, every weight moved, loss fell; eval, merge and export take it."""
     recipe = make_recipe(tmp_path, tiny_model)
     recipe.write_text(recipe.read_text().replace("lr: 2.0e-2", "lr: 1.0e-3") + "method: full\n")
+    pin_precision(recipe, "fp32")  # bf16: test_full_fine_tune_trains_in_bf16
     run = tmp_path / "run"
     assert "model: " in run_cli("train", recipe).output
     assert not (run / "adapter").exists() and (run / "model" / "config.json").is_file()
@@ -484,6 +485,19 @@ def test_full_fine_tune_trains_every_weight_and_evals_merges_exports(tiny_model,
     assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
     result = CliRunner().invoke(app, ["export", str(run), "-o", str(tmp_path / "exports"), "--adapter-only"])
     assert result.exit_code != 0 and "no adapter to export" in result.output + (result.stderr or "")
+
+
+def test_full_fine_tune_trains_in_bf16(tiny_model, tmp_path):
+    """The other precision path of `method: full` (what `auto` picks on an AVX512-BF16 CPU)."""
+    recipe = make_recipe(tmp_path, tiny_model)
+    recipe.write_text(recipe.read_text().replace("lr: 2.0e-2", "lr: 1.0e-3") + "method: full\n")
+    pin_precision(recipe, "bf16")
+    run_cli("train", recipe)
+    ls = losses(tmp_path / "run")
+    assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["precision"]["used"] == "bf16" and m["precision"]["weights_dtype"] == "bfloat16"
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and not (tmp_path / "run" / "adapter").exists()
 
 
 def test_full_fine_tune_refuses_a_quantized_base(tiny_model, tmp_path):

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from slmtune.cli import app
 from slmtune.errors import SlmtuneError
-from slmtune.recipe import Recipe, load_recipe
+from slmtune.recipe import Recipe, load_recipe, resolve_auto
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -40,6 +40,26 @@ def _write(tmp_path, text):
     p = tmp_path / "r.yaml"
     p.write_text(text)
     return p
+
+
+MINIMAL = "name: t\nmodel: {base: some/model}\ndata: {train: train.jsonl}\noutput: {dir: out}\n"
+
+
+@pytest.mark.parametrize("extra, records, params, expected", [
+    ("", 95, 135_000_000, ("full", 2.0, 1.0e-4)),  # a small model, a few hundred records
+    ("", 5000, 135_000_000, ("full", 1.0, 1.0e-4)),  # many records: one pass
+    ("", 95, 1_500_000_000, ("lora", 2.0, 2.0e-4)),  # 0.5 B and up: LoRA
+    ("model: {base: some/model, quantization: 4bit}\n", 95, 135_000_000, ("lora", 2.0, 2.0e-4)),  # QLoRA
+    ("lora: {r: 8}\n", 95, 135_000_000, ("lora", 2.0, 2.0e-4)),  # a lora: section asks for LoRA
+    ("method: full\ntrain: {epochs: 3, lr: 5.0e-5}\n", 95, 1_500_000_000, ("full", 3.0, 5.0e-5)),  # kept
+])
+def test_auto_method_epochs_and_lr_resolve_from_model_and_data_size(tmp_path, extra, records, params, expected):
+    text = MINIMAL.replace("model: {base: some/model}\n", "") if extra.startswith("model") else MINIMAL
+    r = load_recipe(_write(tmp_path, text + extra))
+    if not extra:
+        assert (r.method, r.train.epochs, r.train.lr) == ("auto", "auto", "auto")
+    got = resolve_auto(r, records, params)
+    assert (got.method, got.train.epochs, got.train.lr) == expected
 
 
 def test_relative_data_resolves_against_recipe_folder(tmp_path, monkeypatch):

@@ -116,9 +116,13 @@ class LoraSection(_Strict):
 
 
 class TrainSection(_Strict):
-    epochs: float = Field(1, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Passes over the training data (ignored when max_steps > 0). `auto`: 2 below 1,000 "
+        "training records, else 1 (`auto_epochs`), resolved at train time into the run's recipe.yaml.")
     max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs`.")
-    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Peak learning rate. `auto`: 1e-4 for full fine-tuning, 2e-4 for LoRA (`AUTO_LR`), "
+        "resolved at train time.")
     batch_size: int = Field(4, gt=0, description="Examples per device per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up the LR.")
@@ -224,9 +228,11 @@ class Recipe(_Strict):
     name: str = Field(description="Run name.")
     task: TaskTags | None = Field(None, description="Optional task tags, carried into the run manifest.")
     model: ModelSection
-    method: Literal["lora", "full"] = Field(
-        "lora", description="`lora`: train a LoRA adapter (`lora:`; with model.quantization 4bit, QLoRA) and save "
-        "it in `adapter/`; `full`: train every weight and save the whole model in `model/`.")
+    method: Literal["auto", "lora", "full"] = Field(
+        "auto", description="`lora`: train a LoRA adapter (`lora:`; with model.quantization 4bit, QLoRA) and save "
+        "it in `adapter/`; `full`: train every weight and save the whole model in `model/`; `auto`: lora when "
+        "the recipe has a `lora:` section, else full below 0.5 B parameters (unquantized), else lora (`auto_method`); "
+        "resolved at train time.")
     data: DataSection
     augment: AugmentSection = Field(default_factory=AugmentSection, description="Tool-set augmentation of the "
                                     "training records; all off by default.")
@@ -249,6 +255,37 @@ class Recipe(_Strict):
             raise ValueError("method: full trains every weight, which a quantized base cannot hold (set "
                              "model.quantization: none, or method: lora for QLoRA)")
         return self
+
+
+# ----------------------------------------------------------------------------- `auto` method and schedule
+# Measured on BFCL's development categories (scripts/bench_quality.py, docs/defaults.md): on SmolLM2-135M with
+# ~100 training records, full fine-tuning for 2 epochs at 1e-4 beat LoRA r=16 (1 epoch at 2e-4, 2 epochs at
+# 5e-4). Below FULL_FT_MAX_PARAMS a whole model and its Adam state fit where a LoRA run fits anyway.
+FULL_FT_MAX_PARAMS = 500_000_000
+AUTO_LR = {"full": 1.0e-4, "lora": 2.0e-4}
+FEW_RECORDS = 1000  # below this many training records: 2 epochs, else 1
+
+
+def auto_method(n_params: int, quantization: str = "none") -> str:
+    """`method: auto`: full fine-tuning below 0.5 B parameters (an unquantized base), else LoRA."""
+    return "full" if n_params < FULL_FT_MAX_PARAMS and quantization == "none" else "lora"
+
+
+def auto_epochs(n_records: int) -> float:
+    """`train.epochs: auto`: 2 passes over fewer than 1,000 records, else 1."""
+    return 2.0 if n_records < FEW_RECORDS else 1.0
+
+
+def resolve_auto(recipe: Recipe, n_records: int, n_params: int) -> Recipe:
+    """`recipe` with `auto` method, epochs and lr replaced by numbers (keys set explicitly are kept); `plan` writes
+    the same numbers into the recipes it makes."""
+    method = recipe.method
+    if method == "auto":  # a recipe that configures `lora:` asks for LoRA
+        method = "lora" if "lora" in recipe.model_fields_set else auto_method(n_params, recipe.model.quantization)
+    t = recipe.train
+    train = t.model_copy(update={"epochs": auto_epochs(n_records) if t.epochs == "auto" else t.epochs,
+                                 "lr": AUTO_LR[method] if t.lr == "auto" else t.lr})
+    return recipe.model_copy(update={"method": method, "train": train})
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

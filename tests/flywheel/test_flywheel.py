@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from slmtune.cli import app
 from slmtune.ship.router import route
 from slmtune.synthetic.logs import write_logs
+from slmtune.train.runfiles import run_weights
 
 WEATHER, SENTIMENT = "tool_calling-get_weather", "classification-sentiment"
 
@@ -111,11 +112,12 @@ def test_interrupted_training_resumes_from_its_checkpoint(rounds):
     weather = next(n for n, t in summary(work / "round-002").items() if t["category"] == "tool_calling")
     run = work / "round-002" / "train" / weather
     assert list((run / "checkpoints").glob("checkpoint-*"))
-    (run / "stage.done.json").unlink()  # as if killed after the last checkpoint, before the adapter was saved
-    shutil.rmtree(run / "adapter")
+    weights = run_weights(run)  # model/: the plan's `method` for a model this small is a full fine-tune
+    (run / "stage.done.json").unlink()  # as if killed after the last checkpoint, before the weights were saved
+    shutil.rmtree(weights)
     flywheel(rounds["root"] / "more" / "logs", work, rounds["model"], "--gate", rounds["gate"])
     assert summary(work / "round-002")[weather]["status"] == "resumed"
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert run_weights(run) == weights and list(weights.glob("*.safetensors"))
 
 
 def test_gate_failures_and_skipped_tasks_are_listed_not_exported(rounds, tmp_path):
@@ -172,8 +174,8 @@ def test_seven_task_families_one_round_a_failing_task_stays_alone(tiny_model, tm
 def test_a_round_whose_every_task_fails_exits_non_zero(tiny_model, tmp_path):
     write_logs(tmp_path / "one", 12, seed=12, errands=[WEATHER], formats=("messages",))
     res = cli("flywheel", tmp_path / "one" / "logs", "-w", tmp_path / "work", "--gpu", "cpu", "--base-model",
-              tiny_model, "--max-steps", 2, "--eval-limit", 2, "--min-size", 8, "--set", "lora.target_modules=nope",
-              code=1)
+              tiny_model, "--max-steps", 2, "--eval-limit", 2, "--min-size", 8, "--set", "method=lora",
+              "--set", "lora.target_modules=nope", code=1)
     s = summary(tmp_path / "work" / "round-001")
     assert [t["status"] for t in s.values()] == ["failed"] and "every task of round-001 failed" in res.stderr
     (task,) = s.values()

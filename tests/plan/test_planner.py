@@ -198,3 +198,14 @@ def test_data_stages_do_not_import_the_training_stack():
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("base, method, lr", [("smollm2-135m", "full", 1.0e-4), ("qwen3-1.7b", "lora", 2.0e-4)])
+def test_plan_writes_what_train_resolves_auto_to(tasks_dir, tmp_path, base, method, lr):
+    """Below 0.5 B parameters a full fine-tune (its optimizer state in the estimate), else LoRA; fewer than 1,000
+    records get 2 epochs — the numbers `method/epochs/lr: auto` resolve to at train time."""
+    for path in _plan(tasks_dir, tmp_path / "r", "--gpu", "16gb", "--base-model", base):
+        recipe, text = load_recipe(path), path.read_text()
+        n_train = json.loads((tasks_dir / path.stem / "task.json").read_text())["n_train"]
+        assert n_train < 1000 and (recipe.method, recipe.train.epochs, recipe.train.lr) == (method, 2.0, lr)
+        assert ("optimizer" in text and "Full fine-tune" in text) == (method == "full")

@@ -506,3 +506,17 @@ def test_full_fine_tune_refuses_a_quantized_base(tiny_model, tmp_path):
     result = CliRunner().invoke(app, ["train", str(recipe)])
     assert result.exit_code != 0 and "method: full" in (result.stderr or result.output)
     assert "Traceback" not in result.output
+
+
+def test_a_recipe_naming_only_model_data_and_output_resolves_auto_and_writes_it(tiny_model, tmp_path):
+    """`method`, `train.epochs` and `train.lr` default to `auto`: on the tiny model (far below 0.5 B parameters) and
+    12 records that is a full fine-tune for 2 epochs at 1e-4, trained as such and written to the run's recipe."""
+    write_jsonl(tmp_path / "train.jsonl", weather_records(12, seed=0))
+    (tmp_path / "r.yaml").write_text(f"name: t\nmodel: {{base: {tiny_model}}}\ndata: {{train: train.jsonl}}\n"
+                                     f"output: {{dir: {tmp_path / 'run'}}}\n")
+    run_cli("train", tmp_path / "r.yaml")
+    used = load_recipe(tmp_path / "run" / "recipe.yaml")
+    assert (used.method, used.train.epochs, used.train.lr) == ("full", 2.0, 1.0e-4)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["global_step"] == 6 and m["epochs"] == pytest.approx(2.0)  # 12 records / batch 4 × 2 epochs
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and not (tmp_path / "run" / "adapter").exists()

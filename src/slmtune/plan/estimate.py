@@ -27,6 +27,7 @@ NF4_BYTES_PER_PARAM = 4.127 / 8
 WEIGHT_BYTES = {"none": 2.0, "8bit": 1.0, "4bit": NF4_BYTES_PER_PARAM}
 QUANT_NAMES = {"none": "bf16", "8bit": "int8", "4bit": "nf4"}
 LORA_BYTES_PER_PARAM = 16  # fp32 weight 4 + fp32 grad 4 + AdamW exp_avg 4 + exp_avg_sq 4
+FULL_STATE_BYTES_PER_PARAM = 12  # full fine-tune, beyond the weights: fp32 grad 4 + exp_avg 4 + exp_avg_sq 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Setup:
     batch_size: int = 1
     max_length: int = 512
     grad_ckpt: bool = False
+    full: bool = False  # full fine-tuning: every weight gets a gradient and Adam states (no LoRA)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     w = weight_bytes(arch.block_params, s.quantization, s.fp32) + arch.embedding_params * emb_b
     n_lora = lora_params(arch, s.lora_r)
     lora = n_lora * LORA_BYTES_PER_PARAM
+    if s.full:  # the "lora" term holds the trainable state: an fp32 grad + two Adam moments for every weight
+        lora = arch.params * FULL_STATE_BYTES_PER_PARAM
     per_layer = activation_elems_per_token_layer(arch)
     if s.grad_ckpt:
         acts = tokens * act_b * (arch.hidden * arch.layers + per_layer)
@@ -119,6 +123,8 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     lines = [
         f"weights      {arch.block_params / 1e6:,.0f}M block params × {wq} + "
         f"{arch.embedding_params / 1e6:,.0f}M embedding × {emb_b} B = {fmt_gib(w)}",
+        f"optimizer    {arch.params / 1e6:,.0f}M params (full fine-tune) × 12 B (fp32 grad+2 Adam) = "
+        f"{fmt_gib(lora)}" if s.full else
         f"lora         {n_lora / 1e6:,.1f}M params (r={s.lora_r}, all-linear) × 16 B (fp32 w+grad+2 Adam) = "
         f"{fmt_gib(lora)}",
         f"activations  {act_txt} = {fmt_gib(acts)}",

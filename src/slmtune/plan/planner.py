@@ -1,8 +1,11 @@
 """`slmtune plan`: one recipe per task that fits the GPU, with the memory arithmetic in its header.
 
 Per task: the model is the first of the category's preference list (or `--base-model`) whose estimate fits the
-budget; then the cheapest way to fit it — bf16 LoRA before QLoRA, no gradient checkpointing before
+budget; then the cheapest way to fit it — full fine-tuning for models below 0.5 B parameters (`method: auto`'s
+rule, `slmtune.recipe.auto_method`) before LoRA, bf16 before QLoRA, no gradient checkpointing before
 checkpointing, bigger micro-batches first — with `grad_accum` making up an effective batch of 16 sequences.
+Epochs and learning rate are what `train` gives `auto` (2 epochs below 1,000 records, else 1; lr 1e-4 full,
+2e-4 LoRA), written out.
 
 `max_length` covers the task's longest training record, measured in the candidate model's own tokens as
 `slmtune train` will render it (`slmtune.plan.lengths`: tokenizers + the chat template, no torch), rounded up to a
@@ -31,7 +34,7 @@ from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_open, iter_jsonl, read_json, write_json, write_jsonl
 from slmtune.plan.catalog import CATALOG, ModelSpec, lookup
 from slmtune.plan.estimate import Estimate, GiB, Setup, estimate, fmt_gib
-from slmtune.recipe import Recipe, dump_recipe_yaml, load_recipe
+from slmtune.recipe import AUTO_LR, Recipe, auto_epochs, auto_method, dump_recipe_yaml, load_recipe
 
 # Common cards, for the tests' sweep; `--gpu` takes any size (`slmtune.device.gpu_spec`).
 GPUS = {"cpu": 0, "8gb": 8, "16gb": 16, "24gb": 24, "48gb": 48, "80gb": 80}
@@ -114,11 +117,13 @@ def fit_model(spec: ModelSpec, max_length: int, gpu: str, lora_r: int = 16) -> F
     quants = ["none"] if cpu or spec.gguf else ["none", "4bit"]
     length = min(max_length, spec.context)
     for quant in quants:
-        for bs, ckpt in CPU_LADDER if cpu else BATCH_LADDER:
-            setup = Setup(quant, cpu, lora_r, bs, length, ckpt)
-            est = estimate(spec.arch, setup)
-            if est.total <= budget:
-                return Fit(spec, setup, est, budget)
+        # `method: auto`'s choice (full fine-tuning for small unquantized models), then LoRA if that does not fit
+        for full in dict.fromkeys([auto_method(spec.params, quant) == "full", False]):
+            for bs, ckpt in CPU_LADDER if cpu else BATCH_LADDER:
+                setup = Setup(quant, cpu, lora_r, bs, length, ckpt, full)
+                est = estimate(spec.arch, setup)
+                if est.total <= budget:
+                    return Fit(spec, setup, est, budget)
     return None
 
 
@@ -225,8 +230,10 @@ def plan_task(task_dir: Path, task: dict, out_dir: Path, gpu: str, base_model: s
 def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str, train_file: Path) -> Recipe:
     s = fit.setup
     n_train = max(1, task["n_train"])
+    method = "full" if s.full else "lora"
+    # the numbers `train` gives `auto` (slmtune.recipe.resolve_auto), written out so the recipe shows them
     train: dict = {"batch_size": s.batch_size, "grad_accum": EFFECTIVE_BATCH // s.batch_size,
-                   "gradient_checkpointing": s.grad_ckpt, "epochs": 3 if n_train < 2000 else 1, "lr": 2.0e-4}
+                   "gradient_checkpointing": s.grad_ckpt, "epochs": auto_epochs(n_train), "lr": AUTO_LR[method]}
     if gpu == "cpu":
         train |= {"epochs": 1, "max_steps": cpu_steps(s.batch_size, s.max_length), "grad_accum": 1,
                   "precision": "fp32"}
@@ -240,7 +247,8 @@ def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str, 
         "model": {"base": fit.spec.base, "quantization": s.quantization,
                   "dtype": "float32" if gpu == "cpu" else "auto"},
         "data": data,
-        "lora": {"r": s.lora_r, "alpha": 2 * s.lora_r},
+        "method": method,
+        **({"lora": {"r": s.lora_r, "alpha": 2 * s.lora_r}} if method == "lora" else {}),
         "train": train,
         "output": {"dir": f"runs/{task['name']}"},
     }
@@ -255,7 +263,7 @@ def cpu_steps(batch_size: int, max_length: int) -> int:
 def recipe_header(path: Path, task: dict, fit: Fit, gpu: str, lengths: Lengths) -> str:
     s = fit.setup
     hw = "CPU (2 cores, fp32)" if gpu == "cpu" else f"one {gpu.upper()} GPU"
-    method = "QLoRA (4-bit NF4 base)" if s.quantization == "4bit" else "LoRA"
+    method = "QLoRA (4-bit NF4 base)" if s.quantization == "4bit" else "Full" if s.full else "LoRA"
     lines = [
         f"{method} fine-tune of {fit.spec.hf_id} for task `{task['name']}` ({task['category']}, "
         f"{task['n_train']} train / {task['n_eval']} eval records); written by `slmtune plan`.",

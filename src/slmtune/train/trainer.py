@@ -29,7 +29,7 @@ from rich.text import Text
 from slmtune.device import bf16_verdict, cuda, world_size
 from slmtune.errors import SlmtuneError
 from slmtune.models import keep_4bit_off_cpu_repacking, load_model, pick_dtype
-from slmtune.recipe import Recipe
+from slmtune.recipe import Recipe, resolve_auto
 from slmtune.render import Renderer
 from slmtune.train import options
 from slmtune.train.dataset import Example, Prepared, prepare, to_dataset, token_stats
@@ -89,8 +89,10 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     t0 = time.perf_counter()
     with PeakSampler() as load_memory:
         prep = prepare(recipe)
-        # what the run used: `data.max_length: auto` resolved (the run dir's recipe.yaml shows the number)
-        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": prep.max_length})})
+        # what the run used: `data.max_length`, `method`, `train.epochs` and `train.lr` resolved when `auto`
+        # (the run dir's recipe.yaml shows the numbers)
+        recipe = resolve_auto(recipe.model_copy(update={"data": recipe.data.model_copy(
+            update={"max_length": prep.max_length})}), len(prep.train), _params(prep, recipe))
         trainer, data = _build_trainer(recipe, prep, ckpt_root)
     load_s = time.perf_counter() - t0
     with PeakSampler() as memory:
@@ -146,6 +148,20 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     }
     write_run_files(recipe, prep, metrics)
     return TrainResult(run_dir, weights_dir, metrics)
+
+
+def _params(prep: Prepared, recipe: Recipe) -> int:
+    """The base model's parameter count from its config.json (only `method: auto` needs it)."""
+    if recipe.method != "auto":
+        return 0
+    from slmtune.plan.catalog import from_config_dir
+
+    folder = Path(prep.ref.path)
+    if not (folder / "config.json").is_file():  # a hub id: its cached config
+        from huggingface_hub import hf_hub_download
+
+        folder = Path(hf_hub_download(prep.ref.path, "config.json")).parent
+    return from_config_dir(folder).params
 
 
 @contextmanager

@@ -3,7 +3,7 @@
 
     python scripts/bench_quality.py                 # default sizes (over 1 h on a 2-core CPU: see README)
     python scripts/bench_quality.py --quick         # ~10 minutes: tiny split, short training
-    python scripts/bench_quality.py --arms slmtune --set train.epochs=3    # one ablation of the slmtune arm
+    python scripts/bench_quality.py --arms slmtune --set method=lora    # one ablation of the slmtune arm
 
 Data: the Berkeley Function-Calling Leaderboard (BFCL v4) files shipped in the `bfcl-eval` wheel (installed with
 `--no-deps` by `scripts/setup_env.sh bench`; only its data and checker are used). Only the development categories
@@ -25,7 +25,8 @@ Arms, each run the way a user would (the `slmtune` CLI with its defaults, unless
                  `max_length` (1,024: its padded batches of 2,048-token records ran out of 24 GB here); merged
                  and evaluated by `slmtune eval` like the others;
 * slmtune      — `slmtune ingest` → `slmtune curate` → `slmtune train` on a recipe naming only the model, the data
-                 and the output directory → `slmtune eval` (free decoding);
+                 and the output directory (so `method`, `train.epochs`, `train.lr` are `auto`: for SmolLM2-135M on
+                 ~100 records a full fine-tune, 2 epochs at 1e-4; docs/defaults.md) → `slmtune eval` (free decoding);
 * constrained  — the same model decoded with `slmtune eval --constrained` (llguidance grammar from each record's
                  offered tools).
 

@@ -487,17 +487,23 @@ def test_full_fine_tune_trains_every_weight_and_evals_merges_exports(tiny_model,
     assert result.exit_code != 0 and "no adapter to export" in result.output + (result.stderr or "")
 
 
-def test_full_fine_tune_trains_in_bf16(tiny_model, tmp_path):
-    """The other precision path of `method: full` (what `auto` picks on an AVX512-BF16 CPU)."""
+@pytest.mark.parametrize("dtype, weights", [("auto", "float32"), ("bfloat16", "bfloat16")])
+def test_full_fine_tune_trains_in_bf16(tiny_model, tmp_path, dtype, weights):
+    """The other precision path of `method: full` (what `auto` picks on an AVX512-BF16 CPU): bf16 compute over fp32
+    master weights with `model.dtype: auto` (a bf16 weight would round most small updates away), bf16 weights when
+    the recipe asks for them."""
     recipe = make_recipe(tmp_path, tiny_model)
-    recipe.write_text(recipe.read_text().replace("lr: 2.0e-2", "lr: 1.0e-3") + "method: full\n")
-    pin_precision(recipe, "bf16")
+    text = recipe.read_text().replace("lr: 2.0e-2", "lr: 1.0e-3") + "method: full\n"
+    recipe.write_text(text.replace("scheduler: constant,", "scheduler: constant, precision: bf16,")
+                      .replace("model: {base:", f"model: {{dtype: {dtype}, base:"))
     run_cli("train", recipe)
     ls = losses(tmp_path / "run")
     assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["precision"]["used"] == "bf16" and m["precision"]["weights_dtype"] == "bfloat16"
-    assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and not (tmp_path / "run" / "adapter").exists()
+    assert m["precision"]["used"] == "bf16" and m["precision"]["weights_dtype"] == weights
+    saved = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert {str(t.dtype).removeprefix("torch.") for t in saved.values()} == {weights}
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_full_fine_tune_refuses_a_quantized_base(tiny_model, tmp_path):

@@ -103,8 +103,9 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     """Peak training memory of `arch` under setup `s`, with the arithmetic as text lines."""
     act_b = 4 if s.fp32 else 2
     tokens = s.batch_size * s.max_length
-    emb_b = 4 if s.fp32 else 2
-    w = weight_bytes(arch.block_params, s.quantization, s.fp32) + arch.embedding_params * emb_b
+    master = s.fp32 or s.full  # a full fine-tune keeps fp32 master weights (bf16 autocast computes)
+    emb_b = 4 if master else 2
+    w = weight_bytes(arch.block_params, s.quantization, master) + arch.embedding_params * emb_b
     n_lora = lora_params(arch, s.lora_r)
     lora = n_lora * LORA_BYTES_PER_PARAM
     if s.full:  # the "lora" term holds the trainable state: an fp32 grad + two Adam moments for every weight
@@ -118,7 +119,7 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
         act_txt = f"{tokens} tok × {act_b} B × {per_layer:,} elems × {arch.layers} layers"
     logit_b = act_b + 8
     logits = tokens * arch.vocab * logit_b
-    wq = "fp32 4 B" if s.fp32 and s.quantization == "none" else \
+    wq = "fp32 4 B" if master and s.quantization == "none" else \
         f"{QUANT_NAMES[s.quantization]} {WEIGHT_BYTES[s.quantization]:.3g} B"
     lines = [
         f"weights      {arch.block_params / 1e6:,.0f}M block params × {wq} + "

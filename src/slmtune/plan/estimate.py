@@ -107,9 +107,8 @@ def estimate(arch: Arch, s: Setup) -> Estimate:
     emb_b = 4 if master else 2
     w = weight_bytes(arch.block_params, s.quantization, master) + arch.embedding_params * emb_b
     n_lora = lora_params(arch, s.lora_r)
-    lora = n_lora * LORA_BYTES_PER_PARAM
-    if s.full:  # the "lora" term holds the trainable state: an fp32 grad + two Adam moments for every weight
-        lora = arch.params * FULL_STATE_BYTES_PER_PARAM
+    # the trainable state: the adapters' (weights, grads, Adam), or a full fine-tune's grad + Adam for every weight
+    lora = arch.params * FULL_STATE_BYTES_PER_PARAM if s.full else n_lora * LORA_BYTES_PER_PARAM
     per_layer = activation_elems_per_token_layer(arch)
     if s.grad_ckpt:
         acts = tokens * act_b * (arch.hidden * arch.layers + per_layer)

@@ -18,17 +18,20 @@ Entries are split by a fixed seed, stratified by category, into `--train` and `-
 
 Arms, each run the way a user would (the `slmtune` CLI with its defaults, unless `--set` measures an option):
 
-* base         — `slmtune eval` of the untuned base model (`--max-new-tokens 160`: it rarely stops by itself);
+* base         — `slmtune eval --decoding free` of the untuned base model (`--max-new-tokens 160`: it rarely stops
+                 by itself), prompted as a user without slmtune would;
 * trl          — a plain TRL script written from TRL's docs: `SFTTrainer` on the same training records (messages
                  rendered as slmtune renders them, so the model sees the same tools; prompt/completion format so the
                  loss is on the answer), LoRA r=16 on all linear layers, lr 2e-4, 1 epoch, fp32, TRL's own
                  `max_length` (1,024: its padded batches of 2,048-token records ran out of 24 GB here); merged
-                 and evaluated by `slmtune eval` like the others;
+                 and evaluated by `slmtune eval --decoding free` (plain greedy generation, what that user has);
 * slmtune      — `slmtune ingest` → `slmtune curate` → `slmtune train` on a recipe naming only the model, the data
                  and the output directory (so `method`, `train.epochs`, `train.lr` are `auto`: for SmolLM2-135M on
-                 ~100 records a full fine-tune, 2 epochs at 1e-4; docs/defaults.md) → `slmtune eval` (free decoding);
-* constrained  — the same model decoded with `slmtune eval --constrained` (llguidance grammar from each record's
-                 offered tools).
+                 ~100 records a full fine-tune, 2 epochs at 1e-4; docs/defaults.md) → `slmtune eval` with its
+                 defaults (tool calls decoded under the llguidance grammar of each record's offered tools, a text
+                 answer allowed, as `slmtune serve` decodes them);
+* free         — (not run by default) the same model decoded free (`slmtune eval --constrained` compares both in
+                 one run): what training alone does.
 
 Scoring: every prediction (an OpenAI assistant message) is decoded as BFCL decodes an OpenAI function-calling
 model's output (`[{name: arguments}]`) and checked by `bfcl_eval`'s `ast_checker` against the category's possible
@@ -54,7 +57,8 @@ CATEGORIES = ("live_multiple", "parallel_multiple", "live_parallel", "live_paral
               "live_irrelevance")
 IRRELEVANCE = ("irrelevance", "live_irrelevance")
 NO_CALL = "None of the offered functions fits this request, so I cannot call one."
-ARMS = ("base", "trl", "slmtune", "constrained")
+ARMS = ("base", "trl", "slmtune", "free")
+DEFAULT_ARMS = ("base", "trl", "slmtune")
 # The untuned model rarely stops on its own: it would fill the whole budget (1.5 × the longest test target + 16,
 # ~330 tokens) on most records. Its answers are cut at 160 tokens, which only a few parallel calls need more than.
 BASE_MAX_NEW_TOKENS = 160
@@ -253,7 +257,7 @@ def run(a) -> dict:
 
     if "base" in a.arms:
         slmtune("eval", "--data", test_data, "--model", a.model, "--baseline", "none", "-o", work / "eval-base",
-                "--max-new-tokens", str(BASE_MAX_NEW_TOKENS), *extra_eval, log=log)
+                "--max-new-tokens", str(BASE_MAX_NEW_TOKENS), "--decoding", "free", *extra_eval, log=log)
         rows["base"] = predictions(work / "eval-base")["tuned"]
     if "trl" in a.arms:
         trl_out = work / "trl"
@@ -265,9 +269,9 @@ def run(a) -> dict:
                 sys.exit(f"the TRL arm failed; see {log}")
         results["train_time_s"]["trl"] = json.loads((trl_out / "train.json").read_text())["train_time_s"]
         slmtune("eval", "--data", test_data, "--model", trl_out / "model", "--baseline", "none", "-o",
-                work / "eval-trl", *extra_eval, log=log)
+                work / "eval-trl", "--decoding", "free", *extra_eval, log=log)
         rows["trl"] = predictions(work / "eval-trl")["tuned"]
-    if "slmtune" in a.arms or "constrained" in a.arms:
+    if "slmtune" in a.arms or "free" in a.arms:
         import yaml
 
         recipe = {"name": "bfcl", "model": {"base": a.model}, "data": {"train": str(data / "train.jsonl")},
@@ -276,19 +280,22 @@ def run(a) -> dict:
         sets = [x for s in a.set for x in ("--set", s)]
         t0 = time.perf_counter()
         slmtune("train", work / "recipe.yaml", *sets, log=log)
-        results["train_time_s"]["slmtune"] = round(time.perf_counter() - t0, 1)
-        results["train_time_s"]["constrained"] = results["train_time_s"]["slmtune"]
-        cons = ["--constrained"] if "constrained" in a.arms else []
+        results["train_time_s"]["slmtune"] = results["train_time_s"]["free"] = round(time.perf_counter() - t0, 1)
+        # slmtune's default decoding alone, or (with the free arm) `--constrained`: free + grammar in one report
+        how = ["--constrained"] if "free" in a.arms else []
         slmtune("eval", "--data", test_data, "--model", work / "run", "--baseline", "none", "-o",
-                work / "eval-slmtune", *cons, *extra_eval, log=log)
+                work / "eval-slmtune", *how, *extra_eval, log=log)
         got = predictions(work / "eval-slmtune")
+        if "free" in a.arms:
+            rows["free"] = got["tuned"]
         if "slmtune" in a.arms:
-            rows["slmtune"] = got["tuned"]
-        if "constrained" in a.arms:
-            rows["constrained"] = got["tuned+constrained"]
+            rows["slmtune"] = got["tuned+constrained" if how else "tuned"]
         report = json.loads((work / "eval-slmtune" / "report.json").read_text())
-        results["failures"] = {row: {k: v["count"] for k, v in (m.get("failures") or {}).get("kinds", {}).items()}
-                               for row, m in report["models"].items() if m.get("failures")}
+        tuned = {"free": report["models"]["tuned"], "slmtune": report["constrained"]["tuned"]} if how else {
+            "slmtune": report["models"]["tuned"]}
+        results["failures"] = {arm: {k: v["count"] for k, v in m["failures"]["kinds"].items()}
+                               for arm, m in tuned.items() if arm in a.arms and m.get("failures")}
+        results["decoding"] = {arm: m["perf"]["decoding"] for arm, m in tuned.items() if arm in a.arms}
         results["slmtune_metrics"] = json.loads((work / "run" / "metrics.json").read_text())
         results["slmtune_metrics"].pop("train_loss", None)
 
@@ -330,8 +337,10 @@ def print_table(results: dict) -> None:
         print(f"{k:24}{n:>5} {row}")
     times = results["train_time_s"]
     print(f"{'train time (s)':30}" + "".join(f"{times.get(a, '-'):>22}" for a in arms))
-    for row, kinds in (results.get("failures") or {}).items():
-        print(f"failure kinds ({row}, slmtune eval): " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
+    for arm, kinds in (results.get("failures") or {}).items():
+        how = (results.get("decoding") or {}).get(arm, "")
+        listed = ", ".join(f"{k} {n}" for k, n in kinds.items())
+        print(f"failure kinds ({arm}, {how} decoding; slmtune eval): {listed}")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -359,7 +368,7 @@ def main() -> None:
     p.add_argument("--train", type=int, default=100, help="training logs (stratified by category)")
     p.add_argument("--test", type=int, default=100, help="held-out logs (stratified by category)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--set", action="append", default=[], help="recipe override for the slmtune arm (key=value)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N test records")
     p.add_argument("--quick", action="store_true", help="16 train / 12 test logs, 4 training steps (~10 min)")

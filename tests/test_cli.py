@@ -40,11 +40,13 @@ CHOICES = [
     ("serve", "--engine", ["embedded", "vllm"]),
     ("export", "--gguf", ["f16", "q8_0", "q4_0", "q4_k_m"]),
     ("flywheel", "--gguf", ["f16", "q8_0", "q4_0", "q4_k_m"]),
+    ("eval", "--decoding", ["auto", "free", "constrained"]),
 ]
 # Enough for every command's required arguments, so only the option under test is wrong.
 ARGS = {"ingest": ["x.jsonl", "-o", "r.jsonl"], "curate": ["r.jsonl", "-o", "c.jsonl"],
         "cluster": ["c.jsonl", "-o", "tasks"], "merge": ["run", "-o", "m"], "serve": ["work"],
-        "plan": ["tasks", "-o", "r"], "flywheel": ["logs", "-w", "work"], "export": ["run", "-o", "e"]}
+        "plan": ["tasks", "-o", "r"], "flywheel": ["logs", "-w", "work"], "export": ["run", "-o", "e"],
+        "eval": ["--data", "d.jsonl", "-o", "out"]}
 
 
 @pytest.mark.parametrize("command, option, choices", CHOICES, ids=[f"{c} {o}" for c, o, _ in CHOICES])
@@ -66,6 +68,9 @@ def test_enum_choices_match_what_the_stages_accept():
     from slmtune.ship.gguf_export import GGUF_TYPES
 
     assert all(tuple(c) == GGUF_TYPES for _, o, c in CHOICES if o == "--gguf")
+    from slmtune.eval.evaluate import DECODINGS
+
+    assert [tuple(c) for _, o, c in CHOICES if o == "--decoding"] == [DECODINGS]
 
 
 @pytest.mark.parametrize("command", ["plan", "flywheel"])

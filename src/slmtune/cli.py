@@ -79,6 +79,7 @@ Scrubber = _choice("Scrubber", "regex", "presidio")
 Embedder = _choice("Embedder", "tfidf", "minilm")
 SaveDtype = _choice("SaveDtype", "auto", "float32", "bfloat16", "float16")
 Engine = _choice("Engine", "embedded", "vllm")
+Decoding = _choice("Decoding", "auto", "free", "constrained")  # = eval.evaluate.DECODINGS (tested)
 GgufType = _choice("GgufType", "f16", "q8_0", "q4_0", "q4_k_m")  # = ship.gguf_export.GGUF_TYPES (tested)
 GPU_HELP = "auto (CUDA device 0's memory, else cpu), cpu, or the card's memory: 8gb, 12gb, 24gb, 7.5gb, …"
 
@@ -272,8 +273,13 @@ def eval_(
     predictions: Annotated[
         Optional[Path], typer.Option("--predictions", help="Score existing outputs: {id, message|text} lines.")
     ] = None,
+    decoding: Annotated[Decoding, typer.Option(
+        "--decoding", help="How model rows are decoded: auto = under the task's grammar for tool-calling tasks "
+        "when llguidance is installed (as serve does), else free; constrained also covers extraction and labels.")
+    ] = Decoding.auto,
     constrained: Annotated[
-        bool, typer.Option("--constrained", help="Also decode under the task's grammar (needs llguidance).")
+        bool, typer.Option("--constrained", help="Compare: decode free, and the primary model also under the "
+                           "task's grammar (report section `constrained`; needs llguidance).")
     ] = False,
     gate: Annotated[
         Optional[Path], typer.Option("--gate", help="Thresholds per metric (JSON/YAML); exit 3 when one is missed.")
@@ -295,7 +301,7 @@ def eval_(
         result = evaluate(data, out, model=model, baseline=baseline, predictions=predictions,
                           constrained=constrained, gate=gate, limit=limit, progress=tick,
                           settings=GenSettings(batch_size=batch_size, batch_tokens=batch_tokens or None,
-                                               max_new_tokens=max_new_tokens))
+                                               max_new_tokens=max_new_tokens, decoding=decoding.value))
     typer.echo(markdown(result.report))
     typer.echo(f"report: {out / 'report.json'}")
     if not result.gate_passed:
@@ -522,8 +528,10 @@ def serve(
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", min=1, help="Most tokens an export generates (a request's max_tokens may lower it).")
                               ] = 512,
-    constrained: Annotated[bool, typer.Option(
-        "--constrained", help="Decode under the task's grammar, as eval --constrained (needs llguidance).")] = False,
+    constrained: Annotated[Optional[bool], typer.Option(
+        "--constrained/--no-constrained", help="Decode under the task's grammar. Default: tool-calling routes do "
+        "(as eval's --decoding auto); --constrained: extraction JSON and labels too; --no-constrained: none.")
+    ] = None,
     sample: Annotated[bool, typer.Option(
         "--sample", help="Honour temperature > 0 (default: greedy, as eval scored the model).")] = False,
     slm_timeout: Annotated[float, typer.Option(

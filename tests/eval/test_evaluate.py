@@ -182,6 +182,31 @@ def test_tiny_model_end_to_end_constrained(tiny, weather, tmp_path):
     perf = report["models"]["tuned"]["perf"]
     assert perf["generated_tokens"] == sum(line["outputs"]["tuned"]["n_tokens"] for line in lines)
     assert "base" not in report["models"]  # a plain checkpoint has no implied baseline
+    # --constrained compares: the models rows decoded free, the constrained section under the grammar
+    assert (perf["decoding"], cons["perf"]["decoding"]) == ("free", "constrained")
+    assert report["decoding"] == {"requested": "free", "used": "free"}
+
+
+@pytest.mark.slow
+def test_tool_calls_decode_under_the_grammar_by_default(tiny, weather, tmp_path):
+    """`--decoding auto` (the default) decodes a tool-calling task as `serve` does: every call names an offered
+    tool with schema-valid arguments; `--decoding free` lets the tiny random model write whatever it likes."""
+    got, run = {}, make_run_dir(tiny, tmp_path / "run")
+    for decoding in ("auto", "free"):
+        res = invoke("eval", "--model", run, "--data", weather, "-o", tmp_path / decoding, "--limit", "4",
+                     *(["--decoding", decoding] if decoding != "auto" else []))
+        assert res.exit_code == 0, res.output
+        got[decoding] = json.loads((tmp_path / decoding / "report.json").read_text())
+    auto, free = got["auto"], got["free"]
+    assert auto["decoding"] == {"requested": "auto", "used": "constrained"} and "constrained" not in auto
+    assert free["decoding"] == {"requested": "free", "used": "free"}
+    for row in ("tuned", "base"):  # the base row is decoded as the tuned one, so the two compare
+        assert auto["models"][row]["perf"]["decoding"] == "constrained"
+        assert free["models"][row]["perf"]["decoding"] == "free"
+        m = auto["models"][row]["metrics"]
+        assert m["parse_rate"]["value"] == 1.0 and m["schema_valid_rate"]["value"] == 1.0, m
+        assert m["tool_name_accuracy"]["value"] == 1.0  # the one offered tool is the only name the grammar allows
+    assert free["models"]["tuned"]["metrics"]["schema_valid_rate"]["value"] < 1.0  # so the grammar did the work
 
 
 @pytest.mark.slow
@@ -247,7 +272,7 @@ def make_run_dir(base: Path, run: Path) -> Path:
 def test_run_dir_is_evaluated_against_its_base(tiny, weather, tmp_path):
     run = make_run_dir(tiny, tmp_path / "run")
     res = invoke("eval", "--model", run, "--data", weather, "-o", tmp_path / "out", "--limit", "3",
-                 "--max-new-tokens", "12")
+                 "--max-new-tokens", "12", "--decoding", "free")
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["models"]) == {"tuned", "base", "teacher"} and report["n"] == 3
@@ -283,4 +308,5 @@ def test_text_task_scores_overlap_and_skips_constraint(tiny, tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["models"]["tuned"]["metrics"]) == {"parse_rate", "token_f1", "rouge_l", "exact_match"}
     assert report["constrained"]["skipped"] and "tuned" not in report["constrained"]
+    assert report["models"]["tuned"]["perf"]["decoding"] == "free"  # a text task has no grammar
     assert report["models"]["teacher"]["metrics"]["rouge_l"] == {"value": 1.0, "count": 3}

@@ -65,6 +65,7 @@ def servers(work, upstream):
     configs = {
         "main": dict(upstream=upstream["url"] + "/v1"),
         "constrained": dict(upstream=upstream["url"] + "/v1", constrained=True),
+        "free": dict(upstream=upstream["url"] + "/v1", constrained=False),
         "locked": dict(api_key_env="SLMTUNE_TEST_KEY", max_body_bytes=20_000, min_score=(("*", 0.5),)),
         "impatient": dict(upstream=upstream["url"] + "/v1", slm_timeout_s=0.001),
     }
@@ -124,10 +125,16 @@ def test_routed_tool_call_is_answered_by_its_export_or_falls_back_with_a_reason(
 
 
 def test_constrained_decoding_passes_the_guard_and_the_export_answers(work, servers):
-    server = servers("constrained")
+    """By default a tool-calling route decodes under the request's tools grammar: with tool_choice "required"
+    (no text answer allowed) even the 2-step tiny model writes a call that passes the guard, which it does not
+    when decoding free."""
     log = work["weather_logs"][1]
     # 400 tokens: room for the grammar's longest call (free strings hold up to 256 characters while serving)
-    resp, headers = ask(server, **log["request"], max_tokens=400, parallel_tool_calls=False)
+    request = {**log["request"], "max_tokens": 400, "parallel_tool_calls": False, "tool_choice": "required"}
+    _, headers = ask(servers("free"), **request)
+    assert headers["x-slmtune-fallback"] in ("invalid_output", "schema_invalid")
+    server = servers("main")
+    resp, headers = ask(server, **request)
     assert "x-slmtune-fallback" not in headers
     assert headers["x-slmtune-route"] == work["weather"]["task"]
     assert resp.model == Path(work["weather"]["checkpoint"]).name
@@ -137,16 +144,21 @@ def test_constrained_decoding_passes_the_guard_and_the_export_answers(work, serv
     jsonschema.validate(json.loads(call.function.arguments), log["request"]["tools"][0]["function"]["parameters"])
     assert resp.usage.completion_tokens > 0
 
-    label_log = work["sentiment_logs"][0]
-    resp, headers = ask(server, **label_log["request"], max_tokens=32)
+    named = {**request, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    resp, headers = ask(servers("constrained"), **named)
+    assert "x-slmtune-fallback" not in headers and resp.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+    label_log = work["sentiment_logs"][0]  # labels are decoded under their grammar with --constrained only
+    resp, headers = ask(servers("constrained"), **label_log["request"], max_tokens=32)
     assert headers["x-slmtune-route"] == work["sentiment"]["task"] and "x-slmtune-fallback" not in headers
     labels = json.loads(Path(work["sentiment"]["checkpoint"], "slmtune.json").read_text())["task"]["schema"]["enum"]
     assert resp.choices[0].message.content in labels
 
 
 def test_streamed_export_answer_matches_the_whole_one(work, servers):
-    server = servers("constrained")
-    request = {**work["weather_logs"][2]["request"], "max_tokens": 400, "parallel_tool_calls": False}
+    server = servers("main")
+    request = {**work["weather_logs"][2]["request"], "max_tokens": 400, "parallel_tool_calls": False,
+               "tool_choice": "required"}
     whole, _ = ask(server, **request)
     raw = server["client"].chat.completions.with_raw_response.create(
         **request, stream=True, stream_options={"include_usage": True})

@@ -4,8 +4,11 @@ Every model evaluated generates the target turn of every eval record from the pr
 (the training rendering, tools included), batched and greedy; its text is parsed back with
 `render.parse_output` and scored against the teacher's own target by `slmtune.eval.metrics`, per the task's
 category and schema (`task.json` beside the data, else inferred with `slmtune.tasks.schema`). `--predictions`
-scores existing outputs instead of generating. `--constrained` also decodes the primary model under the
-task's grammar (`slmtune.eval.constrain`).
+scores existing outputs instead of generating. `--decoding` says how model rows are decoded: `auto` (the
+default) decodes a tool-calling task under its grammar (`slmtune.eval.constrain`: a call must name an offered tool
+with schema-valid arguments, or be a text answer when some teacher targets are text) when llguidance is
+installed, as `slmtune serve` does, and every other task free; `free` / `constrained` force one way.
+`--constrained` compares both: the rows decoded free, plus the primary model under the grammar.
 
 Output directory::
 
@@ -33,12 +36,16 @@ Output directory::
               classification → parse_rate, schema_valid_rate, label_accuracy; summarization / coding /
               generation → parse_rate, token_f1, rouge_l, exact_match. `perf` (generated rows, else null):
               {"batch_size", "batch_tokens", "max_new_tokens", "render_mode", "wall_s", "s_per_record",
-              "generated_tokens", "tokens_per_s", "unfinished"} (unfinished = outputs cut by max_new_tokens).
+              "generated_tokens", "tokens_per_s", "unfinished", "decoding"} (unfinished = outputs cut by
+              max_new_tokens; decoding = "free" | "constrained", as this row was decoded).
               `missing`: records without a prediction (predictions row only; scored as empty output).
               `failures` (tool_calling tasks, every row but the teacher's): {"n", "failed", "kinds": {kind:
               {"count", "examples": [{"id", "expected", "got", "detail"}] (at most 2)}}}, one primary kind per
               failed record, precedence no_call > unwanted_call > unparsed > wrong_function > wrong_count >
               missing_argument > extra_argument > wrong_type > wrong_value (`slmtune.eval.failures`).
+    decoding  {"requested": auto | free | constrained, "used": free | constrained}: how the model rows were
+              decoded (used = free when nothing was generated, the task has no grammar, or auto found no
+              llguidance; --constrained decodes them free)
     constrained   present with --constrained: {row: same shape as in models} for the primary model,
               plus "backend": "llguidance"; for text tasks only {"backend", "skipped": reason}
     gate      null without --gate, else {"passed": bool, "thresholds": {...}, "failures": [{"metric", "value",
@@ -56,7 +63,7 @@ from typing import Any
 from slmtune.errors import SlmtuneError
 from slmtune.eval.failures import failure_report
 from slmtune.eval.generate import MAX_BATCH_TOKENS
-from slmtune.eval.metrics import TOOL_CALLING, aggregate, score
+from slmtune.eval.metrics import CLASSIFICATION, EXTRACTION, TOOL_CALLING, aggregate, score
 from slmtune.io import file_fingerprint, iter_jsonl
 from slmtune.records import CATEGORIES, split_prompt_target
 from slmtune.records import read_records as read_canonical
@@ -224,11 +231,32 @@ class GenSettings:
     batch_tokens: int | None = MAX_BATCH_TOKENS  # rows × (widest prompt + budget) per batch (`token_batches`)
     max_new_tokens: int | None = None  # None: from the teacher targets (`generate.token_budget`)
     dtype: str = "auto"
+    decoding: str = "auto"  # auto | free | constrained (`decoding_for`)
 
 
-def generate_rows(ref: ModelRef, name: str, records: list[dict], task: Task, gs: GenSettings,
-                  constrained: bool, progress: Progress) -> list[Row]:
-    """The model's row (and its constrained row) over `records`."""
+DECODINGS = ("auto", "free", "constrained")
+
+
+def decoding_for(requested: str, category: str) -> str:
+    """How model rows are decoded: `auto` = under the grammar for tool-calling tasks when llguidance is
+    installed (as serving does), else free; a task without a grammar (text tasks) is always decoded free."""
+    from slmtune.eval import constrain
+
+    if requested not in DECODINGS:
+        raise SlmtuneError(f"decoding {requested!r} is not one of {', '.join(DECODINGS)}.")
+    if requested == "auto":
+        return "constrained" if category == TOOL_CALLING and constrain.available() else "free"
+    if requested == "constrained":
+        if category not in (TOOL_CALLING, EXTRACTION, CLASSIFICATION):
+            return "free"
+        constrain.require()
+    return requested
+
+
+def generate_rows(ref: ModelRef, name: str, records: list[dict], task: Task, gs: GenSettings, decoding: str,
+                  progress: Progress, compare: bool = False) -> list[Row]:
+    """The model's row over `records`, decoded `decoding` (free | constrained); with `compare` also its
+    "<name>+constrained" row."""
     from slmtune.eval.generate import generate, stop_ids, token_budget
     from slmtune.render import make_renderer, prompt_text, target_text
 
@@ -236,15 +264,18 @@ def generate_rows(ref: ModelRef, name: str, records: list[dict], task: Task, gs:
     r = make_renderer(tok)
     prompts = [prompt_text(r, rec) for rec in records]
     budget = gs.max_new_tokens or token_budget(tok, [target_text(r, rec) for rec in records])
-    rows = [_run(name, ref, generate(model, tok, prompts, budget, gs.batch_size, progress=_label(progress, name),
-                                  max_batch_tokens=gs.batch_tokens),
-                 gs, budget, r.mode)]
-    factory = _grammar_factory(model, tok, records, task, stop_ids(tok, model)) if constrained else None
-    if factory is not None:
-        cbudget = gs.max_new_tokens or 2 * budget  # room for the grammar's longest strings (see constrain.caps_from)
-        gens = generate(model, tok, prompts, cbudget, gs.batch_size, factory, _label(progress, f"{name}+constrained"),
+    grammar = decoding == "constrained" or compare
+    factory = _grammar_factory(model, tok, records, task, stop_ids(tok, model)) if grammar else None
+    cbudget = gs.max_new_tokens or 2 * budget  # room for the grammar's longest strings (see constrain.caps_from)
+    runs = [(name, factory if decoding == "constrained" else None)]
+    if compare and factory is not None:
+        runs.append((f"{name}+constrained", factory))
+    rows = []
+    for row_name, fac in runs:
+        b = budget if fac is None else cbudget
+        gens = generate(model, tok, prompts, b, gs.batch_size, fac, _label(progress, row_name),
                         max_batch_tokens=gs.batch_tokens)
-        rows.append(_run(f"{name}+constrained", ref, gens, gs, cbudget, r.mode))
+        rows.append(_run(row_name, ref, gens, gs, b, r.mode, "free" if fac is None else "constrained"))
     return rows
 
 
@@ -270,7 +301,7 @@ def _label(progress: Progress, name: str) -> Progress:
     return lambda stage, done, total: progress(f"{name}: {stage}", done, total)
 
 
-def _run(name: str, ref: ModelRef, gens: list, gs: GenSettings, budget: int, mode: str) -> Row:
+def _run(name: str, ref: ModelRef, gens: list, gs: GenSettings, budget: int, mode: str, decoding: str) -> Row:
     from slmtune.eval.generate import wall_time
     from slmtune.render import parse_output
 
@@ -282,7 +313,7 @@ def _run(name: str, ref: ModelRef, gens: list, gs: GenSettings, budget: int, mod
             "render_mode": mode, "wall_s": round(wall, 3),
             "s_per_record": round(wall / max(len(gens), 1), 4), "generated_tokens": tokens,
             "tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
-            "unfinished": sum(not g.finished for g in gens)}
+            "unfinished": sum(not g.finished for g in gens), "decoding": decoding}
     return Row(name, ref.kind, ref.spec, outs, perf)
 
 
@@ -313,22 +344,28 @@ def evaluate(data: str | Path, out_dir: str | Path, model: str | None = None, ba
         raise SlmtuneError("Nothing to evaluate.", "Give --model MODEL_OR_RUN_DIR and/or --predictions PRED.jsonl.")
     if constrained and model is None:
         raise SlmtuneError("--constrained needs --model (it decodes under the task's grammar).")
+    if constrained and settings.decoding == "constrained":
+        raise SlmtuneError("--constrained compares free and constrained decoding; drop --decoding constrained.")
     thresholds = eval_report.read_gate(Path(gate)) if gate else None
     records = read_records(data)[:limit] if limit else read_records(data)
     task = load_task(data, records)
+    decoding = "free" if constrained else decoding_for(settings.decoding, task.category)
     rows: list[Row] = []
     if model is not None:
         ref = resolve_model(model)
-        rows += generate_rows(ref, "tuned", records, task, settings, constrained, tick)
+        rows += generate_rows(ref, "tuned", records, task, settings, decoding, tick, compare=constrained)
         base = _baseline(ref, baseline)
         if base is not None:
-            rows += generate_rows(base, "base", records, task, settings, False, tick)
+            rows += generate_rows(base, "base", records, task, settings, decoding, tick)
     if predictions is not None:
         rows.append(read_predictions(Path(predictions), records))
     rows.append(teacher_row(records))
     for row in rows:
         score_row(row, records, task)
     report = _report(data, task, records, rows, primary="tuned" if model is not None else "predictions")
+    used = {(r.perf or {}).get("decoding") for r in rows} - {None, "free"}
+    report["decoding"] = {"requested": "free" if constrained else settings.decoding,
+                          "used": "constrained" if "constrained" in used and not constrained else "free"}
     if constrained and "constrained" not in report:
         report["constrained"] = {"backend": "llguidance", "skipped": f"{task.category} tasks have no output grammar"}
     report["gate"] = eval_report.check_gate(report, thresholds) if thresholds is not None else None

@@ -76,6 +76,8 @@ class Params:
     constrained: bool = False  # decode under the task's grammar
     max_calls: int = GRAMMAR_CAPS[2]  # most tool calls the grammar allows (1 when parallel_tool_calls is false)
     timeout_s: float = 60.0  # queueing included: a row past it stops generating
+    allow_text: bool = True  # constrained tool calling: a text answer is allowed (the guard sends it upstream)
+    tool: str | None = None  # constrained tool calling: the one tool the call must name (tool_choice names it)
 
 
 @dataclass
@@ -320,7 +322,10 @@ def _grammar(job: _Job) -> str | None:
     # A tool call must name one of the tools this request offers: the grammar is built from them.
     schema = None if ck.category == TOOL_CALLING else ck.schema
     caps = (*GRAMMAR_CAPS[:2], job.params.max_calls)
-    return constrain.grammar_for(ck.category, schema, job.record.get("tools"), caps)
+    tools = job.record.get("tools")
+    if job.params.tool is not None:
+        tools = [t for t in tools or [] if (t.get("function") or {}).get("name") == job.params.tool]
+    return constrain.grammar_for(ck.category, schema, tools, caps, allow_text=job.params.allow_text)
 
 
 def _chain(procs: list):

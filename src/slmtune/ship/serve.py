@@ -260,8 +260,13 @@ async def _ask_slm(ctx: Ctx, body: dict, ck: Checkpoint):
     cfg = ctx.config
     limit = min(body.get("max_completion_tokens") or body.get("max_tokens") or cfg.max_new_tokens,
                 cfg.max_new_tokens)
-    params = Params(limit, float(body.get("temperature") or 0.0), cfg.constrained,
-                    1 if body.get("parallel_tool_calls") is False else Params.max_calls, cfg.slm_timeout_s)
+    choice = body.get("tool_choice")
+    named = ((choice.get("function") or {}).get("name") if isinstance(choice, dict) else None) or None
+    # Under the grammar a call names an offered tool (the named one) with schema-valid arguments; a text answer
+    # stays possible unless the request requires a call, and the guard sends it to the upstream.
+    params = Params(limit, float(body.get("temperature") or 0.0), cfg.constrained_for(ck.category),
+                    1 if body.get("parallel_tool_calls") is False else Params.max_calls, cfg.slm_timeout_s,
+                    allow_text=choice != "required" and named is None, tool=named)
     try:
         comp = await asyncio.wait_for(ctx.engine.complete(ck, to_record(body), params), cfg.slm_timeout_s)
     except (asyncio.TimeoutError, TimeoutError):

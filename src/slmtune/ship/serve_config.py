@@ -38,8 +38,9 @@ class ServeConfig:
     """Most requests generated as one batch."""
     max_new_tokens: int = 512
     """Most tokens an export generates per answer (a request's `max_tokens` may lower it)."""
-    constrained: bool = False
-    """Decode tool calls, extraction JSON and labels under the task's llguidance grammar (as `eval --constrained`)."""
+    constrained: bool | None = None
+    """None (auto, as `eval --decoding auto`): tool-calling routes decode under the request's tools grammar when
+    llguidance is installed; True: extraction JSON and labels too; False: every route decodes free."""
     sample: bool = False
     """Honour a request's temperature > 0 in the embedded engine; off: greedy, as eval scored the model."""
     slm_timeout_s: float = 30.0
@@ -57,6 +58,14 @@ class ServeConfig:
     dtype: str = "auto"
     """Embedded engine weights dtype: auto, float32, bfloat16."""
 
+
+    def constrained_for(self, category: str) -> bool:
+        """Whether a route of this category decodes under its grammar (`constrained`; auto = `eval`'s auto)."""
+        if self.constrained is None:
+            from slmtune.eval.evaluate import decoding_for
+
+            return decoding_for("auto", category) == "constrained"
+        return self.constrained
 
 
 def load_router(path: Path) -> dict:

@@ -246,7 +246,8 @@ def main() -> None:
     ap.add_argument("--upstream-port", type=int, default=0, help="port for the stand-in upstream (0: a free one)")
     ap.add_argument("--limit", type=int, default=10, help="most calls per task")
     ap.add_argument("--constrained", action="store_true",
-                    help="serve with --constrained: decode under each task's grammar (needs llguidance)")
+                    help="serve with --constrained: labels and extraction JSON under their grammar too (tool "
+                         "calls always are)")
     ap.add_argument("--start-timeout", type=float, default=300, help="seconds each server may take to start")
     ap.add_argument("--slm-timeout", type=float, default=30.0,
                     help="slmtune serve --slm-timeout: seconds an export may take before the upstream answers")

@@ -184,7 +184,7 @@ def test_tiny_model_end_to_end_constrained(tiny, weather, tmp_path):
     assert "base" not in report["models"]  # a plain checkpoint has no implied baseline
     # --constrained compares: the models rows decoded free, the constrained section under the grammar
     assert (perf["decoding"], cons["perf"]["decoding"]) == ("free", "constrained")
-    assert report["decoding"] == {"requested": "free", "used": "free"}
+    assert report["decoding"] == {"requested": "auto", "used": "free"}
 
 
 @pytest.mark.slow

@@ -364,7 +364,7 @@ def evaluate(data: str | Path, out_dir: str | Path, model: str | None = None, ba
         score_row(row, records, task)
     report = _report(data, task, records, rows, primary="tuned" if model is not None else "predictions")
     used = {(r.perf or {}).get("decoding") for r in rows} - {None, "free"}
-    report["decoding"] = {"requested": "free" if constrained else settings.decoding,
+    report["decoding"] = {"requested": settings.decoding,
                           "used": "constrained" if "constrained" in used and not constrained else "free"}
     if constrained and "constrained" not in report:
         report["constrained"] = {"backend": "llguidance", "skipped": f"{task.category} tasks have no output grammar"}

@@ -58,7 +58,6 @@ class ServeConfig:
     dtype: str = "auto"
     """Embedded engine weights dtype: auto, float32, bfloat16."""
 
-
     def constrained_for(self, category: str) -> bool:
         """Whether a route of this category decodes under its grammar (`constrained`; auto = `eval`'s auto)."""
         if self.constrained is None:

@@ -11,7 +11,8 @@ client sends `--per-client` requests one after another (a closed loop: N clients
 earlier at end of turn, identically in both modes (greedy).
 
 Modes, on one loaded model: *batching on* (`--batch-window-ms`, default 10, up to 16 requests per batch, as
-`slmtune serve` runs by default) and *batching off* (one request per generate call). Prints one JSON line per
+`slmtune serve` runs by default) and *batching off* (one request per generate call), both decoding free (serve
+decodes tool calls under the offered tools' grammar by default; this measures batching alone). Prints one JSON line per
 (mode, clients): requests, wall seconds, requests/s, p50/p95 latency, mean batch size; then the throughput
 ratio on / off per client count. Writes runs/bench/bench_serve.json. Timings are noisy on a shared machine.
 """

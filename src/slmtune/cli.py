@@ -279,7 +279,7 @@ def eval_(
     ] = Decoding.auto,
     constrained: Annotated[
         bool, typer.Option("--constrained", help="Compare: decode free, and the primary model also under the "
-                           "task's grammar (report section `constrained`; needs llguidance).")
+                           "task's grammar (report section `constrained`).")
     ] = False,
     gate: Annotated[
         Optional[Path], typer.Option("--gate", help="Thresholds per metric (JSON/YAML); exit 3 when one is missed.")

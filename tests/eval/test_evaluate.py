@@ -210,6 +210,23 @@ def test_tool_calls_decode_under_the_grammar_by_default(tiny, weather, tmp_path)
 
 
 @pytest.mark.slow
+def test_auto_decodes_free_where_a_grammar_cannot_be_built(tiny, tmp_path):
+    """A tool schema llguidance refuses (an unknown string format) fails an explicit `--decoding constrained`
+    with a one-line error, while the default decodes those records free and counts them."""
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"day": {"type": "string", "format": "weird-format"}}, "required": ["day"]}}}
+    recs = [{**record(f"w{i}", f"Look up day {i}", call("lookup", day=str(i))), "tools": [tool]} for i in range(2)]
+    data = write_task(tmp_path / "odd", "tool_calling", recs)
+    res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "auto", "--max-new-tokens", "4")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    perf = report["models"]["tuned"]["perf"]
+    assert (perf["decoding"], perf["grammar_fallbacks"]) == ("free", 2) and report["decoding"]["used"] == "free"
+    res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "strict", "--decoding", "constrained")
+    assert res.exit_code == 1 and "could not become a grammar" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
 def test_constrained_extraction_and_classification_are_schema_valid(tiny, tmp_path):
     ext = [record(f"e{i}", f"Extract: order {i} for {c}",
                   content=json.dumps({"customer": c, "qty": i, "rush": i % 2 == 0}))
@@ -217,10 +234,21 @@ def test_constrained_extraction_and_classification_are_schema_valid(tiny, tmp_pa
     cls = [record(f"k{i}", f"Ticket {i}", content=lab) for i, lab in enumerate(["billing", "bug", "other"] * 2)]
     for name, cat, recs in (("ext", "extraction", ext), ("cls", "classification", cls)):
         data = write_task(tmp_path / name, cat, recs)
-        res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / f"out-{name}", "--constrained")
+        res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / f"out-{name}", "--decoding",
+                     "constrained")
         assert res.exit_code == 0, res.output
         report = json.loads((tmp_path / f"out-{name}" / "report.json").read_text())
-        assert report["constrained"]["tuned"]["metrics"]["schema_valid_rate"] == {"value": 1.0, "count": len(recs)}
+        assert report["decoding"] == {"requested": "constrained", "used": "constrained"}
+        assert report["models"]["tuned"]["metrics"]["schema_valid_rate"] == {"value": 1.0, "count": len(recs)}
+        assert report["models"]["tuned"]["perf"]["grammar_fallbacks"] == 0
+    # auto leaves them free (only tool calls are constrained by default), and the two flags don't combine
+    res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "out-auto", "--limit", "2",
+                 "--max-new-tokens", "4")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "out-auto" / "report.json").read_text())["decoding"]["used"] == "free"
+    res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "out-both", "--constrained",
+                 "--decoding", "constrained")
+    assert res.exit_code == 1 and "drop --decoding constrained" in res.output
 
 
 @pytest.mark.slow
@@ -302,11 +330,16 @@ def test_text_task_scores_overlap_and_skips_constraint(tiny, tmp_path):
                    content=f"Launch moved to Friday ({i}).")
             for i in range(3)]
     data = write_task(tmp_path / "sum", "summarization", recs)
-    res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "out", "--constrained",
+    res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "out", "--decoding", "constrained",
                  "--max-new-tokens", "6")
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert set(report["models"]["tuned"]["metrics"]) == {"parse_rate", "token_f1", "rouge_l", "exact_match"}
+    assert report["decoding"] == {"requested": "constrained", "used": "free"}  # a text task has no grammar
+    assert report["models"]["tuned"]["perf"]["decoding"] == "free" and "constrained" not in report
+    res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "out2", "--constrained",
+                 "--max-new-tokens", "6")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out2" / "report.json").read_text())
     assert report["constrained"]["skipped"] and "tuned" not in report["constrained"]
-    assert report["models"]["tuned"]["perf"]["decoding"] == "free"  # a text task has no grammar
     assert report["models"]["teacher"]["metrics"]["rouge_l"] == {"value": 1.0, "count": 3}

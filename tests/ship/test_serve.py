@@ -155,6 +155,41 @@ def test_constrained_decoding_passes_the_guard_and_the_export_answers(work, serv
     assert resp.choices[0].message.content in labels
 
 
+def test_serve_grammar_follows_tool_choice_and_the_decoding_default():
+    """The serving grammar: a named tool_choice narrows the call to that tool, "required" (or a named tool) rules
+    the text answer out; `constrained` None (the default) constrains tool-calling routes only."""
+    import concurrent.futures
+
+    from slmtune.ship.engine import Checkpoint, _grammar, _Job
+
+    tool = {"type": "function", "function": {"name": "a_tool", "parameters": {"type": "object", "properties": {
+        "x": {"type": "string"}}, "required": ["x"]}}}
+    decoy = {"type": "function", "function": {"name": "b_tool", "parameters": {"type": "object"}}}
+    ck = Checkpoint("e", "t", "tool_calling", None, "p", "merged", None)
+    record = {"messages": [{"role": "user", "content": "hi"}], "tools": [tool, decoy]}
+
+    def grammar(**params) -> str:
+        return _grammar(_Job(ck, record, Params(constrained=True, **params), 0.0,
+                             future=concurrent.futures.Future()))
+
+    free = grammar()
+    assert "a_tool" in free and "b_tool" in free and "text" in free.split("\n")[0]
+    narrowed = grammar(tool="b_tool", allow_text=False)
+    assert "b_tool" in narrowed and "a_tool" not in narrowed and "text" not in narrowed.split("\n")[0]
+    config = ServeConfig(router=Path("router.json"))
+    assert config.constrained_for("tool_calling") and not config.constrained_for("classification")
+    assert ServeConfig(router=Path("r"), constrained=True).constrained_for("classification")
+    assert not ServeConfig(router=Path("r"), constrained=False).constrained_for("tool_calling")
+
+
+def test_a_tool_choice_naming_a_tool_not_offered_goes_upstream(work, servers):
+    log = work["weather_logs"][5]
+    request = {**log["request"], "max_tokens": 48,
+               "tool_choice": {"type": "function", "function": {"name": "not_offered"}}}
+    _, headers = ask(servers("main"), **request)
+    assert headers["x-slmtune-fallback"] == "unsupported" and headers["x-slmtune-route"] == "llm"
+
+
 def test_streamed_export_answer_matches_the_whole_one(work, servers):
     server = servers("main")
     request = {**work["weather_logs"][2]["request"], "max_tokens": 400, "parallel_tool_calls": False,

@@ -41,7 +41,7 @@ def available() -> bool:
 
 def require() -> None:
     if not available():
-        raise SlmtuneError("--constrained needs llguidance: `pip install llguidance`.")
+        raise SlmtuneError("Constrained decoding needs llguidance (a slmtune dependency): `pip install llguidance`.")
 
 
 # ----------------------------------------------------------------------------- schema → grammar
@@ -147,7 +147,7 @@ def ll_tokenizer(tokenizer, n_vocab: int, stops: list[int]):
     if key not in _TOKENIZERS:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
-            raise SlmtuneError("--constrained needs a fast (Rust `tokenizers`) tokenizer.")
+            raise SlmtuneError("Constrained decoding needs a fast (Rust `tokenizers`) tokenizer.")
         backend = copy.copy(backend)
         backend.no_padding()
         backend.no_truncation()
@@ -161,7 +161,7 @@ def compile_grammar(ll_tok, grammar: str):
 
     m = LLMatcher(ll_tok, grammar)
     if m.is_error():
-        raise SlmtuneError(f"--constrained: the task schema could not become a grammar: {m.get_error()}")
+        raise SlmtuneError(f"Constrained decoding: the task schema could not become a grammar: {m.get_error()}")
     return grammar
 
 

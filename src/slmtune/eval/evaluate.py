@@ -37,7 +37,9 @@ Output directory::
               generation → parse_rate, token_f1, rouge_l, exact_match. `perf` (generated rows, else null):
               {"batch_size", "batch_tokens", "max_new_tokens", "render_mode", "wall_s", "s_per_record",
               "generated_tokens", "tokens_per_s", "unfinished", "decoding"} (unfinished = outputs cut by
-              max_new_tokens; decoding = "free" | "constrained", as this row was decoded).
+              max_new_tokens; decoding = "free" | "constrained", as this row was decoded; rows meant to be
+              constrained add "grammar_fallbacks": records decoded free under `auto` because their grammar could
+              not be built — with an explicit constrained decoding that is an error).
               `missing`: records without a prediction (predictions row only; scored as empty output).
               `failures` (tool_calling tasks, every row but the teacher's): {"n", "failed", "kinds": {kind:
               {"count", "examples": [{"id", "expected", "got", "detail"}] (at most 2)}}}, one primary kind per
@@ -254,9 +256,10 @@ def decoding_for(requested: str, category: str) -> str:
 
 
 def generate_rows(ref: ModelRef, name: str, records: list[dict], task: Task, gs: GenSettings, decoding: str,
-                  progress: Progress, compare: bool = False) -> list[Row]:
+                  progress: Progress, compare: bool = False, strict: bool = True) -> list[Row]:
     """The model's row over `records`, decoded `decoding` (free | constrained); with `compare` also its
-    "<name>+constrained" row."""
+    "<name>+constrained" row. Not `strict` (`--decoding auto`): a record whose grammar can't be built (a schema
+    llguidance refuses, a slow tokenizer) is decoded free instead of failing the eval (`perf.grammar_fallbacks`)."""
     from slmtune.eval.generate import generate, stop_ids, token_budget
     from slmtune.render import make_renderer, prompt_text, target_text
 
@@ -264,23 +267,29 @@ def generate_rows(ref: ModelRef, name: str, records: list[dict], task: Task, gs:
     r = make_renderer(tok)
     prompts = [prompt_text(r, rec) for rec in records]
     budget = gs.max_new_tokens or token_budget(tok, [target_text(r, rec) for rec in records])
-    grammar = decoding == "constrained" or compare
-    factory = _grammar_factory(model, tok, records, task, stop_ids(tok, model)) if grammar else None
+    factory, fallbacks = None, 0
+    if decoding == "constrained" or compare:
+        factory, fallbacks = _grammar_factory(model, tok, records, task, stop_ids(tok, model), strict)
     cbudget = gs.max_new_tokens or 2 * budget  # room for the grammar's longest strings (see constrain.caps_from)
-    runs = [(name, factory if decoding == "constrained" else None)]
+    runs = [(name, decoding == "constrained")]  # (row, meant to decode under the grammar)
     if compare and factory is not None:
-        runs.append((f"{name}+constrained", factory))
+        runs.append((f"{name}+constrained", True))
     rows = []
-    for row_name, fac in runs:
+    for row_name, want in runs:
+        fac = factory if want else None
         b = budget if fac is None else cbudget
         gens = generate(model, tok, prompts, b, gs.batch_size, fac, _label(progress, row_name),
                         max_batch_tokens=gs.batch_tokens)
-        rows.append(_run(row_name, ref, gens, gs, b, r.mode, "free" if fac is None else "constrained"))
+        row = _run(row_name, ref, gens, gs, b, r.mode, "free" if fac is None else "constrained")
+        if want:
+            row.perf["grammar_fallbacks"] = fallbacks
+        rows.append(row)
     return rows
 
 
-def _grammar_factory(model, tok, records: list[dict], task: Task, stops: list[int]):
-    """Per-batch logits-processor factory for constrained decoding; None when the task has no grammar."""
+def _grammar_factory(model, tok, records: list[dict], task: Task, stops: list[int], strict: bool = True):
+    """(per-batch logits-processor factory, records decoded free because their grammar failed) for constrained
+    decoding; the factory is None when no record has a grammar. `strict`: a grammar that fails is an error."""
     from slmtune.eval import constrain
 
     constrain.require()
@@ -290,11 +299,27 @@ def _grammar_factory(model, tok, records: list[dict], task: Task, stops: list[in
     grammars = [constrain.grammar_for(task.category, task.schema, rec.get("tools"), caps, allow_text=text_too)
                 for rec in records]
     if not any(grammars):
-        return None
-    ll = constrain.ll_tokenizer(tok, model.get_output_embeddings().weight.shape[0], stops)
+        return None, 0
+    try:
+        ll = constrain.ll_tokenizer(tok, model.get_output_embeddings().weight.shape[0], stops)
+    except SlmtuneError:
+        if strict:
+            raise
+        return None, len(records)
+    bad = set()
     for g in set(filter(None, grammars)):
-        constrain.compile_grammar(ll, g)
-    return lambda idx, prompt_len: constrain.make_processor(ll, [grammars[i] for i in idx], prompt_len, stops)
+        try:
+            constrain.compile_grammar(ll, g)
+        except SlmtuneError:
+            if strict:
+                raise
+            bad.add(g)
+    grammars = [None if g in bad else g for g in grammars]
+    fallbacks = sum(g is None for g in grammars) if bad else 0
+    if not any(grammars):
+        return None, fallbacks
+    return lambda idx, prompt_len: constrain.make_processor(ll, [grammars[i] for i in idx], prompt_len, stops), \
+        fallbacks
 
 
 def _label(progress: Progress, name: str) -> Progress:
@@ -353,10 +378,11 @@ def evaluate(data: str | Path, out_dir: str | Path, model: str | None = None, ba
     rows: list[Row] = []
     if model is not None:
         ref = resolve_model(model)
-        rows += generate_rows(ref, "tuned", records, task, settings, decoding, tick, compare=constrained)
+        strict = constrained or settings.decoding == "constrained"
+        rows += generate_rows(ref, "tuned", records, task, settings, decoding, tick, constrained, strict)
         base = _baseline(ref, baseline)
         if base is not None:
-            rows += generate_rows(base, "base", records, task, settings, decoding, tick)
+            rows += generate_rows(base, "base", records, task, settings, decoding, tick, strict=strict)
     if predictions is not None:
         rows.append(read_predictions(Path(predictions), records))
     rows.append(teacher_row(records))

@@ -82,11 +82,19 @@ def columns(report: dict) -> list[tuple[str, dict]]:
     return cols
 
 
+def _decoding_text(report: dict) -> str:
+    d = report.get("decoding")
+    if not d:
+        return ""
+    how = "under the task's grammar (llguidance)" if d["used"] == "constrained" else "free"
+    return f" Model rows decoded {how} (`--decoding {d['requested']}`)."
+
+
 def markdown(report: dict) -> str:
     t, cols = report["task"], columns(report)
     lines = [f"# Eval: {t['name']} ({t['category']}), {report['n']} records", "",
              f"Schema from {t['schema_source']} (hash {t['schema_hash'] or '–'}). Reference: the teacher's "
-             f"logged outputs. Primary row: `{report['primary']}`.", "",
+             f"logged outputs. Primary row: `{report['primary']}`.{_decoding_text(report)}", "",
              "| metric | " + " | ".join(c for c, _ in cols) + " | count |",
              "|---|" + "---:|" * (len(cols) + 1)]
     for m in METRICS[t["category"]]:

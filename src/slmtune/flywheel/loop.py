@@ -46,6 +46,9 @@ from slmtune.ui import Progress, fmt, ticker
 
 DATA_STAGES = ("ingest", "curate", "cluster", "tasks", "plan")
 STARTED = "stage.started.json"  # a run dir's fingerprint, written first: resume only the same training
+# eval decodes as serve does (tool calls under the offered tools' grammar); in the eval fingerprint, so a round
+# evaluated before that default changed is evaluated again, not compared across decodings
+EVAL_DECODING = "auto"
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,7 @@ def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | Non
     run = _train(round_dir / "train" / name, prev and prev / "train" / name, recipe, train_fp, tick)
     out.status, out.trained_in, out.run_dir = run["status"], run["trained_in"], run["run_dir"]
     eval_fp = fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
-                              config.eval_limit, config.eval_batch_size,
+                              config.eval_limit, config.eval_batch_size, EVAL_DECODING,
                               file_fingerprint(config.gate) if config.gate else None])
     out.stage = "eval"
     report = _eval(round_dir / "eval" / name, prev and prev / "eval" / name, run, eval_fp, round_dir, name,
@@ -287,7 +290,8 @@ def _eval(stage_dir: Path, prev_dir: Path | None, run: dict, fp: str, round_dir:
                 st.mark_done(stage_dir, "eval", fp, report_dir=marker["report_dir"])
             return json.loads(Path(marker["report_dir"], "report.json").read_text(encoding="utf-8"))
     result = evaluate(round_dir / "tasks" / name / "eval.jsonl", stage_dir, model=run["run_dir"], gate=config.gate,
-                      settings=GenSettings(batch_size=config.eval_batch_size), limit=config.eval_limit,
+                      settings=GenSettings(batch_size=config.eval_batch_size, decoding=EVAL_DECODING),
+                      limit=config.eval_limit,
                       progress=lambda s, d, t: tick(f"eval {s}", d, t))
     st.mark_done(stage_dir, "eval", fp, report_dir=str(stage_dir))
     return result.report

@@ -21,7 +21,8 @@ Export folder (`EXPORTS_DIR/<task>-<base>-<schema_hash[:8]>/`)::
 category, schema, schema_hash}, `tags`, `base_model` {spec, name, path}, `recipe` (as trained), `data`
 {train, eval: {sha256, records}}, `curate` ({records_in, kept, rejected, rejected_by_reason, pii_placeholders}
 or null when no curate report is found), `eval` ({n, key_metric, metrics: {tuned, base, teacher: {metric:
-value}}, gate, report_sha256} or null without --report), `merge` (merge_report.json, null for adapters),
+value}}, gate, decoding: free | constrained (how eval decoded the model rows), report_sha256} or null
+without --report), `merge` (merge_report.json, null for adapters),
 `training` {global_step, final_train_loss, wall_time_s}, `gguf` ({file, type} or null without --gguf),
 `source_run`, `versions`, `created`.
 
@@ -169,7 +170,7 @@ def eval_summary(report: dict) -> dict:
     rows = {row: {m: v["value"] for m, v in report["models"][row]["metrics"].items()}
             for row in ("tuned", "base", "teacher") if row in report["models"]}
     return {"n": report["n"], "key_metric": key_metric(category), "metrics": rows, "gate": report.get("gate"),
-            "report_sha256": report.get("_sha256")}
+            "decoding": (report.get("decoding") or {}).get("used", "free"), "report_sha256": report.get("_sha256")}
 
 
 def build_manifest(name: str, run: dict, task: dict, report: dict | None, curate: dict | None, merge: dict | None,
@@ -292,6 +293,10 @@ def _eval_lines(ev: dict | None) -> list[str]:
     for m in metrics:
         vals = [ev["metrics"][r].get(m) for r in rows]
         lines.append(f"| {m} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |")
+    if ev.get("decoding") == "constrained":
+        lines += ["", "Decoded as `slmtune serve` decodes tool calls: under the llguidance grammar of the offered "
+                  "tools (a call names an offered tool with schema-valid arguments). Plain greedy decoding (HF, "
+                  "GGUF, Ollama, vLLM without guided decoding) may score lower."]
     gate = ev.get("gate")
     if gate is not None:
         lines += ["", f"Gate: {'passed' if gate['passed'] else 'failed'}."]

@@ -11,8 +11,9 @@ upstream LLM instead, verbatim. The client always gets one OpenAI response; head
 
     x-slmtune-route      the task whose export answered, or `llm`
     x-slmtune-task       the task the router picked (also when the LLM answered instead)
-    x-slmtune-fallback   why the LLM answered: no_route | unsupported (n > 1, logprobs, tool_choice none)
-                         | disabled (route below --min-score) | invalid_output | schema_invalid | timeout | error
+    x-slmtune-fallback   why the LLM answered: no_route | unsupported (n > 1, logprobs, tool_choice none or
+                         naming a tool not offered) | disabled (route below --min-score) | invalid_output
+                         (a text answer to a tool-calling route included) | schema_invalid | timeout | error
 
 and the response's `model` is the export's name or the upstream's model. Upstream errors come back with the
 upstream's status and an OpenAI error body; without an upstream, a request the small models can't answer
@@ -250,7 +251,17 @@ def _skip_reason(ctx: Ctx, body: dict, task: str | None) -> str | None:
         return "no_route"
     if (body.get("n") or 1) > 1 or body.get("logprobs") or (body.get("tools") and body.get("tool_choice") == "none"):
         return "unsupported"
+    named = _named_tool(body)
+    offered = {(t.get("function") or {}).get("name") for t in body.get("tools") or [] if isinstance(t, dict)}
+    if named and named not in offered:
+        return "unsupported"  # tool_choice names a tool the request does not offer: no answer could pass the guard
     return "disabled" if task in ctx.disabled else None
+
+
+def _named_tool(body: dict) -> str | None:
+    """The tool `tool_choice` names ({"type": "function", "function": {"name": ...}}), if any."""
+    choice = body.get("tool_choice")
+    return ((choice.get("function") or {}).get("name") if isinstance(choice, dict) else None) or None
 
 
 async def _ask_slm(ctx: Ctx, body: dict, ck: Checkpoint):
@@ -260,8 +271,7 @@ async def _ask_slm(ctx: Ctx, body: dict, ck: Checkpoint):
     cfg = ctx.config
     limit = min(body.get("max_completion_tokens") or body.get("max_tokens") or cfg.max_new_tokens,
                 cfg.max_new_tokens)
-    choice = body.get("tool_choice")
-    named = ((choice.get("function") or {}).get("name") if isinstance(choice, dict) else None) or None
+    choice, named = body.get("tool_choice"), _named_tool(body)
     # Under the grammar a call names an offered tool (the named one) with schema-valid arguments; a text answer
     # stays possible unless the request requires a call, and the guard sends it to the upstream.
     params = Params(limit, float(body.get("temperature") or 0.0), cfg.constrained_for(ck.category),

@@ -305,7 +305,7 @@ def _grammar_factory(model, tok, records: list[dict], task: Task, stops: list[in
     except SlmtuneError:
         if strict:
             raise
-        return None, len(records)
+        return None, sum(g is not None for g in grammars)
     bad = set()
     for g in set(filter(None, grammars)):
         try:
@@ -314,8 +314,8 @@ def _grammar_factory(model, tok, records: list[dict], task: Task, stops: list[in
             if strict:
                 raise
             bad.add(g)
+    fallbacks = sum(g in bad for g in grammars)  # records without a grammar of their own are not fallbacks
     grammars = [None if g in bad else g for g in grammars]
-    fallbacks = sum(g is None for g in grammars) if bad else 0
     if not any(grammars):
         return None, fallbacks
     return lambda idx, prompt_len: constrain.make_processor(ll, [grammars[i] for i in idx], prompt_len, stops), \
@@ -389,9 +389,9 @@ def evaluate(data: str | Path, out_dir: str | Path, model: str | None = None, ba
     for row in rows:
         score_row(row, records, task)
     report = _report(data, task, records, rows, primary="tuned" if model is not None else "predictions")
-    used = {(r.perf or {}).get("decoding") for r in rows} - {None, "free"}
+    decoded = {r.perf["decoding"] for r in rows if r.perf and not r.name.endswith("+constrained")}
     report["decoding"] = {"requested": settings.decoding,
-                          "used": "constrained" if "constrained" in used and not constrained else "free"}
+                          "used": "constrained" if "constrained" in decoded else "free"}
     if constrained and "constrained" not in report:
         report["constrained"] = {"backend": "llguidance", "skipped": f"{task.category} tasks have no output grammar"}
     report["gate"] = eval_report.check_gate(report, thresholds) if thresholds is not None else None

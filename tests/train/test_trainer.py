@@ -253,9 +253,11 @@ def test_resume_without_checkpoint_is_an_error(tiny_model, tmp_path):
     assert result.exit_code == 1 and "no checkpoint" in result.stderr
 
 
-def test_qlora_holds_under_0_6_of_lora_tensor_memory(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_qlora_holds_under_0_6_of_lora_tensor_memory(tmp_path, precision):
     """`train.track_tensor_memory` on the CPU: QLoRA's peak tensor bytes (the GPU-allocator view) stay under 0.6×
-    LoRA's on a model whose linear weights dominate (~26M parameters), with gradient checkpointing."""
+    LoRA's on a model whose linear weights dominate (~26M parameters), with gradient checkpointing — in both
+    precisions, pinned (`auto` would test fp32 on an AVX2-only CPU and bf16 on an AVX512-BF16 one)."""
     from slmtune.synthetic.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path / "wide", hidden=768, intermediate=2048, layers=4)
@@ -265,11 +267,14 @@ def test_qlora_holds_under_0_6_of_lora_tensor_memory(tmp_path):
         text = recipe.read_text().replace("batch_size: 4,", "batch_size: 1, max_steps: 2, "
                                           "gradient_checkpointing: true, track_tensor_memory: true,")
         recipe.write_text(text)
+        pin_precision(recipe, precision)
         run_cli("train", recipe)
         metrics = json.loads((tmp_path / quant / "run" / "metrics.json").read_text())
+        assert metrics["precision"]["used"] == precision
         peaks[quant] = metrics["peak_tensor_memory_mb"]
-    weights_mb = 4 * (4 * (2 * 768 * 768 + 2 * 768 * 384 + 3 * 768 * 2048)) / 2**20  # fp32 linear weights
-    assert peaks["none"] > weights_mb, peaks  # the fp32 weights are counted (not hidden in mmap-ed pages)
+    width = {"fp32": 4, "bf16": 2}[precision]  # bytes per weight of the unquantized model's linear layers
+    weights_mb = width * (4 * (2 * 768 * 768 + 2 * 768 * 384 + 3 * 768 * 2048)) / 2**20
+    assert peaks["none"] > weights_mb, peaks  # the weights are counted (not hidden in mmap-ed pages)
     assert peaks["4bit"] < 0.6 * peaks["none"], peaks
 
 

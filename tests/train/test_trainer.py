@@ -492,13 +492,16 @@ def test_full_fine_tune_trains_every_weight_and_evals_merges_exports(tiny_model,
     assert result.exit_code != 0 and "no adapter to export" in result.output + (result.stderr or "")
 
 
-@pytest.mark.parametrize("dtype, weights", [("auto", "float32"), ("bfloat16", "bfloat16")])
-def test_full_fine_tune_trains_in_bf16(tiny_model, tmp_path, dtype, weights):
+@pytest.mark.parametrize("dtype, weights, prefix", [("auto", "float32", "auto"), ("auto", "float32", "off"),
+                                                    ("bfloat16", "bfloat16", "auto")])
+def test_full_fine_tune_trains_in_bf16(tiny_model, tmp_path, dtype, weights, prefix):
     """The other precision path of `method: full` (what `auto` picks on an AVX512-BF16 CPU): bf16 compute over fp32
     master weights with `model.dtype: auto` (a bf16 weight would round most small updates away), bf16 weights when
-    the recipe asks for them."""
+    the recipe asks for them. With prefix sharing off the packed rows go through train/attention.py's per-sequence
+    attention, where autocast leaves q/k in fp32 (RoPE) and v in bf16 (BFCL's records take that path)."""
     recipe = make_recipe(tmp_path, tiny_model)
     text = recipe.read_text().replace("lr: 2.0e-2", "lr: 1.0e-3") + "method: full\n"
+    text = text.replace("packing: true", f"packing: true, prefix_sharing: {prefix}")
     recipe.write_text(text.replace("scheduler: constant,", "scheduler: constant, precision: bf16,")
                       .replace("model: {base:", f"model: {{dtype: {dtype}, base:"))
     run_cli("train", recipe)
@@ -506,6 +509,7 @@ def test_full_fine_tune_trains_in_bf16(tiny_model, tmp_path, dtype, weights):
     assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.05, ls
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["precision"]["used"] == "bf16" and m["precision"]["weights_dtype"] == weights
+    assert (m["batching"]["attention"] == "packed (per sequence)") == (prefix == "off"), m["batching"]
     saved = load_file(tmp_path / "run" / "model" / "model.safetensors")
     assert {str(t.dtype).removeprefix("torch.") for t in saved.values()} == {weights}
     assert not (tmp_path / "run" / "adapter").exists()

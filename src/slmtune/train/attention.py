@@ -35,6 +35,11 @@ def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
 
         return sdpa_attention_forward(module, query, key, value, _dense(attention_mask, query, key), scaling=scaling,
                                       dropout=dropout, **kwargs)
+    # Under autocast with fp32 master weights (a full fine-tune in bf16) q and k leave RoPE in fp32 while v leaves
+    # its projection in bf16: the fused kernels want one dtype, the one autocast computes in.
+    dev = query.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     # grouped-query attention: SDPA reads each k/v head for its group of q heads (no repeated copies kept)
     gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
     p = dropout if module.training else 0.0

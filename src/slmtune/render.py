@@ -33,6 +33,11 @@ documented format, the Hermes/Qwen convention most open models are already famil
 When the template does handle `tools` / `tool_calls` natively (Qwen3, Llama 3.2…), the template is used as is,
 with `arguments` decoded to objects as those templates expect. `parse_output` reads the model's text back into
 an assistant message in either case.
+
+**Argument order.** In both modes a call's arguments are written in the order of the offered tool's parameter
+schema (`properties`, at every nesting level; keys the schema does not list keep their place after those it does).
+Constrained decoding (`slmtune.eval.constrain`, llguidance) writes object properties in schema order only, so a
+model trained on a teacher's other orders would learn an order its grammar forbids and close the object early.
 """
 
 from __future__ import annotations
@@ -112,8 +117,41 @@ def _native_message(m: dict) -> dict:
     return out
 
 
+def schema_ordered(value: Any, schema: Any) -> Any:
+    """`value` with every object's keys in its schema's `properties` order (unlisted keys after, as they were)."""
+    if isinstance(value, dict) and isinstance(schema, dict):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        keys = [k for k in props if k in value] + [k for k in value if k not in props]
+        return {k: schema_ordered(value[k], props.get(k)) for k in keys}
+    if isinstance(value, list) and isinstance(schema, dict) and isinstance(schema.get("items"), dict):
+        return [schema_ordered(v, schema["items"]) for v in value]
+    return value
+
+
+def _ordered_arguments(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """Assistant calls with their arguments in the offered tools' schema order (see "Argument order" above)."""
+    params = {(t.get("function") or {}).get("name"): (t.get("function") or {}).get("parameters")
+              for t in tools or [] if isinstance(t, dict)}
+    out = []
+    for m in messages:
+        if m.get("role") == "assistant" and m.get("tool_calls") and params:
+            calls = []
+            for c in m["tool_calls"]:
+                fn = c.get("function") or {}
+                args = _decode(fn.get("arguments"))
+                if isinstance(args, dict) and isinstance(params.get(fn.get("name")), dict):
+                    ordered = schema_ordered(args, params[fn["name"]])
+                    if json.dumps(ordered) != json.dumps(args):  # same keys and values, another order
+                        c = {**c, "function": {**fn, "arguments": json.dumps(ordered, ensure_ascii=False)}}
+                calls.append(c)
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
+
+
 def chat_messages(r: Renderer, messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], list | None]:
     """Messages (and tools, when native) as the template should receive them."""
+    messages = _ordered_arguments(messages, tools)
     if r.native_tools and r.native_tool_calls:
         return [_native_message(m) for m in messages], tools or None
     msgs = [_fallback_message(m) for m in messages]

@@ -31,3 +31,30 @@ def test_text_answers_only_when_allowed(allow_text):
     assert _accepts(tok, g, "No offered function fits this request.") is allow_text
     assert not _accepts(tok, g, '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
     assert not _accepts(tok, g, "<b>not a call</b>")
+
+
+def test_a_teacher_call_in_another_argument_order_trains_in_the_order_the_grammar_writes():
+    """llguidance writes object properties in schema order only: a logged call whose arguments (and nested object
+    keys) came in another order is rendered for training in schema order, which the grammar accepts — the raw
+    order it rejects, so a model trained on it would learn to close the object early."""
+    import json
+
+    from slmtune.eval.constrain import grammar_for
+    from slmtune.render import make_renderer, target_text
+    from slmtune.synthetic.tiny import build_tokenizer
+
+    tools = [{"type": "function", "function": {"name": "book", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "date": {"type": "string"},
+        "guest": {"type": "object", "properties": {"first": {"type": "string"}, "last": {"type": "string"}}},
+        "note": {"type": "string"}}, "required": ["city"]}}}]
+    args = {"note": "late", "guest": {"last": "Lund", "first": "Ada"}, "city": "Oslo"}
+    rec = {"messages": [{"role": "user", "content": "Book Oslo for Ada Lund, arriving late."},
+                        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                         "function": {"name": "book", "arguments": json.dumps(args)}}]}], "tools": tools}
+    tok = build_tokenizer()
+    target = target_text(make_renderer(tok), rec).removesuffix("<|im_end|>\n")
+    ordered = {"city": "Oslo", "guest": {"first": "Ada", "last": "Lund"}, "note": "late"}
+    assert target == '<tool_call>\n' + json.dumps({"name": "book", "arguments": ordered}) + '\n</tool_call>'
+    g = grammar_for("tool_calling", None, tools, (40, 4, 1))
+    assert _accepts(tok, g, target)
+    assert not _accepts(tok, g, '<tool_call>\n' + json.dumps({"name": "book", "arguments": args}) + '\n</tool_call>')

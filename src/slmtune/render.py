@@ -140,9 +140,8 @@ def _ordered_arguments(messages: list[dict], tools: list[dict] | None) -> list[d
                 fn = c.get("function") or {}
                 args = _decode(fn.get("arguments"))
                 if isinstance(args, dict) and isinstance(params.get(fn.get("name")), dict):
-                    ordered = schema_ordered(args, params[fn["name"]])
-                    if json.dumps(ordered) != json.dumps(args):  # same keys and values, another order
-                        c = {**c, "function": {**fn, "arguments": json.dumps(ordered, ensure_ascii=False)}}
+                    # a decoded object: both message forms below take `arguments` as a JSON string or an object
+                    c = {**c, "function": {**fn, "arguments": schema_ordered(args, params[fn["name"]])}}
                 calls.append(c)
             m = {**m, "tool_calls": calls}
         out.append(m)

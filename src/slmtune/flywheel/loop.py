@@ -2,6 +2,7 @@
 
 Work dir::
 
+    WORKDIR/.lock                  held (flock) by the running flywheel, with its pid (see `slmtune.lock`)
     WORKDIR/flywheel.json          registry: inputs, finished rounds, each task's pinned eval set (flywheel_state)
     WORKDIR/router.json            which export serves which requests (see `slmtune.ship.router`)
     WORKDIR/exports/<export>/      gated, tagged checkpoints (see `slmtune.ship.export`)
@@ -27,11 +28,14 @@ tried failed.
 Every stage dir gets `stage.done.json` (fingerprint of inputs + parameters) written last. A rerun skips a
 stage whose marker matches; a training run interrupted mid-way resumes from its last checkpoint; a task whose
 train data and recipe match a previous round's reuses that round's run, eval and export instead of retraining.
+A run killed mid-write leaves temps (`.NAME.XXXXXXXX.tmp`) or a replaced export moved aside; the next run
+deletes the first and puts the second back before it starts (`slmtune.io.clean_stale_temps`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +44,8 @@ from pathlib import Path
 from slmtune.errors import SlmtuneError
 from slmtune.eval.metrics import key_metric
 from slmtune.flywheel import state as st
-from slmtune.io import file_fingerprint, fingerprint, now, read_json_or_none, write_json
+from slmtune.io import clean_stale_temps, file_fingerprint, fingerprint, now, read_json_or_none, write_json
+from slmtune.lock import workdir_lock
 from slmtune.ship.export import export_run
 from slmtune.ui import Progress, fmt, ticker
 
@@ -49,6 +54,7 @@ STARTED = "stage.started.json"  # a run dir's fingerprint, written first: resume
 # eval decodes as serve does (tool calls under the offered tools' grammar); in the eval fingerprint, so a round
 # evaluated before that default changed is evaluated again, not compared across decodings
 EVAL_DECODING = "auto"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,14 +116,27 @@ class FlywheelResult:
 
 def run_flywheel(logs: Sequence[str | Path], workdir: str | Path, config: FlywheelConfig = FlywheelConfig(),
                  progress: Progress | None = None) -> FlywheelResult:
-    """One flywheel round over every log given now or in earlier rounds (see the module docstring)."""
-    from slmtune.data.ingest import expand_inputs
+    """One flywheel round over every log given now or in earlier rounds (see the module docstring).
+
+    Holds `WORKDIR/.lock` throughout (`slmtune.lock`): a second run on the same work dir raises at once.
+    """
     from slmtune.ship.gguf_export import check_gguf_type
 
     if config.gguf:
         check_gguf_type(config.gguf, config.adapter_only)  # refused now, not after every task has trained
     workdir = Path(workdir).resolve()
     tick = ticker(progress)
+    with workdir_lock(workdir):  # a second flywheel on this work dir fails here, before reading a round
+        cleaned = clean_stale_temps(workdir)
+        if cleaned.restored or cleaned.removed:
+            tick(f"cleaned up after a killed run: {len(cleaned.restored)} folders restored, "
+                 f"{len(cleaned.removed)} temps removed", 0, 0)
+        return _round(logs, workdir, config, tick)
+
+
+def _round(logs: Sequence[str | Path], workdir: Path, config: FlywheelConfig, tick: Progress) -> FlywheelResult:
+    from slmtune.data.ingest import expand_inputs
+
     registry = st.load_registry(workdir)
     inputs = list(dict.fromkeys([*registry["inputs"], *(str(Path(p).resolve()) for p in logs)]))
     files = expand_inputs(inputs)
@@ -210,8 +229,12 @@ def _isolated(task: dict, round_dir: Path, prev: Path | None, workdir: Path, con
         first = (e.message if isinstance(e, SlmtuneError) else f"{type(e).__name__}: {e}").strip().splitlines()
         out.reason = f"{out.stage}: {first[0] if first else type(e).__name__}"
         path = round_dir / "failures" / f"{task['name']}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(traceback.format_exception(e)), encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(traceback.format_exception(e)), encoding="utf-8")
+        except OSError as write_error:  # a full disk (often why the task failed) must not sink the round too
+            log.warning("could not write %s (%s); %s's reason stays in summary.json", path, write_error,
+                        task["name"])
     return out
 
 

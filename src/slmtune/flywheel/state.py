@@ -95,15 +95,18 @@ def pick_round(workdir: Path, registry: dict, inputs_fp: str) -> tuple[Path, Pat
     """(this round's dir, the previous finished round's dir or None).
 
     An unfinished last round with the same inputs is resumed; a finished one with the same inputs is re-used as
-    is (nothing new to learn); otherwise a new round starts.
+    is (nothing new to learn); otherwise a new round starts. A last round without `round.json` (a run killed
+    while writing it, the round's first file) never started: it is taken over, not skipped.
     """
     rounds = round_dirs(workdir)
     finished = [workdir / r for r in registry.get("rounds", [])]
     prev = finished[-1] if finished else None
     if rounds:
         last = rounds[-1]
-        started = read_json_or_none(last / "round.json") or {}
-        if started.get("inputs_fingerprint") == inputs_fp:
+        started = read_json_or_none(last / "round.json")
+        if started is None and last not in finished:
+            return last, prev
+        if (started or {}).get("inputs_fingerprint") == inputs_fp:
             prev_of_last = [r for r in finished if r != last]
             return last, (prev_of_last[-1] if prev_of_last else None)
     return workdir / f"round-{len(rounds) + 1:03d}", prev

@@ -18,7 +18,7 @@ Rules (what the tests pin down):
 * `parse_rate`: tool_calling — at least one call (none, when the teacher made none) and every call has a
   string name and JSON-object arguments;
   extraction — the content is JSON (bare or in a ``` fence); classification / text — non-empty content.
-* `schema_valid_rate` (jsonschema): every call names a known tool and its arguments fit that tool's
+* `schema_valid_rate` (`slmtune.schema_check`): every call names a known tool and its arguments fit that tool's
   `parameters`; the extraction object fits the task schema; the label is one of the enum (case-insensitive).
   Not counted when the task has no schema (text tasks).
 * Text tasks: `token_f1` (bag of lower-cased word tokens) and `rouge_l` (LCS F-measure) against the teacher.
@@ -184,19 +184,12 @@ def _call_key(call: tuple) -> str:
 
 
 def _fits(value: Any, schema: dict | None) -> bool:
-    import jsonschema
+    from slmtune.schema_check import is_valid
 
     if value is _BAD:
         return False
-    if not schema:
-        return True
-    try:
-        jsonschema.validate(value, schema)
-    except jsonschema.ValidationError:
-        return False
-    except jsonschema.SchemaError:
-        return True  # a schema the validator cannot read constrains nothing we can check
-    return True
+    # a schema that can't be used (not a schema, a non-local $ref) constrains nothing we can check
+    return is_valid(value, schema, broken=True)
 
 
 # ----------------------------------------------------------------------------- other categories

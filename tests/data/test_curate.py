@@ -200,6 +200,25 @@ def test_every_filter_and_dedupe_has_its_reason_and_counts_reconcile(tmp_path):
     assert rep["duplicates_removed"] == {"exact": 2, "near": 1}
 
 
+def test_a_logged_answer_without_finish_reason_is_unfinished(tmp_path):
+    # An upstream stream that broke off was logged as an answer with finish_reason null: maybe cut off.
+    def openai(i: int, finish: str | None) -> dict:
+        return {"request": {"model": "gpt-4o", "messages": [{"role": "user", "content": f"Where is order {i}?"}]},
+                "response": {"id": f"chatcmpl-u{i}", "choices": [{"index": 0, "finish_reason": finish, "message": {
+                    "role": "assistant", "content": "Your order is on its"}}]}}
+    anthropic = {"request": {"model": "claude-3-5-haiku", "max_tokens": 64, "messages": [
+        {"role": "user", "content": "Summarize the thread."}]},
+        "response": {"id": "msg_u3", "type": "message", "content": [{"type": "text", "text": "Alice asked"}]}}
+    plain = {"id": "plain", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    kept, rejected, report = ingest_and_curate(tmp_path, [openai(1, None), openai(2, "stop"), anthropic, plain],
+                                               "--near-dup", "0")
+    assert [r["id"] for r in kept] == ["chatcmpl-u2", "plain"]  # messages records never carry a finish_reason
+    assert [(r["id"], r["reason"], r["detail"]) for r in rejected] == [
+        (i, "unfinished", "no finish_reason: the answer may be cut off") for i in ("chatcmpl-u1", "msg_u3")]
+    assert rejected[0]["record"]["messages"][-1]["content"] == "Your order is on its"
+    assert report["rejected_by_reason"] == {"unfinished": 2}
+
+
 def test_malformed_fixture_end_to_end_reconciles(tmp_path):
     cli("ingest", str(FIXTURES / "malformed.jsonl"), "-o", str(tmp_path / "r.jsonl"))
     cli("curate", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "c.jsonl"), "--report", str(tmp_path / "rep.json"))

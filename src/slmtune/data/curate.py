@@ -9,9 +9,11 @@ on_secret="drop"), `slm_served` (a call `slmtune serve` answered with one of slm
 `meta.metadata.slmtune_answered_by` is "slm": a model is not trained on its own outputs; kept with
 keep_slm_served),
 `empty_completion`, `truncated` (finish_reason length), `errored` (finish_reason error/content_filter or
-an `error` in meta), `tool_args_not_json`, `unknown_tool` (not in the record's `tools`), `tool_args_schema`
-(arguments violate the tool's JSON Schema), `too_long` (more than `max_chars` characters of content and
-arguments), `duplicate` (same normalized messages and tools), `near_duplicate` (prompt MinHash-LSH
+an `error` in meta), `unfinished` (an OpenAI or Anthropic request/response log whose response has no
+finish_reason / stop_reason, as when an upstream stream broke off: the answer may be cut off; `messages`
+records never carry one and are kept), `tool_args_not_json`, `unknown_tool` (not in the record's `tools`),
+`tool_args_schema` (arguments violate the tool's JSON Schema), `too_long` (more than `max_chars` characters of
+content and arguments), `duplicate` (same normalized messages and tools), `near_duplicate` (prompt MinHash-LSH
 Jaccard >= `near_dup`; the prompt is every non-system message before the target).
 
 Rejected lines (`<out>.rejected.jsonl`): `{"file", "line", "reason", "reasons", "detail", "id", "record"}`
@@ -48,10 +50,12 @@ from slmtune.io import atomic_open, dumps, open_text, write_json
 from slmtune.records import record_problems, target_index
 
 REASONS = ("blank_line", "invalid_json", "invalid_record", "secret", "slm_served", "empty_completion", "truncated",
-           "errored", "tool_args_not_json", "unknown_tool", "tool_args_schema", "too_long", "duplicate",
-           "near_duplicate")
+           "errored", "unfinished", "tool_args_not_json", "unknown_tool", "tool_args_schema", "too_long",
+           "duplicate", "near_duplicate")
 BATCH = 256
 PARALLEL_MIN_BYTES = 8 << 20  # below ~8 MB (~4k records) starting worker processes costs more than it saves
+# Log formats that record the response, finish_reason included (ingest's `meta.format`); `messages` has none.
+RESPONSE_FORMATS = ("openai", "anthropic")
 
 
 @dataclass(frozen=True)
@@ -287,6 +291,8 @@ def _filters(rec: dict, config: CurateConfig) -> dict[str, str]:
         found["truncated"] = "finish_reason is length"
     if finish in ("error", "content_filter") or meta.get("error"):
         found["errored"] = f"finish_reason {finish!r}" if finish else f"error: {str(meta.get('error'))[:80]}"
+    if not finish and meta.get("format") in RESPONSE_FORMATS:
+        found["unfinished"] = "no finish_reason: the answer may be cut off"
     found |= _tool_call_problems(rec)
     size = sum(len(m.get("content") or "") + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls") or [])
                for m in msgs)
@@ -315,7 +321,6 @@ def _tool_call_problems(rec: dict) -> dict[str, str]:
     return found
 
 
-_VALIDATORS: dict[str, Any] = {}
 _VERDICTS: dict[tuple[str, str], str | None] = {}  # (schema, arguments) -> error; agents repeat arguments
 
 
@@ -327,26 +332,17 @@ def _schema_error(schema: Any, value: Any) -> str | None:
         return _VERDICTS[key]
     if len(_VERDICTS) >= 50_000:
         _VERDICTS.clear()
-    verdict = _VERDICTS[key] = _validate_args(key[0], schema, value)
+    verdict = _VERDICTS[key] = _validate_args(schema, value)
     return verdict
 
 
-def _validate_args(schema_key: str, schema: dict, value: Any) -> str | None:
-    import jsonschema
+def _validate_args(schema: dict, value: Any) -> str | None:
+    """The first way `value` breaks the tool's schema (`slmtune.schema_check`: Draft 7, local refs only, nothing
+    fetched); a schema that can't be used is the agent's problem, not a reason to drop its calls."""
+    from slmtune.schema_check import SchemaProblem, validation_error
 
-    validator = _VALIDATORS.get(schema_key)
-    if validator is None:
-        # Tool schemas rarely name a draft; Draft 7 covers what they use and validates ~2x faster than 2020-12.
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
-        try:
-            cls.check_schema(schema)
-        except jsonschema.SchemaError:
-            return None  # a broken tool schema is the agent's problem, not a reason to drop its calls
-        validator = cls(schema)
-        if len(_VALIDATORS) < 1024:
-            _VALIDATORS[schema_key] = validator
-    error = next(iter(validator.iter_errors(value)), None)
-    if error is None:
+    try:
+        error = validation_error(value, schema)
+    except SchemaProblem:
         return None
-    where = "/".join(map(str, error.absolute_path)) or "arguments"
-    return f"{where}: {error.message[:120]}"
+    return error.replace("(root)", "arguments", 1) if error and error.startswith("(root)") else error

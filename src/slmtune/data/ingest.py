@@ -29,6 +29,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -108,7 +109,8 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     for p in paths:
         s = str(p)
         if Path(s).is_dir():
-            found += [f for f in sorted(Path(s).rglob("*")) if f.is_file() and f.name.endswith(SUFFIXES)]
+            found += [f for f in sorted(Path(s).rglob("*"), key=_log_order)
+                      if f.is_file() and f.name.endswith(SUFFIXES)]
         elif Path(s).is_file():
             found.append(Path(s))
         elif glob.has_magic(s):
@@ -123,6 +125,16 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
         raise SlmtuneError(f"no log files found in {', '.join(map(str, paths))}.",
                            f"Inputs must end in {', '.join(SUFFIXES)}.")
     return files
+
+
+_ROTATED = re.compile(r"^(.*?)\.(\d+)(\.[a-z.]+)$")
+
+
+def _log_order(path: Path) -> tuple[str, int]:
+    """Sort key of a folder's files: by path, except that a served log rotated by size (`2026-12-05.jsonl`,
+    `2026-12-05.1.jsonl`, ..., `2026-12-05.10.jsonl`) keeps the order it was written in."""
+    m = _ROTATED.match(path.name)
+    return (str(path.with_name(m.group(1) + m.group(3))), int(m.group(2))) if m else (str(path), 0)
 
 
 def _iter_items(path: Path) -> Iterator[tuple[int, Any]]:

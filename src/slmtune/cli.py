@@ -507,7 +507,10 @@ def _print_flywheel(result) -> None:
 def serve(
     workdir: Annotated[Optional[Path], typer.Argument(help="Flywheel workdir: serves its router.json.")] = None,
     router: Annotated[Optional[Path], typer.Option("--router", help="A router.json instead of WORKDIR's.")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default; any other needs "
+                                      "--api-key-env, or --insecure).")] = "127.0.0.1",
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Allow a non-loopback --host without --api-key-env.")] = False,
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
     upstream: Annotated[Optional[str], typer.Option(
         "--upstream", help="OpenAI-compatible base URL (…/v1) for unrouted requests and fallbacks.")] = None,
@@ -544,10 +547,16 @@ def serve(
                            ] = None,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1, help="Larger requests get 413.")
                               ] = 4 << 20,
+    max_tokens_cap: Annotated[int, typer.Option(
+        "--max-tokens-cap", min=1, help="Largest max_tokens a request may ask (400 past it).")] = 32768,
+    max_concurrency: Annotated[int, typer.Option(
+        "--max-concurrency", min=1, help="Connections served at once; past it new ones get 503.")] = 256,
     log_dir: Annotated[Optional[Path], typer.Option(
         "--log-dir", help="Served-call logs (default: served/ beside router.json).")] = None,
     log_scrub: Annotated[bool, typer.Option(
         "--log-scrub/--no-log-scrub", help="Scrub PII and secrets from served logs, as curate does.")] = True,
+    log_scrubber: Annotated[Scrubber, typer.Option(
+        "--log-scrubber", help="The served logs' scrubber, as curate --scrubber: regex or presidio.")] = "regex",
 ) -> None:
     """Serve the exports as an OpenAI-compatible API: routed requests to their small model, the rest upstream."""
     from slmtune.ship import serve_config
@@ -565,7 +574,8 @@ def serve(
         max_loaded=max_loaded, batch_window_ms=batch_window_ms, max_batch=max_batch, max_new_tokens=max_new_tokens,
         constrained=constrained, sample=sample, slm_timeout_s=slm_timeout,
         min_score=serve_config.parse_min_score(min_score or []), api_key_env=api_key_env, max_body_bytes=max_body_bytes,
-        log_dir=log_dir, log_scrub=log_scrub)
+        log_dir=log_dir, log_scrub=log_scrub, insecure=insecure, max_tokens_cap=max_tokens_cap,
+        max_concurrency=max_concurrency, log_scrubber=Scrubber(log_scrubber).value)
     run(config)
 
 

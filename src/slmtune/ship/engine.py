@@ -15,9 +15,15 @@ old (or `max_batch` requests for that checkpoint wait), and generates all of the
 prompt `slmtune.render.prompt_text` builds, so serving sees byte for byte what training and eval saw.
 Requests that arrive while a batch runs form the next one, so under load batches fill without any waiting.
 
+Each request is judged alone before its batch runs: a prompt that, with its `max_tokens`, would not fit the
+model's context fails with `PromptTooLong` (serve sends it upstream as `too_long`), and a grammar that can't be
+built from the request's tools fails with `GrammarFailed` (`schema_invalid`) — only that request, never the
+requests batched with it.
+
 Per row, a logits processor applies what one `generate` call can't: the row's own `max_tokens` (the batch
 runs to the largest; a row past its own limit is made to emit end-of-turn, and reported as finish `length`),
-its deadline (a request that timed out stops generating), the llguidance grammar with `constrained`, and —
+its deadline (a request that timed out stops generating), its cancellation (the client went away: `complete`
+was cancelled), the llguidance grammar with `constrained`, and —
 only with `sample` — sampling at the row's temperature; otherwise decoding is greedy whatever the request
 says, as eval scored the model.
 
@@ -44,6 +50,14 @@ from slmtune.errors import SlmtuneError
 GRAMMAR_CAPS = (256, 32, 4)
 
 
+class PromptTooLong(SlmtuneError):
+    """The prompt and its max_tokens do not fit the model's context."""
+
+
+class GrammarFailed(SlmtuneError):
+    """The request's tools (or the task schema) could not become a grammar."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """One routed export as the engine loads it (from a router.json route and the export's slmtune.json)."""
@@ -55,6 +69,7 @@ class Checkpoint:
     path: str
     format: str  # merged | adapter
     base_path: str | None  # adapters: the base model they were trained on
+    context: int | None = None  # the model's context in tokens (max_position_embeddings), when its config says
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,7 @@ class _Job:
     deadline: float  # time.monotonic()
     arrived: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the caller stopped waiting
 
 
 @dataclass
@@ -120,18 +136,29 @@ class EmbeddedEngine:
     # ------------------------------------------------------------------ public
     def submit(self, ckpt: Checkpoint, record: dict, params: Params = Params()) -> concurrent.futures.Future:
         """Queue one request; the future resolves to a `Completion` (or the error that stopped it)."""
+        return self._submit(ckpt, record, params).future
+
+    def _submit(self, ckpt: Checkpoint, record: dict, params: Params) -> _Job:
         job = _Job(ckpt, record, params, time.monotonic() + params.timeout_s)
         with self._cond:
             if self._closed:
                 raise SlmtuneError("the engine is closed.")
             self._pending.append(job)
             self._cond.notify()
-        return job.future
+        return job
 
     async def complete(self, ckpt: Checkpoint, record: dict, params: Params = Params()) -> Completion:
+        """The request's completion. Cancelling the caller (a timeout, a client that went away) stops its row:
+        a queued request never starts, a running one emits end-of-turn at its next token."""
         import asyncio
 
-        return await asyncio.wrap_future(self.submit(ckpt, record, params))
+        job = self._submit(ckpt, record, params)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            job.future.cancel()
+            raise
 
     def loaded(self) -> dict:
         """What is in memory: exports (LRU order, oldest first) and shared bases with their adapters."""
@@ -159,7 +186,7 @@ class EmbeddedEngine:
             batch = self._next_batch()
             if batch is None:
                 return
-            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            live = [j for j in batch if not j.cancelled.is_set() and j.future.set_running_or_notify_cancel()]
             late = [j for j in live if time.monotonic() > j.deadline]  # timed out while waiting its turn
             for j in late:
                 j.future.set_exception(TimeoutError("the request timed out before its batch started"))
@@ -192,19 +219,20 @@ class EmbeddedEngine:
             for j in jobs:
                 j.future.set_exception(e)
             return
-        from slmtune.render import prompt_text
-
-        prompts, ok = [], []
-        for j in jobs:
+        prompts, grammars, ok = [], [], []
+        for j in jobs:  # each request judged alone: what fails here fails that request only
             try:
-                prompts.append(prompt_text(lm.renderer, j.record))
-                ok.append(j)
-            except Exception as e:  # noqa: BLE001 - a template that refuses one request's messages
+                prompt, grammar = self._prepare(lm, j)
+            except Exception as e:  # noqa: BLE001 - a template that refuses the messages, a prompt too long, ...
                 j.future.set_exception(e)
+                continue
+            prompts.append(prompt)
+            grammars.append(grammar)
+            ok.append(j)
         if not ok:
             return
         try:
-            results = self._batch(lm, ok, prompts)
+            results = self._batch(lm, ok, prompts, grammars)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: the batch's requests fall back to the LLM
             for j in ok:
                 j.future.set_exception(e)
@@ -214,13 +242,45 @@ class EmbeddedEngine:
         if self.on_batch:
             self.on_batch(jobs[0].ckpt.name, len(ok))
 
-    def _batch(self, lm: _Loaded, jobs: list[_Job], prompts: list[str]) -> list[Completion]:
+    def _prepare(self, lm: _Loaded, job: _Job) -> tuple[str, str | None]:
+        """The request's prompt and grammar, once its prompt is known to fit the context."""
+        from slmtune.render import prompt_text
+
+        prompt = prompt_text(lm.renderer, job.record)
+        context = _context_of(lm.model)
+        if context is not None:
+            n = _prompt_tokens(lm.tokenizer, prompt, context)
+            if n + job.params.max_tokens > context:
+                raise PromptTooLong(f"the prompt (at least {n:,} tokens) and max_tokens ({job.params.max_tokens}) "
+                                    f"do not fit {job.ckpt.name}'s {context:,}-token context.")
+        if not job.params.constrained:
+            return prompt, None
+        try:
+            grammar = _grammar(job)
+            if grammar is not None:
+                from llguidance import LLMatcher
+
+                from slmtune.eval import constrain
+
+                constrain.require()
+                ll = constrain.ll_tokenizer(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.stops)
+                matcher = LLMatcher(ll, grammar)
+                if matcher.is_error():
+                    raise GrammarFailed(f"llguidance refused the grammar: {matcher.get_error()[:200]}")
+        except GrammarFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 - a tool schema llguidance or `tighten` can't read
+            raise GrammarFailed(f"the request's tools could not become a grammar ({type(e).__name__}: "
+                                f"{str(e)[:200]})") from None
+        return prompt, grammar
+
+    def _batch(self, lm: _Loaded, jobs: list[_Job], prompts: list[str], grammars: list) -> list[Completion]:
         from slmtune.eval.generate import generate
 
         if lm.base_key is not None:
             self._bases[lm.base_key].set_adapter(jobs[0].ckpt.name)
         limits = [j.params.max_tokens for j in jobs]
-        factory = self._processors(lm, jobs)
+        factory = self._processors(lm, jobs, grammars)
         t0 = time.perf_counter()
         # +1: a row stopped at its own limit still emits the end-of-turn token.
         gens = generate(lm.model, lm.tokenizer, prompts, max(limits) + 1, batch_size=len(jobs),
@@ -233,9 +293,8 @@ class EmbeddedEngine:
             out.append(Completion(g.text, n_prompt, min(g.n_tokens, limit), not cut, len(jobs), round(dt, 4)))
         return out
 
-    def _processors(self, lm: _Loaded, jobs: list[_Job]):
+    def _processors(self, lm: _Loaded, jobs: list[_Job], grammars: list):
         """generate's per-batch logits-processor factory: grammar (constrained rows), sampling, row limits."""
-        grammars = [_grammar(j) if j.params.constrained else None for j in jobs]
         ll = None
         if any(grammars):
             from slmtune.eval import constrain
@@ -243,7 +302,7 @@ class EmbeddedEngine:
             constrain.require()
             ll = constrain.ll_tokenizer(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.stops)
         temps = [j.params.temperature if self.sample else 0.0 for j in jobs]
-        limits = [(j.params.max_tokens, j.deadline) for j in jobs]
+        limits = [(j.params.max_tokens, j.deadline, j.cancelled) for j in jobs]
 
         def factory(idx: list[int], prompt_len: int):
             procs = []
@@ -328,6 +387,26 @@ def _grammar(job: _Job) -> str | None:
     return constrain.grammar_for(ck.category, schema, tools, caps, allow_text=job.params.allow_text)
 
 
+_LONGEST: dict[int, int] = {}  # id(tokenizer) -> characters in its longest token
+
+
+def _prompt_tokens(tokenizer, prompt: str, context: int) -> int:
+    """The prompt's token count, or a lower bound past the context: no token covers more characters than the
+    vocabulary's longest, so a prompt over context × that is too long without tokenizing megabytes on the one
+    worker thread."""
+    longest = _LONGEST.get(id(tokenizer))
+    if longest is None:
+        longest = _LONGEST[id(tokenizer)] = max(map(len, tokenizer.get_vocab()), default=1)
+    if len(prompt) > context * longest:
+        return len(prompt) // longest
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def _context_of(model) -> int | None:
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def _chain(procs: list):
     from transformers import LogitsProcessor
 
@@ -341,15 +420,15 @@ def _chain(procs: list):
 
 
 def _row_limits(limits: list[tuple], prompt_len: int, stop: int):
-    """Rows past their own max_tokens or their deadline may only emit the end-of-turn token."""
+    """Rows past their own max_tokens or their deadline, or cancelled, may only emit the end-of-turn token."""
     from transformers import LogitsProcessor
 
     class RowLimits(LogitsProcessor):
         def __call__(self, input_ids, scores):
             n = input_ids.shape[1] - prompt_len
             now = time.monotonic()
-            for i, (max_tokens, deadline) in enumerate(limits):
-                if n >= max_tokens or now > deadline:
+            for i, (max_tokens, deadline, cancelled) in enumerate(limits):
+                if n >= max_tokens or now > deadline or cancelled.is_set():
                     scores[i] = float("-inf")
                     scores[i, stop] = 0.0
             return scores

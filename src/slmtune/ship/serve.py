@@ -12,12 +12,20 @@ upstream LLM instead, verbatim. The client always gets one OpenAI response; head
     x-slmtune-route      the task whose export answered, or `llm`
     x-slmtune-task       the task the router picked (also when the LLM answered instead)
     x-slmtune-fallback   why the LLM answered: no_route | unsupported (n > 1, logprobs, tool_choice none or
-                         naming a tool not offered) | disabled (route below --min-score) | invalid_output
-                         (a text answer to a tool-calling route included) | schema_invalid | timeout | error
+                         naming a tool not offered) | disabled (route below --min-score) | too_long (prompt and
+                         max_tokens over the model's context) | invalid_output (a text answer to a
+                         tool-calling route included) | schema_invalid | timeout | error
 
 and the response's `model` is the export's name or the upstream's model. Upstream errors come back with the
-upstream's status and an OpenAI error body; without an upstream, a request the small models can't answer
-gets 503.
+upstream's status and an OpenAI error body, scrubbed (an upstream 401/403 becomes a 502 that says only that the
+upstream refused slmtune's key); a non-JSON upstream answer is a 502; an upstream stream that breaks off ends with
+an SSE error event, never a silent end. Without an upstream, a request the small models can't answer gets 503
+(400 when it is too long for them).
+
+**Untrusted input** (see README's "Security model"): requests are checked before anything runs on them
+(`slmtune.ship.guard.request_problems`: types, counts, nesting, tool schemas with local refs only — 400 naming
+what is wrong); the gate (`slmtune.ship.asgi.Gate`) wants `application/json` (415) and, on loopback without a
+key, a loopback Host header (DNS rebinding). A client that disconnects cancels its request's generation.
 
 **Served log** (`log_dir`, default `WORKDIR/served/`): every answered call becomes one line in the log format
 `slmtune ingest` reads, tagged with who answered and why, so `slmtune curate` can drop the calls the small models
@@ -36,12 +44,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slmtune.errors import SlmtuneError
-from slmtune.ship.asgi import Gate
-from slmtune.ship.engine import Checkpoint, Params
+from slmtune.ship.asgi import LOOPBACK, Gate
+from slmtune.ship.engine import Checkpoint, GrammarFailed, Params, PromptTooLong
 from slmtune.ship.guard import check_answer, request_problems, to_record
 from slmtune.ship.router import route
 from slmtune.ship.serve_config import ServeConfig, checkpoints, disabled_routes, load_router
-from slmtune.ship.served_log import ServedLog, log_line
+from slmtune.ship.served_log import ServedLog, log_line, scrub_text
 from slmtune.ship.wire import (
     HttpError,
     StreamAssembler,
@@ -88,7 +96,8 @@ def create_app(config: ServeConfig):
 
         ctx.engine = _engine(config, ctx.metrics)
         ctx.http = httpx.AsyncClient(timeout=config.upstream_timeout_s)
-        ctx.served = ServedLog(config.log_dir or config.router.parent / "served", config.log_scrub)
+        ctx.served = ServedLog(config.log_dir or config.router.parent / "served", config.log_scrub,
+                               scrubber=config.log_scrubber)
         try:
             yield
         finally:
@@ -97,7 +106,8 @@ def create_app(config: ServeConfig):
             ctx.served.close()
 
     app = FastAPI(title="slmtune serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Gate, api_key=ctx.api_key, max_body=config.max_body_bytes)
+    app.add_middleware(Gate, api_key=ctx.api_key, max_body=config.max_body_bytes,
+                       check_host=config.host in LOOPBACK and ctx.api_key is None)
 
     @app.exception_handler(HttpError)
     async def _http_error(request: Request, e: HttpError):
@@ -120,9 +130,8 @@ def create_app(config: ServeConfig):
         return {"object": "list", "data": data}
 
     @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok", "routes": len(ctx.ckpts), "disabled": ctx.disabled,
-                "upstream": bool(config.upstream), "engine": config.engine, "loaded": ctx.engine.loaded()}
+    async def healthz():  # no key needed, so it says nothing else (routes, paths and URLs are for /v1/models)
+        return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
@@ -135,10 +144,17 @@ def create_app(config: ServeConfig):
 
 def _context(config: ServeConfig) -> Ctx:
     _require()
+    if config.host not in LOOPBACK and not config.api_key_env and not config.insecure:
+        raise SlmtuneError(f"--host {config.host} serves beyond this machine, and without --api-key-env anyone who "
+                           "can reach it spends your upstream key and writes your training data.",
+                           "Set --api-key-env VAR (clients send Authorization: Bearer), or pass --insecure.")
     if config.engine not in ("embedded", "vllm"):
         raise SlmtuneError(f"--engine must be embedded or vllm, got {config.engine!r}.")
     if config.engine == "vllm" and not config.engine_urls:
         raise SlmtuneError("--engine vllm needs --engine-url.", "`slmtune serve --print-vllm-command` shows how.")
+    from slmtune.lock import check_unlocked
+
+    check_unlocked(config.router.parent)  # a flywheel writing this work dir: serve would read a half round
     router = load_router(config.router)
     ctx = Ctx(config, router, checkpoints(router), disabled_routes(router, config.min_score), None,
               _secret(config.api_key_env, "--api-key-env"), _secret(config.upstream_key_env, "--upstream-key-env"))
@@ -187,6 +203,7 @@ class Metrics:
     latency: Any  # answered_by (slm | llm), seconds
     tokens: Any  # model: tokens generated by the exports (answers that failed the guard included)
     batch: Any  # model: requests per generated batch
+    cancelled: Any  # requests whose client went away before the answer
 
 
 def _metrics(ctx: Ctx) -> Metrics:
@@ -195,6 +212,9 @@ def _metrics(ctx: Ctx) -> Metrics:
     reg = CollectorRegistry()
     loaded = Gauge("slmtune_loaded_models", "Exports loaded by the embedded engine.", registry=reg)
     loaded.set_function(lambda: len(ctx.engine.loaded()["exports"]) if ctx.engine else 0)
+    dropped = Gauge("slmtune_served_log_dropped_lines", "Served-log lines dropped: the writer's queue was full.",
+                    registry=reg)
+    dropped.set_function(lambda: ctx.served.dropped if ctx.served else 0)
     return Metrics(
         reg,
         Counter("slmtune_requests", "Chat requests by route and who answered.", ["route", "outcome"], registry=reg),
@@ -203,7 +223,8 @@ def _metrics(ctx: Ctx) -> Metrics:
                   buckets=LATENCY_BUCKETS, registry=reg),
         Counter("slmtune_generated_tokens", "Tokens generated by the exports.", ["model"], registry=reg),
         Histogram("slmtune_batch_size", "Requests generated together.", ["model"], buckets=BATCH_BUCKETS,
-                  registry=reg))
+                  registry=reg),
+        Counter("slmtune_cancelled", "Requests whose client disconnected before the answer.", registry=reg))
 
 
 # ----------------------------------------------------------------------------- one chat request
@@ -222,18 +243,35 @@ async def handle_chat(ctx: Ctx, request):
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise HttpError(400, f"the request body is not valid JSON: {e}.", code="invalid_json") from None
-    problems = request_problems(body)
+        raise HttpError(400, f"the request body is not valid JSON: {str(e)[:200]}.", code="invalid_json") from None
+    except RecursionError:
+        raise HttpError(400, "the request body nests too deep.", code="invalid_request") from None
+    problems = request_problems(body, ctx.config.limits())
     if problems:
         raise HttpError(400, "; ".join(problems) + ".", code="invalid_request")
     picked = route(body, ctx.router)
     call = Call(f"req-{uuid.uuid4().hex}", body, raw, picked["task"] if picked else None, t0)
-    reason = _skip_reason(ctx, body, call.task)
+    reason = _skip_reason(ctx, body, call.task, len(raw))
     if reason is None:
-        answer, reason = await _ask_slm(ctx, body, ctx.ckpts[call.task])
+        asked = asyncio.ensure_future(_ask_slm(ctx, body, ctx.ckpts[call.task]))
+        if not await _until_done_or_gone(asked, request):
+            ctx.metrics.cancelled.inc()
+            return _fail(ctx, call, 499, error_body("the client disconnected.", "client_closed", "client_closed"),
+                         {}, None)
+        answer, reason = asked.result()
         if answer is not None:
             return _slm_response(ctx, call, *answer)
     return await _forward(ctx, call, reason)
+
+
+async def _until_done_or_gone(task: asyncio.Future, request, poll_s: float = 0.05) -> bool:
+    """Wait for `task`; False (and `task` cancelled, which stops its generation) if the client disconnects."""
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            return False
+    return True
 
 
 async def _read_body(request, cap: int) -> bytes:
@@ -246,7 +284,7 @@ async def _read_body(request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-def _skip_reason(ctx: Ctx, body: dict, task: str | None) -> str | None:
+def _skip_reason(ctx: Ctx, body: dict, task: str | None, size: int) -> str | None:
     if task is None:
         return "no_route"
     if (body.get("n") or 1) > 1 or body.get("logprobs") or (body.get("tools") and body.get("tool_choice") == "none"):
@@ -255,6 +293,9 @@ def _skip_reason(ctx: Ctx, body: dict, task: str | None) -> str | None:
     offered = {(t.get("function") or {}).get("name") for t in body.get("tools") or [] if isinstance(t, dict)}
     if named and named not in offered:
         return "unsupported"  # tool_choice names a tool the request does not offer: no answer could pass the guard
+    context = ctx.ckpts[task].context
+    if context is not None and size > 64 * context:
+        return "too_long"  # ~4 characters a token: far past the context before any template or tokenizer runs
     return "disabled" if task in ctx.disabled else None
 
 
@@ -281,6 +322,11 @@ async def _ask_slm(ctx: Ctx, body: dict, ck: Checkpoint):
         comp = await asyncio.wait_for(ctx.engine.complete(ck, to_record(body), params), cfg.slm_timeout_s)
     except (asyncio.TimeoutError, TimeoutError):
         return None, "timeout"
+    except PromptTooLong:
+        return None, "too_long"
+    except GrammarFailed as e:
+        log.info("the %s grammar failed for one request: %s", ck.name, e.message)
+        return None, "schema_invalid"
     except Exception:  # noqa: BLE001 - whatever broke, the upstream answers instead
         log.exception("the %s export failed; the upstream answers", ck.name)
         return None, "error"
@@ -311,6 +357,10 @@ async def _forward(ctx: Ctx, call: Call, reason: str):
     cfg, headers = ctx.config, route_headers(call.task, "llm", reason)
     ctx.metrics.fallbacks.labels(reason).inc()
     if not cfg.upstream:
+        if reason == "too_long":
+            return _fail(ctx, call, 400, error_body(
+                "the prompt and max_tokens do not fit the small model's context, and no upstream LLM is configured "
+                "(--upstream) to take it.", "invalid_request_error", "context_length_exceeded"), headers, reason)
         why = "no route matched it" if reason == "no_route" else f"the small model did not answer it ({reason})"
         return _fail(ctx, call, 503, error_body(f"no upstream LLM is configured (--upstream) and {why}.",
                                                 "service_unavailable", "no_upstream"), headers, reason)
@@ -326,38 +376,80 @@ async def _forward(ctx: Ctx, call: Call, reason: str):
         return _fail(ctx, call, 502, error_body(f"the upstream LLM could not be reached ({type(e).__name__}).",
                                                 "upstream_error", "upstream_unreachable"), headers, reason)
     if resp.status_code >= 400:
-        data = await resp.aread()
-        await resp.aclose()
-        return _fail(ctx, call, resp.status_code, upstream_error(resp.status_code, data), headers, reason)
+        data = await _read_capped(resp, UPSTREAM_ERROR_BYTES)
+        scrubber = cfg.log_scrubber if cfg.log_scrub else "regex"  # error bodies are scrubbed either way
+        status, body = upstream_error(resp.status_code, data, scrub=lambda t: scrub_text(t, scrubber))
+        return _fail(ctx, call, status, body, headers, reason)
     if call.body.get("stream"):
         return StreamingResponse(_relay(ctx, call, resp, reason), media_type="text/event-stream", headers=headers)
-    data = await resp.aread()
-    await resp.aclose()
     try:
-        answer = json.loads(data)
-    except ValueError:
-        return _fail(ctx, call, 502, error_body("the upstream LLM answered with something other than JSON.",
-                                                "upstream_error", "upstream_invalid"), headers, reason)
+        data = await resp.aread()
+    except httpx.HTTPError as e:
+        await resp.aclose()
+        return _fail(ctx, call, 502, error_body(f"the upstream LLM's answer broke off ({type(e).__name__}).",
+                                                "upstream_error", "upstream_unreachable"), headers, reason)
+    await resp.aclose()
+    answer = _completion_or_none(data)
+    if answer is None:
+        return _fail(ctx, call, 502, error_body("the upstream LLM answered with something other than a "
+                                                "chat.completion JSON object.", "upstream_error", "upstream_invalid"),
+                     headers, reason)
     _done(ctx, call, answer, "llm", reason, {"slmtune_model": answer.get("model")})
     return Response(data, status_code=resp.status_code, media_type="application/json", headers=headers)
 
 
+UPSTREAM_ERROR_BYTES = 64 << 10  # an error body is a message, not a download
+
+
+async def _read_capped(resp, cap: int) -> bytes:
+    data = b""
+    try:
+        async for chunk in resp.aiter_bytes():
+            data += chunk
+            if len(data) >= cap:
+                break
+    except Exception:  # noqa: BLE001 - an error body that breaks off is still an error: keep what came
+        pass
+    finally:
+        await resp.aclose()
+    return data[:cap]
+
+
+def _completion_or_none(data: bytes) -> dict | None:
+    try:
+        answer = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    ok = isinstance(answer, dict) and isinstance(answer.get("choices"), list) and all(
+        isinstance(c, dict) and isinstance(c.get("message", {}), dict) for c in answer["choices"])
+    return answer if ok else None
+
+
 async def _relay(ctx: Ctx, call: Call, resp, reason: str):
-    """Pass the upstream's event stream through unchanged, assembling the whole answer for the log."""
+    """Pass the upstream's event stream through unchanged, assembling the whole answer for the log. A stream
+    that breaks off (a transport error, or an end without `[DONE]` or a finish_reason) ends with an SSE error
+    event, and goes to the errors log, never the served log: a cut answer must not become training data."""
     import httpx
 
-    acc = StreamAssembler()
+    acc, broke = StreamAssembler(), None
     try:
         async for chunk in resp.aiter_bytes():
             acc.feed(chunk)
             yield chunk
     except httpx.HTTPError as e:
-        log.warning("the upstream stream broke off: %s", e)
+        broke = f"the upstream stream broke off ({type(e).__name__})"
     finally:
         await resp.aclose()
-        answer = acc.completion()
-        if answer is not None:
-            _done(ctx, call, answer, "llm", reason, {"slmtune_model": answer.get("model")})
+    answer = acc.completion()
+    if broke is None and not acc.complete():
+        broke = "the upstream stream ended before its answer did"
+    if broke is None and answer is not None:
+        _done(ctx, call, answer, "llm", reason, {"slmtune_model": answer.get("model")})
+        return
+    log.warning("%s (request %s)", broke, call.id)
+    body = error_body(f"{broke}.", "upstream_error", "upstream_stream_broken")
+    _fail(ctx, call, 502, body | {"partial": answer}, {}, reason)
+    yield f"data: {json.dumps(error_body(f'{broke}.', 'upstream_error', 'upstream_stream_broken'))}\n\n".encode()
 
 
 # ----------------------------------------------------------------------------- outcomes: metrics + served log
@@ -386,6 +478,7 @@ def run(config: ServeConfig) -> None:
     app = create_app(config)
     import uvicorn
 
-    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key_env:
-        log.warning("serving on %s without --api-key-env: anyone who can reach it can use it", config.host)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    if config.host not in LOOPBACK and not config.api_key_env:
+        log.warning("serving on %s without --api-key-env (--insecure): anyone who can reach it can use it",
+                    config.host)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", limit_concurrency=config.max_concurrency)

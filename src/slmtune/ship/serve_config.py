@@ -10,6 +10,7 @@ from pathlib import Path
 
 from slmtune.errors import SlmtuneError
 from slmtune.ship.engine import Checkpoint
+from slmtune.ship.guard import RequestLimits
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,10 @@ class ServeConfig:
     router: Path
     """router.json (`slmtune flywheel` writes WORKDIR/router.json)."""
     host: str = "127.0.0.1"
-    """Address to bind; anything but loopback exposes the server (set `api_key_env` then)."""
+    """Address to bind; anything but loopback exposes the server: refused without `api_key_env` unless
+    `insecure`."""
+    insecure: bool = False
+    """Allow a non-loopback `host` without `api_key_env` (anyone who reaches it spends the upstream key)."""
     port: int = 8000
     """TCP port."""
     engine: str = "embedded"
@@ -51,12 +55,25 @@ class ServeConfig:
     """Environment variable holding the key clients must send as `Authorization: Bearer`; None: no auth."""
     max_body_bytes: int = 4 << 20
     """Largest request body (4 MiB: ~1M tokens of text); larger ones get 413."""
+    max_messages: int = 2048
+    """Most messages a request may hold (400 past it)."""
+    max_tools: int = 128
+    """Most tools a request may offer (400 past it; OpenAI's own limit)."""
+    max_tokens_cap: int = 32768
+    """Largest `max_tokens` / `max_completion_tokens` a request may ask of the SLM or the upstream (400 past it)."""
+    max_concurrency: int = 256
+    """Connections uvicorn serves at once; past it new ones get 503 (`limit_concurrency`)."""
     log_dir: Path | None = None
     """Where served calls are logged; default: `served/` beside router.json."""
     log_scrub: bool = True
     """Scrub PII and secrets from served logs (`slmtune.data.scrub`, as curate does)."""
+    log_scrubber: str = "regex"
+    """The scrubber backend, as `curate --scrubber`: regex, or presidio (names, addresses too)."""
     dtype: str = "auto"
     """Embedded engine weights dtype: auto, float32, bfloat16."""
+
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.max_messages, self.max_tools, self.max_tokens_cap)
 
     def constrained_for(self, category: str) -> bool:
         """Whether a route of this category decodes under its grammar (`constrained`; auto = `eval`'s auto)."""
@@ -91,14 +108,25 @@ def checkpoints(router: dict) -> dict[str, Checkpoint]:
             continue
         m = json.loads((folder / MANIFEST).read_text(encoding="utf-8")) if (folder / MANIFEST).is_file() else {}
         task = m.get("task") or {}
+        base_path = (m.get("base_model") or {}).get("path")
+        fmt = r.get("format") or m.get("format") or "merged"
         out[r["task"]] = Checkpoint(
             name=m.get("name") or folder.name, task=r["task"], category=r.get("category") or task.get("category"),
-            schema=task.get("schema"), path=str(folder), format=r.get("format") or m.get("format") or "merged",
-            base_path=(m.get("base_model") or {}).get("path"))
+            schema=task.get("schema"), path=str(folder), format=fmt, base_path=base_path,
+            context=_context(Path(base_path) if fmt == "adapter" and base_path else folder))
     if missing:
         raise SlmtuneError(f"router.json names exports that are not there: {', '.join(missing)}.",
                            "Run `slmtune flywheel` again, or fix the router's `checkpoint` paths.")
     return out
+
+
+def _context(model_dir: Path) -> int | None:
+    """max_position_embeddings from a model folder's config.json, when it says."""
+    try:
+        n = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def parse_min_score(values: list[str]) -> tuple[tuple[str, float], ...]:

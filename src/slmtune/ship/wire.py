@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from slmtune.ship.engine import Checkpoint, Completion
@@ -71,17 +72,26 @@ def sse_chunks(resp: dict, include_usage: bool) -> list[str]:
 
 
 
-def upstream_error(status: int, data: bytes) -> dict:
-    """The upstream's own OpenAI error body when it sent one, else one that quotes what it sent."""
+def upstream_error(status: int, data: bytes, scrub: Callable[[str], str] = lambda t: t) -> tuple[int, dict]:
+    """(status, body) for the client from an upstream error: the upstream's own status and OpenAI error body
+    (its message scrubbed: an upstream may quote a key's last characters), or one that quotes what it sent.
+    A 401/403 is slmtune's key being refused, not the client's doing: a generic 502 that quotes nothing."""
+    if status in (401, 403):
+        return 502, error_body("the upstream LLM refused slmtune's credentials (--upstream-key-env).",
+                               "upstream_error", "upstream_auth")
     try:
         body = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return body
-    text = data.decode("utf-8", "replace").strip()[:300]
-    return error_body(f"the upstream LLM returned HTTP {status}: {text or '(empty body)'}", "upstream_error",
-                      f"upstream_{status}")
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        message = scrub(str(err.get("message") or "")[:1000])
+        code, type_ = err.get("code"), err.get("type")
+        return status, error_body(message, type_ if isinstance(type_, str) else "upstream_error",
+                                  code if isinstance(code, str) else f"upstream_{status}")
+    text = scrub(data.decode("utf-8", "replace").strip()[:300])
+    return status, error_body(f"the upstream LLM returned HTTP {status}: {text or '(empty body)'}",
+                              "upstream_error", f"upstream_{status}")
 
 
 
@@ -90,35 +100,46 @@ class StreamAssembler:
 
     def __init__(self) -> None:
         self.buf, self.head, self.content, self.calls = b"", {}, [], {}
-        self.finish, self.usage, self.seen = None, None, False
+        self.finish, self.usage, self.seen, self.done = None, None, False, False
 
     def feed(self, data: bytes) -> None:
         self.buf += data
         *lines, self.buf = self.buf.split(b"\n")
         for line in lines:
             line = line.strip()
-            if line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
+            if line.startswith(b"data:") and line[5:].strip() == b"[DONE]":
+                self.done = True
+            elif line.startswith(b"data:"):
                 try:
-                    self._chunk(json.loads(line[5:]))
-                except ValueError:
+                    chunk = json.loads(line[5:])
+                except (ValueError, RecursionError):
                     continue
+                if isinstance(chunk, dict):
+                    self._chunk(chunk)
 
     def _chunk(self, c: dict) -> None:
+        # An upstream's stream is untrusted too: a field of the wrong type is skipped, never a crash mid-relay.
         self.seen = True
         self.head = self.head or {k: c.get(k) for k in ("id", "created", "model", "system_fingerprint")}
-        self.usage = c.get("usage") or self.usage
-        for ch in c.get("choices") or []:
-            d = ch.get("delta") or {}
-            if d.get("content"):
+        self.usage = c.get("usage") if isinstance(c.get("usage"), dict) else self.usage
+        for ch in _dicts(c.get("choices")):
+            d = ch.get("delta") if isinstance(ch.get("delta"), dict) else {}
+            if isinstance(d.get("content"), str):
                 self.content.append(d["content"])
-            for tc in d.get("tool_calls") or []:
-                slot = self.calls.setdefault(tc.get("index", 0), {"id": "", "type": "function",
-                                                                  "function": {"name": "", "arguments": ""}})
-                slot["id"] = tc.get("id") or slot["id"]
-                fn = tc.get("function") or {}
-                slot["function"]["name"] += fn.get("name") or ""
-                slot["function"]["arguments"] += fn.get("arguments") or ""
-            self.finish = ch.get("finish_reason") or self.finish
+            for tc in _dicts(d.get("tool_calls")):
+                index = tc.get("index", 0) if isinstance(tc.get("index", 0), int) else 0
+                slot = self.calls.setdefault(index, {"id": "", "type": "function",
+                                                     "function": {"name": "", "arguments": ""}})
+                slot["id"] = tc.get("id") if isinstance(tc.get("id"), str) and tc.get("id") else slot["id"]
+                fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+                for key in ("name", "arguments"):
+                    slot["function"][key] += fn.get(key) if isinstance(fn.get(key), str) else ""
+            finish = ch.get("finish_reason")
+            self.finish = finish if isinstance(finish, str) and finish else self.finish
+
+    def complete(self) -> bool:
+        """Whether the stream reached its end: `[DONE]` or a finish_reason."""
+        return self.done or self.finish is not None
 
     def completion(self) -> dict | None:
         if not self.seen:
@@ -130,3 +151,6 @@ class StreamAssembler:
                            "choices": [{"index": 0, "message": msg, "finish_reason": self.finish}]}
         return out | ({"usage": self.usage} if self.usage else {})
 
+
+def _dicts(value: Any) -> Iterable[dict]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []

@@ -7,8 +7,11 @@ and any other prompt gets the fixed text `UNKNOWN_ANSWER`. Every answer's `model
 model>` so nobody mistakes it for a real LLM. `stream: true` is answered as server-sent events.
 
 For tests it can fail on purpose: `error_status` (or `POST /standin/error {"status": 429}`; `null` clears
-it) makes every chat request get that status with an OpenAI error body. `app.state.requests` keeps the bodies
-it received, so a test can check what the server under test forwarded.
+it) makes every chat request get that status with an OpenAI error body (`"message"` sets its text). `POST
+/standin/error {"fault": F}` misbehaves instead: `break_stream` (a streamed answer breaks off mid-way: the
+connection drops), `cut_stream` (it ends cleanly but early: no finish_reason, no `[DONE]`), `not_json` (200 with
+an HTML body); `{"fault": null}` clears it. `app.state.requests` keeps the bodies it received, so a test can
+check what the server under test forwarded.
 
     python -m slmtune.synthetic.upstream LOGS... --port 8100      # then: slmtune serve W --upstream http://127.0.0.1:8100/v1
 """
@@ -104,11 +107,11 @@ def stream_events(resp: dict) -> list[str]:
 def create_upstream_app(paths: Sequence[str | Path] = (), error_status: int | None = None):
     """The stand-in's FastAPI app, answering from the logs under `paths`."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     index = index_logs(paths) if paths else {}
     app = FastAPI(title="slmtune stand-in upstream (answers from logs; not an LLM)", docs_url=None, redoc_url=None)
-    app.state.error_status = error_status
+    app.state.error_status, app.state.error_message, app.state.fault = error_status, None, None
     app.state.requests = deque(maxlen=1000)
 
     def error(status: int, message: str) -> JSONResponse:
@@ -123,22 +126,41 @@ def create_upstream_app(paths: Sequence[str | Path] = (), error_status: int | No
             return error(400, "the body is not JSON")
         app.state.requests.append(body)
         if app.state.error_status:
-            return error(app.state.error_status, f"stand-in upstream told to fail with {app.state.error_status}")
+            return error(app.state.error_status, app.state.error_message
+                         or f"stand-in upstream told to fail with {app.state.error_status}")
+        if app.state.fault == "not_json":
+            return HTMLResponse("<html><body>502 Bad Gateway (a proxy's page)</body></html>")
         resp = answer(body, index)
         if body.get("stream"):
-            return StreamingResponse(iter(stream_events(resp)), media_type="text/event-stream")
+            return StreamingResponse(_faulty(stream_events(resp), app.state.fault), media_type="text/event-stream")
         return resp
 
     @app.post("/standin/error")
     async def set_error(request: Request):
-        app.state.error_status = (await request.json()).get("status")
-        return {"error_status": app.state.error_status}
+        told = await request.json()
+        if "status" in told:
+            app.state.error_status, app.state.error_message = told["status"], told.get("message")
+        if "fault" in told:
+            app.state.fault = told["fault"]
+        return {"error_status": app.state.error_status, "fault": app.state.fault}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": STANDIN_MODEL, "object": "model", "owned_by": "slmtune-standin"}]}
 
     return app
+
+
+async def _faulty(events: list[str], fault: str | None):
+    """The events, whole or (a fault) only the first half: cut cleanly, or broken off by an error mid-stream."""
+    import asyncio
+
+    cut = len(events) // 2 if fault in ("break_stream", "cut_stream") else len(events)
+    for e in events[:cut]:
+        yield e
+        await asyncio.sleep(0)  # each event its own chunk on the wire, as a real stream sends them
+    if fault == "break_stream":
+        raise ConnectionResetError("stand-in upstream: the stream breaks off here (told to)")
 
 
 def main() -> None:  # pragma: no cover - a demo entry point

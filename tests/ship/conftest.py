@@ -1,0 +1,50 @@
+"""Shared by the serve tests: one flywheel round of the tiny model on two errands (`work`, built once per
+session) and the stand-in upstream answering from its logs."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from slmtune.cli import app
+from slmtune.ship.asgi import serve_in_thread
+from slmtune.ship.serve_config import load_router
+from slmtune.synthetic.logs import write_logs
+from slmtune.synthetic.upstream import create_upstream_app
+
+WEATHER, SENTIMENT = "tool_calling-get_weather", "classification-sentiment"
+
+
+def cli(*args, code=0):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output + (result.stderr or "") + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="session")
+def work(tiny_model, tmp_path_factory):
+    """One flywheel round on two errands (weather tool calls, sentiment labels): router.json + two exports."""
+    root = tmp_path_factory.mktemp("serve")
+    write_logs(root / "data", 56, seed=3, errands=[WEATHER, SENTIMENT])
+    gate = root / "gate.yaml"
+    gate.write_text("parse_rate: {min: 0.0}\n")  # 2 steps teach the tiny model little: export whatever it learns
+    cli("flywheel", root / "data" / "logs", "-w", root / "work", "--gpu", "cpu", "--base-model", tiny_model,
+        "--max-steps", 2, "--eval-limit", 2, "--min-size", 8, "--gate", gate,
+        "--set", "method=lora")  # adapters, so adapter-only exports can share one base (the plan's pick is full)
+    router = load_router(root / "work" / "router.json")
+    routes = {r["category"]: r for r in router["routes"]}
+    logs = [json.loads(line) for line in (root / "data" / "logs" / "openai.jsonl").open()]
+    return {"root": root, "work": root / "work", "logs": root / "data" / "logs", "model": tiny_model,
+            "weather": routes["tool_calling"], "sentiment": routes["classification"],
+            "weather_logs": [x for x in logs if x["request"].get("tools")],
+            "sentiment_logs": [x for x in logs if not x["request"].get("tools")]}
+
+
+@pytest.fixture(scope="session")
+def upstream(work):
+    app_ = create_upstream_app([work["logs"]])
+    running = serve_in_thread(app_)
+    yield {"url": running.url, "app": app_}
+    running.stop()
+
+

@@ -197,7 +197,8 @@ def bad_schemas(canary: str) -> list:
         {"type": "nope"}, {"type": "object", "required": "city"}, {"type": "object", "additionalProperties": "x"},
         {"type": "object", "properties": {"city": {"$ref": canary + "/schema.json"}}},
         {"type": "object", "properties": {"city": {"$ref": "file:///etc/passwd"}}},
-        {"type": "object", "properties": {"city": {"$ref": "http://169.254.169.254/latest/meta-data/"}}},
+        # what a cloud-metadata probe looks like, aimed at the loopback canary: never any other address
+        {"type": "object", "properties": {"city": {"$ref": canary + "/latest/meta-data/iam/security-credentials/"}}},
         {"type": "object", "properties": {"city": {"$ref": "#/definitions/missing"}}},
         {"type": "object", "properties": {"city": {"$ref": "#"}}},
         {"$id": canary + "/base/", "type": "object", "properties": {"city": {"$ref": "other.json"}}},

@@ -2,8 +2,10 @@
 that would make the server reach out, cross-site posts, bad schemas in a batch, prompts past the context, an
 upstream that breaks off or leaks, a client that goes away, a work dir a flywheel is writing."""
 
+import contextlib
 import http.server
 import json
+import logging
 import threading
 import time
 import urllib.request
@@ -238,6 +240,33 @@ def test_caps_on_messages_tools_tokens_and_nesting(work, sec):
                       headers={"content-type": "application/json"})
     assert resp.status_code == 400
     assert request_problems({**POEM, "max_tokens": 100}) == []
+
+
+def test_lone_surrogates_and_cut_off_bodies_are_refused_quietly(work, sec, caplog):
+    """A `\\ud800` escape parses to a string no UTF-8 log line, tokenizer or response can hold: 400. A body cut
+    off mid-way (the client closed its side) is answered 400, with nothing in the server log."""
+    import socket
+
+    server = sec("main")
+    url = server["url"] + "/v1/chat/completions"
+    lone = b'{"messages": [{"role": "user", "content": "Weather in \\ud800 Oslo?"}]}'
+    resp = httpx.post(url, content=lone, headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "surrogate" in resp.json()["error"]["message"]
+    pair = b'{"model": "m", "messages": [{"role": "user", "content": "a poem about \\ud83c\\udf0a"}]}'
+    assert httpx.post(url, content=pair, headers={"content-type": "application/json"}).status_code == 200
+    host, port = server["url"].removeprefix("http://").split(":")
+    for cut in (b"Content-Length: 5000\r\n\r\n" + json.dumps(POEM).encode(),
+                b"Transfer-Encoding: chunked\r\n\r\n100\r\n" + b'{"messages": ['):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\n" + cut)
+            sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):
+                    pass
+    time.sleep(0.5)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert post(server, POEM).status_code == 200
 
 
 def test_a_prompt_past_the_context_goes_upstream_or_gets_400(work, sec):

@@ -38,6 +38,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -246,6 +247,9 @@ async def handle_chat(ctx: Ctx, request):
         raise HttpError(400, f"the request body is not valid JSON: {str(e)[:200]}.", code="invalid_json") from None
     except RecursionError:
         raise HttpError(400, "the request body nests too deep.", code="invalid_request") from None
+    if _LONE_SURROGATE_HINT.search(raw) and _has_lone_surrogate(body):
+        raise HttpError(400, "the request body holds a lone UTF-16 surrogate escape (e.g. \\ud800): not Unicode "
+                             "text.", code="invalid_json")
     problems = request_problems(body, ctx.config.limits())
     if problems:
         raise HttpError(400, "; ".join(problems) + ".", code="invalid_request")
@@ -275,13 +279,31 @@ async def _until_done_or_gone(task: asyncio.Future, request, poll_s: float = 0.0
 
 
 async def _read_body(request, cap: int) -> bytes:
+    from starlette.requests import ClientDisconnect
+
     chunks, n = [], 0
-    async for chunk in request.stream():  # counted as it arrives: a chunked upload has no content-length
-        n += len(chunk)
-        if n > cap:
-            raise HttpError(413, f"the request body is over the {cap}-byte limit.", code="too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():  # counted as it arrives: a chunked upload has no content-length
+            n += len(chunk)
+            if n > cap:
+                raise HttpError(413, f"the request body is over the {cap}-byte limit.", code="too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the body was cut off: nobody is left to answer, nothing to log
+        raise HttpError(400, "the request body was cut off.", code="incomplete_body") from None
     return b"".join(chunks)
+
+
+# A JSON escape of a UTF-16 surrogate: only then can a parsed body hold a lone one (which no UTF-8 log line,
+# tokenizer or response can encode), so only then is the body walked.
+_LONE_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(body: Any) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _skip_reason(ctx: Ctx, body: dict, task: str | None, size: int) -> str | None:

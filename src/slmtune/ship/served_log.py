@@ -24,6 +24,7 @@ a minute.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -137,7 +138,12 @@ class ServedLog:
             self._drop(self._broken)
             return
         line = scrub_line(line, self.scrubber) if self.scrub else line
-        self._append(_day(line), ".errors.log" if errors else ".jsonl", (dumps(line) + "\n").encode())
+        text = dumps(line)
+        try:
+            data = (text + "\n").encode()
+        except UnicodeEncodeError:  # a lone surrogate (an upstream's \ud800 escape): kept as the escape it was
+            data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
+        self._append(_day(line), ".errors.log" if errors else ".jsonl", data)
 
     def _append(self, day: str, suffix: str, data: bytes) -> None:
         index = self._index.get((day, suffix))

@@ -16,6 +16,17 @@ Prints a row per kill (time killed or `ended` when the run finished first, the l
 temps the kill left, rerun seconds, recovered) and `kills recovered: K of N`; writes runs/bench_faults.json and
 runs/bench_faults.png (kill time vs rerun time, coloured by recovery). Timings are noisy on a shared machine; the
 recovery verdicts are not.
+
+Part 2 (`requests`) runs one such flywheel, then starts `slmtune serve` on it twice as a subprocess on 127.0.0.1 —
+the default decoding and `--no-constrained` (where a tool schema reaches the guard's validator) — with the stand-in
+upstream, and sends each the same 430 malformed and hostile requests (`hostile_corpus` + `raw_socket_faults`:
+every top-level field with 11 wrong-typed values, wrong message fields, 27 bad or external-`$ref` tool schemas
+aimed at a loopback canary, nesting to 200,000 levels, 3.5 MB prompts, 5 MB bodies, 3,000 messages, wrong content
+types, bad UTF-8 and lone surrogates, truncated and garbage HTTP, foreign Host headers). It counts the statuses
+(a 5xx is a failure; 0 means no HTTP answer, as for a body the client cut), the tracebacks in the server's own
+log, the canary's hits, and checks a normal call (unrouted and routed) is answered afterwards. Prints
+`hostile requests with a 5xx: K of N`; writes the JSON and runs/bench_faults_requests.png (statuses per server).
+Every address it sends to is on this machine.
 """
 
 from __future__ import annotations
@@ -429,6 +440,26 @@ def summarize(statuses: list[tuple[str, int]], after: dict, log: Path, secs: flo
             "2xx_requests": [n for n, s in statuses if 200 <= s < 300][:400]}
 
 
+def plot_requests(result: dict, path: Path) -> None:
+    """Hostile requests by the status they got, per server (0: no HTTP answer: the client cut its own body)."""
+    from slmtune.plots import pyplot, save_png
+
+    plt = pyplot()
+    statuses = sorted({k for s in result["servers"].values() for k in s["by_status"]}, key=int)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(1, len(result["servers"]))
+    for i, (name, srv) in enumerate(result["servers"].items()):
+        xs = [j + i * width for j in range(len(statuses))]
+        ax.bar(xs, [srv["by_status"].get(k, 0) for k in statuses], width, label=name)
+    ax.set_xticks([j + width * (len(result["servers"]) - 1) / 2 for j in range(len(statuses))], statuses)
+    n5 = sum(s["5xx"] for s in result["servers"].values())
+    total = sum(s["sent"] for s in result["servers"].values())
+    ax.set(xlabel="HTTP status", ylabel="requests", yscale="log",
+           title=f"hostile requests: {n5} of {total} got a 5xx; canary hits {result['canary_requests']}")
+    ax.legend()
+    save_png(fig, path, dpi=120, bbox_inches="tight")
+
+
 def print_summary(name: str, s: dict) -> None:
     print(f"[{name}] {s['sent']} requests in {s['seconds']} s: by status {s['by_status']}; 5xx {s['5xx']} "
           f"{s['5xx_requests'][:10]}; no answer {s['no_answer']}; tracebacks in the server log {s['tracebacks']}; "
@@ -454,6 +485,8 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")  # after each part: a failing part 2 keeps part 1
     if "kills" in result:
         plot_kills(result["kills"], out.with_suffix(".png"))
+    if "requests" in result:
+        plot_requests(result["requests"], out.with_name(out.stem + "_requests.png"))
 
 
 if __name__ == "__main__":

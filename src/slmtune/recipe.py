@@ -7,6 +7,7 @@ travels with its data; `output.dir` resolves against the working directory, like
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -288,20 +289,28 @@ def resolve_auto(recipe: Recipe, n_records: int, n_params: int) -> Recipe:
     return recipe.model_copy(update={"method": method, "train": train})
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `key.path=value` overrides (values parsed as YAML: `train.lr=1e-4`, `data.packing=false`)."""
+def apply_overrides(raw: dict, overrides: list[str], values: Mapping[str, Any] | None = None) -> dict:
+    """Apply `values` ({"key.path": value}, set as they are: code passes paths and numbers as data, never as YAML
+    text a `#` or `: ` in a path would reparse), then the `key.path=value` overrides a person typed (values parsed
+    as YAML: `train.lr=1e-4`, `data.packing=false`), which win."""
+    for key, value in (values or {}).items():
+        _set_key(raw, key, value, key)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SlmtuneError(f"--set {item!r}: expected key.path=value.", "Example: --set train.max_steps=10")
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise SlmtuneError(f"--set {item!r}: {p!r} is not a mapping in the recipe.")
-        node[leaf] = yaml.safe_load(value)
+        _set_key(raw, key, yaml.safe_load(value), item)
     return raw
+
+
+def _set_key(raw: dict, key: str, value: Any, item: str) -> None:
+    node = raw
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise SlmtuneError(f"--set {item!r}: {p!r} is not a mapping in the recipe.")
+    node[leaf] = value
 
 
 def _key_lines(text: str) -> dict[tuple, int]:
@@ -364,8 +373,10 @@ def _format_errors(path: Path, err: ValidationError, lines: dict[tuple, int]) ->
     return "; ".join(out)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
-    """Read, validate and resolve a recipe. Raises one SlmtuneError listing every problem."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True,
+                values: Mapping[str, Any] | None = None) -> Recipe:
+    """Read, validate and resolve a recipe, with `values` and `overrides` applied (see `apply_overrides`).
+    Raises one SlmtuneError listing every problem."""
     path = Path(path)
     if not path.is_file():
         raise SlmtuneError(f"{path}: no such recipe file.")
@@ -378,7 +389,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
         raise SlmtuneError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
     if not isinstance(raw, dict):
         raise SlmtuneError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}.")
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(raw, overrides or [], values)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:

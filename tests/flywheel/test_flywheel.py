@@ -186,3 +186,17 @@ def _no_gate(tmp_path: Path) -> Path:
     gate = tmp_path / "gate.yaml"
     gate.write_text("parse_rate: {min: 0.0}\n")  # the tiny model learns little in 2 steps: gate on nothing
     return gate
+
+
+def test_a_work_dir_path_with_spaces_colons_and_hashes_is_used_as_given(tiny_model, tmp_path):
+    """The flywheel hands paths to the recipe as data: `a: b #c` in a path reparsed as YAML would be a dict and a
+    comment, and training would write somewhere else."""
+    write_logs(tmp_path / "data", 40, seed=5, errands=[WEATHER])
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("parse_rate: {min: 0.0}\n")
+    work = tmp_path / "agent runs: v2 #1" / "work"
+    flywheel(tmp_path / "data" / "logs", work, tiny_model, "--gate", gate)
+    task = next(iter(summary(work / "round-001").values()))
+    assert task["status"] == "trained" and Path(task["run_dir"]) == work / "round-001" / "train" / task["task"]
+    assert run_weights(Path(task["run_dir"])) and task["export"].startswith(str(work))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agent runs: v2 #1", "data", "gate.yaml"]

@@ -268,9 +268,10 @@ def _recipe(round_dir: Path, name: str, config: FlywheelConfig):
     steps = config.max_steps if config.max_steps else probe.train.max_steps
     # Checkpoint ~4 times a run so an interrupted flywheel loses at most a quarter of a task's training.
     save = max(1, steps // 4) if steps > 0 else 200
-    sets = [f"output.dir={round_dir / 'train' / name}", "data.eval=null", f"train.save_steps={save}",
-            *([f"train.max_steps={config.max_steps}"] if config.max_steps else []), *config.overrides]
-    recipe = load_recipe(path, sets)
+    # As data, not `key=value` text: a work dir whose path holds "#" or ": " must not reparse as YAML.
+    values = {"output.dir": str(round_dir / "train" / name), "data.eval": None, "train.save_steps": save,
+              **({"train.max_steps": config.max_steps} if config.max_steps else {})}
+    recipe = load_recipe(path, list(config.overrides), values=values)
     d = recipe_to_dict(recipe)
     d["data"].pop("train"), d["data"].pop("eval"), d["output"].pop("dir")  # round-specific paths
     return recipe, fingerprint(["train", file_fingerprint(recipe.data.train), d])

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from slmtune.eval.evaluate import GenSettings, evaluate, load, resolve_model
-from slmtune.eval.generate import generate, token_budget, wall_time
+from slmtune.infer.generate import generate, token_budget, wall_time
 from slmtune.io import write_jsonl
 from slmtune.render import make_renderer, prompt_text, target_text
 from slmtune.synthetic.tiny import weather_records

@@ -68,7 +68,7 @@ def test_enum_choices_match_what_the_stages_accept():
     from slmtune.ship.gguf_export import GGUF_TYPES
 
     assert all(tuple(c) == GGUF_TYPES for _, o, c in CHOICES if o == "--gguf")
-    from slmtune.eval.evaluate import DECODINGS
+    from slmtune.infer.decoding import DECODINGS
 
     assert [tuple(c) for _, o, c in CHOICES if o == "--decoding"] == [DECODINGS]
 

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from slmtune.errors import SlmtuneError
-from slmtune.eval.generate import MAX_BATCH_TOKENS
+from slmtune.infer.generate import MAX_BATCH_TOKENS
 from slmtune.ui import fmt, human_size
 
 app = typer.Typer(

@@ -36,7 +36,7 @@ an assistant message in either case.
 
 **Argument order.** In both modes a call's arguments are written in the order of the offered tool's parameter
 schema (`properties`, at every nesting level; keys the schema does not list keep their place after those it does).
-Constrained decoding (`slmtune.eval.constrain`, llguidance) writes object properties in schema order only, so a
+Constrained decoding (`slmtune.infer.constrain`, llguidance) writes object properties in schema order only, so a
 model trained on a teacher's other orders would learn an order its grammar forbids and close the object early.
 """
 

@@ -254,7 +254,7 @@ def test_constrained_extraction_and_classification_are_schema_valid(tiny, tmp_pa
 @pytest.mark.slow
 def test_batched_generation_matches_one_at_a_time(tiny, weather):
     from slmtune.eval.evaluate import load, resolve_model
-    from slmtune.eval.generate import common_prefix, generate
+    from slmtune.infer.generate import common_prefix, generate
     from slmtune.render import make_renderer, prompt_text
 
     model, tok = load(resolve_model(str(tiny)), dtype="float32")
@@ -271,7 +271,7 @@ def test_batched_generation_matches_one_at_a_time(tiny, weather):
 
 
 def test_token_batches_bound_rows_by_cache_slots():
-    from slmtune.eval.generate import token_batches
+    from slmtune.infer.generate import token_batches
 
     lengths = [900, 800, 300, 200, 100, 100, 50]  # longest first, as generate sorts them
     assert token_batches(lengths, 100, 16, None) == [(0, 7)]
@@ -317,7 +317,7 @@ def test_nothing_to_evaluate_is_a_clear_error(weather, tmp_path):
 
 
 def test_common_prefix_leaves_every_prompt_a_token():
-    from slmtune.eval.generate import common_prefix
+    from slmtune.infer.generate import common_prefix
 
     assert common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == [1, 2]
     assert common_prefix([[1, 2], [1, 2, 3]]) == [1]

@@ -5,7 +5,7 @@ Every model evaluated generates the target turn of every eval record from the pr
 `render.parse_output` and scored against the teacher's own target by `slmtune.eval.metrics`, per the task's
 category and schema (`task.json` beside the data, else inferred with `slmtune.tasks.schema`). `--predictions`
 scores existing outputs instead of generating. `--decoding` says how model rows are decoded: `auto` (the
-default) decodes a tool-calling task under its grammar (`slmtune.eval.constrain`: a call must name an offered tool
+default) decodes a tool-calling task under its grammar (`slmtune.infer.constrain`: a call must name an offered tool
 with schema-valid arguments, or be a text answer when some teacher targets are text) when llguidance is
 installed, as `slmtune serve` does, and every other task free; `free` / `constrained` force one way.
 `--constrained` compares both: the rows decoded free, plus the primary model under the grammar.
@@ -64,8 +64,9 @@ from typing import Any
 
 from slmtune.errors import SlmtuneError
 from slmtune.eval.failures import failure_report
-from slmtune.eval.generate import MAX_BATCH_TOKENS
-from slmtune.eval.metrics import CLASSIFICATION, EXTRACTION, TOOL_CALLING, aggregate, score
+from slmtune.eval.metrics import TOOL_CALLING, aggregate, score
+from slmtune.infer.decoding import decoding_for
+from slmtune.infer.generate import MAX_BATCH_TOKENS
 from slmtune.io import file_fingerprint, iter_jsonl
 from slmtune.records import CATEGORIES, split_prompt_target
 from slmtune.records import read_records as read_canonical
@@ -236,31 +237,12 @@ class GenSettings:
     decoding: str = "auto"  # auto | free | constrained (`decoding_for`)
 
 
-DECODINGS = ("auto", "free", "constrained")
-
-
-def decoding_for(requested: str, category: str) -> str:
-    """How model rows are decoded: `auto` = under the grammar for tool-calling tasks when llguidance is
-    installed (as serving does), else free; a task without a grammar (text tasks) is always decoded free."""
-    from slmtune.eval import constrain
-
-    if requested not in DECODINGS:
-        raise SlmtuneError(f"decoding {requested!r} is not one of {', '.join(DECODINGS)}.")
-    if requested == "auto":
-        return "constrained" if category == TOOL_CALLING and constrain.available() else "free"
-    if requested == "constrained":
-        if category not in (TOOL_CALLING, EXTRACTION, CLASSIFICATION):
-            return "free"
-        constrain.require()
-    return requested
-
-
 def generate_rows(ref: ModelRef, name: str, records: list[dict], task: Task, gs: GenSettings, decoding: str,
                   progress: Progress, compare: bool = False, strict: bool = True) -> list[Row]:
     """The model's row over `records`, decoded `decoding` (free | constrained); with `compare` also its
     "<name>+constrained" row. Not `strict` (`--decoding auto`): a record whose grammar can't be built (a schema
     llguidance refuses, a slow tokenizer) is decoded free instead of failing the eval (`perf.grammar_fallbacks`)."""
-    from slmtune.eval.generate import generate, stop_ids, token_budget
+    from slmtune.infer.generate import generate, stop_ids, token_budget
     from slmtune.render import make_renderer, prompt_text, target_text
 
     model, tok = load(ref, gs.dtype)
@@ -290,7 +272,7 @@ def generate_rows(ref: ModelRef, name: str, records: list[dict], task: Task, gs:
 def _grammar_factory(model, tok, records: list[dict], task: Task, stops: list[int], strict: bool = True):
     """(per-batch logits-processor factory, records decoded free because their grammar failed) for constrained
     decoding; the factory is None when no record has a grammar. `strict`: a grammar that fails is an error."""
-    from slmtune.eval import constrain
+    from slmtune.infer import constrain
 
     constrain.require()
     targets = [split_prompt_target(rec)[1] for rec in records]
@@ -327,7 +309,7 @@ def _label(progress: Progress, name: str) -> Progress:
 
 
 def _run(name: str, ref: ModelRef, gens: list, gs: GenSettings, budget: int, mode: str, decoding: str) -> Row:
-    from slmtune.eval.generate import wall_time
+    from slmtune.infer.generate import wall_time
     from slmtune.render import parse_output
 
     outs = [{"text": g.text, "message": parse_output(g.text), "n_tokens": g.n_tokens, "finished": g.finished,

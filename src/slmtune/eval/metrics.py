@@ -31,10 +31,17 @@ import re
 from collections import Counter
 from typing import Any
 
-from slmtune.records import CATEGORIES
-
-TOOL_CALLING, EXTRACTION, CLASSIFICATION, *_TEXT = CATEGORIES
-TEXT_CATEGORIES = tuple(_TEXT)  # summarization, coding, generation: scored as text
+from slmtune.infer.calls import BAD as _BAD
+from slmtune.infer.calls import (  # re-exported: eval's callers and the tests name them here
+    CLASSIFICATION,
+    EXTRACTION,
+    TEXT_CATEGORIES,
+    TOOL_CALLING,
+    decode_calls,
+    label_of,
+    parse_json_text,
+    tool_specs,
+)
 
 METRICS = {
     TOOL_CALLING: ("parse_rate", "schema_valid_rate", "tool_name_accuracy", "arguments_exact_match",
@@ -52,9 +59,7 @@ def key_metric(category: str) -> str:
     return KEY_METRICS.get(category, TEXT_KEY_METRIC)
 
 
-_FENCE = re.compile(r"^```[A-Za-z0-9_+-]*\s*\n(.*?)\n?```$", re.S)
 _WORD = re.compile(r"\w+", re.U)
-_BAD = object()  # arguments that are not a JSON object
 
 
 # ----------------------------------------------------------------------------- values
@@ -84,20 +89,6 @@ def canonical(v: Any) -> str:
     return json.dumps(norm(v), sort_keys=True, ensure_ascii=False)
 
 
-def parse_json_text(text: str | None) -> Any:
-    """The JSON value of an answer, bare or wrapped in one ``` fence; `_BAD` when it is not JSON."""
-    body = (text or "").strip()
-    m = _FENCE.match(body)
-    if m:
-        body = m.group(1).strip()
-    if not body:
-        return _BAD
-    try:
-        return json.loads(body)
-    except ValueError:
-        return _BAD
-
-
 def pairs_f1(pred: dict, ref: dict) -> float:
     """F1 of (key, value) pairs; a key counts when both sides have it with equal values."""
     if not pred and not ref:
@@ -107,23 +98,6 @@ def pairs_f1(pred: dict, ref: dict) -> float:
 
 
 # ----------------------------------------------------------------------------- tool calls
-def decode_calls(msg: dict | None) -> list[tuple[Any, Any]]:
-    """(name, arguments object or `_BAD`) per tool call; arguments may be a JSON string or already an object."""
-    out = []
-    for call in (msg or {}).get("tool_calls") or []:
-        fn = (call or {}).get("function") or {}
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                args = _BAD
-        elif args is None:
-            args = {}
-        out.append((fn.get("name"), args if isinstance(args, dict) else _BAD))
-    return out
-
-
 def align_calls(pred: list[tuple], ref: list[tuple]) -> list[int | None]:
     """For each reference call, the index of its predicted partner (or None): greedy on (name, exact, F1)."""
     def quality(p: tuple, r: tuple) -> tuple:
@@ -146,17 +120,6 @@ def align_calls(pred: list[tuple], ref: list[tuple]) -> list[int | None]:
         if partner[ri] is None and free:
             partner[ri] = free.pop(0)
     return partner
-
-
-def tool_specs(schema: dict | list | None, record_tools: list | None) -> dict[str, dict]:
-    """{tool name: parameters schema} from the task schema (any of its shapes) or the record's own tools."""
-    tools = schema.get("tools") if isinstance(schema, dict) else schema
-    out = {}
-    for t in (tools if isinstance(tools, list) else None) or record_tools or []:
-        fn = t.get("function", t) if isinstance(t, dict) else {}
-        if isinstance(fn.get("name"), str):
-            out[fn["name"]] = fn.get("parameters") or {"type": "object"}
-    return out
 
 
 def score_tool_calls(pred: dict | None, ref: dict, specs: dict[str, dict]) -> dict[str, list[float]]:
@@ -201,19 +164,6 @@ def score_extraction(pred: dict | None, ref: dict, schema: dict | None) -> dict[
         out["fields_f1"] = [pairs_f1(p, r) if isinstance(p, dict) else 0.0]
     out["exact_match"] = [float(parsed and r is not _BAD and values_equal(p, r))]
     return out
-
-
-def label_of(msg: dict | None) -> str:
-    """A classification answer's label: the stripped content, unwrapped from a fence or JSON string."""
-    text = ((msg or {}).get("content") or "").strip()
-    m = _FENCE.match(text)
-    text = m.group(1).strip() if m else text
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        try:
-            text = json.loads(text)
-        except ValueError:
-            pass
-    return text.strip()
 
 
 def score_classification(pred: dict | None, ref: dict, schema: dict | None) -> dict[str, list[float]]:

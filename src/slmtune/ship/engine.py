@@ -11,7 +11,7 @@ adapters on SmolLM2-135M cost its 540 MB of fp32 weights once plus ~20 MB per r=
 One worker thread generates, one batch at a time (a 2-core CPU gains nothing from two models generating at
 once): it takes the checkpoint of the oldest waiting request, waits until that request is `batch_window_s`
 old (or `max_batch` requests for that checkpoint wait), and generates all of them as one batch with
-`slmtune.eval.generate.generate` — the eval's left-padded greedy decoding with the shared-prefix cache, on the
+`slmtune.infer.generate.generate` — the eval's left-padded greedy decoding with the shared-prefix cache, on the
 prompt `slmtune.render.prompt_text` builds, so serving sees byte for byte what training and eval saw.
 Requests that arrive while a batch runs form the next one, so under load batches fill without any waiting.
 
@@ -45,7 +45,7 @@ from typing import Any
 
 from slmtune.errors import SlmtuneError
 
-# Caps of the serving grammar (`slmtune.eval.constrain.tighten`): eval derives them from the teacher targets;
+# Caps of the serving grammar (`slmtune.infer.constrain.tighten`): eval derives them from the teacher targets;
 # serving has no targets, so free strings get 256 characters, arrays 32 items, and an answer up to 4 calls.
 GRAMMAR_CAPS = (256, 32, 4)
 
@@ -260,7 +260,7 @@ class EmbeddedEngine:
             if grammar is not None:
                 from llguidance import LLMatcher
 
-                from slmtune.eval import constrain
+                from slmtune.infer import constrain
 
                 constrain.require()
                 ll = constrain.ll_tokenizer(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.stops)
@@ -275,7 +275,7 @@ class EmbeddedEngine:
         return prompt, grammar
 
     def _batch(self, lm: _Loaded, jobs: list[_Job], prompts: list[str], grammars: list) -> list[Completion]:
-        from slmtune.eval.generate import generate
+        from slmtune.infer.generate import generate
 
         if lm.base_key is not None:
             self._bases[lm.base_key].set_adapter(jobs[0].ckpt.name)
@@ -297,7 +297,7 @@ class EmbeddedEngine:
         """generate's per-batch logits-processor factory: grammar (constrained rows), sampling, row limits."""
         ll = None
         if any(grammars):
-            from slmtune.eval import constrain
+            from slmtune.infer import constrain
 
             constrain.require()
             ll = constrain.ll_tokenizer(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.stops)
@@ -307,7 +307,7 @@ class EmbeddedEngine:
         def factory(idx: list[int], prompt_len: int):
             procs = []
             if ll is not None:
-                from slmtune.eval.constrain import make_processor
+                from slmtune.infer.constrain import make_processor
 
                 procs.append(make_processor(ll, [grammars[i] for i in idx], prompt_len, lm.stops))
             if any(temps[i] > 0 for i in idx):
@@ -326,7 +326,7 @@ class EmbeddedEngine:
             self._unload(next(iter(self._loaded)))
         from transformers import AutoTokenizer
 
-        from slmtune.eval.generate import stop_ids
+        from slmtune.infer.generate import stop_ids
         from slmtune.render import make_renderer
 
         tok = AutoTokenizer.from_pretrained(ckpt.path)
@@ -374,8 +374,8 @@ class EmbeddedEngine:
 
 
 def _grammar(job: _Job) -> str | None:
-    from slmtune.eval import constrain
-    from slmtune.eval.metrics import TOOL_CALLING
+    from slmtune.infer import constrain
+    from slmtune.infer.calls import TOOL_CALLING
 
     ck = job.ckpt
     # A tool call must name one of the tools this request offers: the grammar is built from them.
@@ -468,7 +468,7 @@ class VllmEngine:
         """`params.constrained` is not passed on: vLLM's own guided decoding would need its grammar dialect."""
         import httpx
 
-        from slmtune.eval.generate import stop_ids
+        from slmtune.infer.generate import stop_ids
         from slmtune.render import prompt_text
 
         url = self.urls.get(ckpt.name, self.default_url)

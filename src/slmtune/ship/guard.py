@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from slmtune.eval.metrics import CLASSIFICATION, EXTRACTION, TOOL_CALLING, decode_calls, label_of
+from slmtune.infer.calls import CLASSIFICATION, EXTRACTION, TOOL_CALLING, decode_calls, label_of
 from slmtune.records import ROLES
 from slmtune.schema_check import is_valid, schema_problem
 from slmtune.tasks.schema import parse_json_output

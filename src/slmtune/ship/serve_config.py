@@ -78,7 +78,7 @@ class ServeConfig:
     def constrained_for(self, category: str) -> bool:
         """Whether a route of this category decodes under its grammar (`constrained`; auto = `eval`'s auto)."""
         if self.constrained is None:
-            from slmtune.eval.evaluate import decoding_for
+            from slmtune.infer.decoding import decoding_for
 
             return decoding_for("auto", category) == "constrained"
         return self.constrained

@@ -12,7 +12,7 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</t
 def _accepts(tok, grammar: str, text: str) -> bool:
     from llguidance import LLMatcher
 
-    from slmtune.eval import constrain
+    from slmtune.infer import constrain
 
     ll = constrain.ll_tokenizer(tok, len(tok), [tok.eos_token_id])
     m = LLMatcher(ll, constrain.compile_grammar(ll, grammar))
@@ -21,7 +21,7 @@ def _accepts(tok, grammar: str, text: str) -> bool:
 
 @pytest.mark.parametrize("allow_text", [False, True])
 def test_text_answers_only_when_allowed(allow_text):
-    from slmtune.eval.constrain import grammar_for
+    from slmtune.infer.constrain import grammar_for
     from slmtune.synthetic.tiny import build_tokenizer
 
     tok = build_tokenizer()
@@ -39,7 +39,7 @@ def test_a_teacher_call_in_another_argument_order_trains_in_the_order_the_gramma
     order it rejects, so a model trained on it would learn to close the object early."""
     import json
 
-    from slmtune.eval.constrain import grammar_for
+    from slmtune.infer.constrain import grammar_for
     from slmtune.render import make_renderer, target_text
     from slmtune.synthetic.tiny import build_tokenizer
 

@@ -25,7 +25,7 @@ import json
 from typing import Any
 
 from slmtune.errors import SlmtuneError
-from slmtune.eval.metrics import CLASSIFICATION, EXTRACTION, TOOL_CALLING, decode_calls, parse_json_text, tool_specs
+from slmtune.infer.calls import CLASSIFICATION, EXTRACTION, TOOL_CALLING, decode_calls, parse_json_text, tool_specs
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 INT_BOUND = 10**15

@@ -49,6 +49,7 @@ from typing import Any
 
 from slmtune.errors import SlmtuneError
 from slmtune.records import split_prompt_target
+from slmtune.schema_check import tool_params
 
 TOOLS_PREAMBLE = (
     "# Tools\n\nYou may call one or more functions. Function signatures, one per line, inside <tools></tools>:\n"
@@ -130,8 +131,7 @@ def schema_ordered(value: Any, schema: Any) -> Any:
 
 def _ordered_arguments(messages: list[dict], tools: list[dict] | None) -> list[dict]:
     """Assistant calls with their arguments in the offered tools' schema order (see "Argument order" above)."""
-    params = {(t.get("function") or {}).get("name"): (t.get("function") or {}).get("parameters")
-              for t in tools or [] if isinstance(t, dict)}
+    params = tool_params(tools)
     out = []
     for m in messages:
         if m.get("role") == "assistant" and m.get("tool_calls") and params:

@@ -1,5 +1,7 @@
-"""The one JSON-Schema validator of the house: curate, eval and `slmtune serve`'s guard check tool arguments and
-extraction objects with it, so a schema means the same thing at every stage.
+"""The tool contract's one home: the offered tools as {name: parameters} (`tool_params`) and the one JSON-Schema
+validator of the house. Curate, eval and `slmtune serve`'s guard check tool arguments and extraction objects with
+it, and render orders arguments by the same map, so a schema means the same thing at every stage. (It sits below
+every stage, not in `slmtune.infer`, because curate — a data stage — and render need it too.)
 
 * **One pinned draft**, Draft 7, whatever a schema's `$schema` says: it covers what tool schemas use and
   validates ~2x faster than 2020-12 (`$defs` refs still resolve: a local ref is a JSON pointer).
@@ -25,6 +27,18 @@ _CACHE_SIZE = 1024
 
 class SchemaProblem(ValueError):
     """A schema that cannot be used to check anything (see module docstring)."""
+
+
+def tool_params(tools: Any) -> dict[str, Any]:
+    """{tool name: its `parameters` schema (None when it has none)} of offered tools — the one map of the tool
+    contract that render, curate, eval and the guard all read. Takes OpenAI's `{type, function: {name,
+    parameters}}` or a bare `{name, parameters}`; entries without a string name are skipped."""
+    out: dict[str, Any] = {}
+    for t in tools if isinstance(tools, list) else []:
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            out[fn["name"]] = fn.get("parameters")
+    return out
 
 
 def schema_problem(schema: Any) -> str | None:

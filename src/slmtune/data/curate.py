@@ -48,6 +48,7 @@ from slmtune.data.scrub import SECRET_TYPES, scrub_record
 from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_open, dumps, open_text, write_json
 from slmtune.records import record_problems, target_index
+from slmtune.schema_check import SchemaProblem, tool_params, validation_error
 
 REASONS = ("blank_line", "invalid_json", "invalid_record", "secret", "slm_served", "empty_completion", "truncated",
            "errored", "unfinished", "tool_args_not_json", "unknown_tool", "tool_args_schema", "too_long",
@@ -303,7 +304,7 @@ def _filters(rec: dict, config: CurateConfig) -> dict[str, str]:
 
 def _tool_call_problems(rec: dict) -> dict[str, str]:
     found: dict[str, str] = {}
-    specs = {t["function"]["name"]: t["function"].get("parameters") for t in rec.get("tools") or []}
+    specs = tool_params(rec.get("tools"))
     for m in rec["messages"]:
         for call in m.get("tool_calls") or []:
             name, args = call["function"]["name"], call["function"]["arguments"]
@@ -339,7 +340,6 @@ def _schema_error(schema: Any, value: Any) -> str | None:
 def _validate_args(schema: dict, value: Any) -> str | None:
     """The first way `value` breaks the tool's schema (`slmtune.schema_check`: Draft 7, local refs only, nothing
     fetched); a schema that can't be used is the agent's problem, not a reason to drop its calls."""
-    from slmtune.schema_check import SchemaProblem, validation_error
 
     try:
         error = validation_error(value, schema)

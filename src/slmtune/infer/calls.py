@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from slmtune.records import CATEGORIES
+from slmtune.schema_check import tool_params
 
 TOOL_CALLING, EXTRACTION, CLASSIFICATION, *_TEXT = CATEGORIES
 TEXT_CATEGORIES = tuple(_TEXT)  # summarization, coding, generation: scored as text
@@ -51,12 +52,8 @@ def decode_calls(msg: dict | None) -> list[tuple[Any, Any]]:
 def tool_specs(schema: dict | list | None, record_tools: list | None) -> dict[str, dict]:
     """{tool name: parameters schema} from the task schema (any of its shapes) or the record's own tools."""
     tools = schema.get("tools") if isinstance(schema, dict) else schema
-    out = {}
-    for t in (tools if isinstance(tools, list) else None) or record_tools or []:
-        fn = t.get("function", t) if isinstance(t, dict) else {}
-        if isinstance(fn.get("name"), str):
-            out[fn["name"]] = fn.get("parameters") or {"type": "object"}
-    return out
+    chosen = (tools if isinstance(tools, list) else None) or record_tools or []
+    return {name: params or {"type": "object"} for name, params in tool_params(chosen).items()}
 
 
 def label_of(msg: dict | None) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 from slmtune.infer.calls import CLASSIFICATION, EXTRACTION, TOOL_CALLING, decode_calls, label_of
 from slmtune.records import ROLES
-from slmtune.schema_check import is_valid, schema_problem
+from slmtune.schema_check import is_valid, schema_problem, tool_params
 from slmtune.tasks.schema import parse_json_output
 
 FALLBACK_REASONS = ("no_route", "unsupported", "disabled", "too_long", "invalid_output", "schema_invalid", "timeout",
@@ -206,7 +206,7 @@ def _check_calls(message: dict, tools: list | None, tool_choice: Any) -> str | N
     calls = decode_calls(message)
     if not calls or not all(isinstance(n, str) and isinstance(a, dict) for n, a in calls):
         return "invalid_output"
-    specs = {t["function"]["name"]: t["function"].get("parameters") for t in tools or []}
+    specs = tool_params(tools)
     wanted = ((tool_choice or {}).get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
     for name, args in calls:
         if name not in specs or (wanted and name != wanted) or not _fits(args, specs[name]):

@@ -277,18 +277,26 @@ def _recipe(round_dir: Path, name: str, config: FlywheelConfig):
     return recipe, fingerprint(["train", file_fingerprint(recipe.data.train), d])
 
 
+def _reuse(stage_dir: Path, prev_dir: Path | None, stage: str, fp: str, usable: Callable[[dict], object],
+           carried: Callable[[dict], dict]) -> dict | None:
+    """The marker of a finished stage with this fingerprint whose outputs are still there (`usable`): this
+    round's, else the previous round's — then marked done here too, with the `carried` fields, so this round
+    names what it reused. None: run the stage."""
+    for d in (stage_dir, prev_dir):
+        marker = st.read_marker(d) if d else None
+        if marker and marker.get("fingerprint") == fp and usable(marker):
+            return st.mark_done(stage_dir, stage, fp, **carried(marker)) if d == prev_dir else marker
+    return None
+
+
 def _train(stage_dir: Path, prev_dir: Path | None, recipe, fp: str, tick: Progress) -> dict:
     from slmtune.train.runfiles import last_checkpoint, run_weights
     from slmtune.train.trainer import train
 
-    for d in (stage_dir, prev_dir):
-        marker = st.read_marker(d) if d else None
-        if marker and marker["fingerprint"] == fp and run_weights(Path(marker["run_dir"])):
-            run = {"status": "reused" if d == prev_dir else marker["status"], "run_dir": marker["run_dir"],
-                   "trained_in": marker["trained_in"]}
-            if d == prev_dir:
-                st.mark_done(stage_dir, "train", fp, **run)
-            return run
+    hit = _reuse(stage_dir, prev_dir, "train", fp, lambda m: run_weights(Path(m["run_dir"])),
+                 lambda m: {"status": "reused", "run_dir": m["run_dir"], "trained_in": m["trained_in"]})
+    if hit is not None:
+        return {k: hit[k] for k in ("status", "run_dir", "trained_in")}
     started = read_json_or_none(stage_dir / STARTED) or {}
     resume = started.get("fingerprint") == fp and last_checkpoint(stage_dir / "checkpoints") is not None
     if stage_dir.exists() and not resume:
@@ -307,12 +315,10 @@ def _eval(stage_dir: Path, prev_dir: Path | None, run: dict, fp: str, round_dir:
           config: FlywheelConfig, tick: Progress) -> dict:
     from slmtune.eval.evaluate import GenSettings, evaluate
 
-    for d in (stage_dir, prev_dir):
-        marker = st.read_marker(d) if d else None
-        if marker and marker["fingerprint"] == fp and Path(marker["report_dir"], "report.json").is_file():
-            if d == prev_dir:
-                st.mark_done(stage_dir, "eval", fp, report_dir=marker["report_dir"])
-            return json.loads(Path(marker["report_dir"], "report.json").read_text(encoding="utf-8"))
+    hit = _reuse(stage_dir, prev_dir, "eval", fp, lambda m: Path(m["report_dir"], "report.json").is_file(),
+                 lambda m: {"report_dir": m["report_dir"]})
+    if hit is not None:
+        return json.loads(Path(hit["report_dir"], "report.json").read_text(encoding="utf-8"))
     result = evaluate(round_dir / "tasks" / name / "eval.jsonl", stage_dir, model=run["run_dir"], gate=config.gate,
                       settings=GenSettings(batch_size=config.eval_batch_size, decoding=EVAL_DECODING),
                       limit=config.eval_limit,
@@ -337,12 +343,10 @@ def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, wor
             config: FlywheelConfig, tick: Progress) -> str:
     # (gguf joins the fingerprint only when set, so exports made before --gguf existed stay reusable)
     fp = fingerprint(["export", eval_fp, config.adapter_only, *([config.gguf] if config.gguf else [])])
-    for d in (stage_dir, prev_dir):
-        marker = st.read_marker(d) if d else None
-        if marker and marker["fingerprint"] == fp and Path(marker["export_dir"], "slmtune.json").is_file():
-            if d == prev_dir:
-                st.mark_done(stage_dir, "export", fp, export_dir=marker["export_dir"])
-            return marker["export_dir"]
+    hit = _reuse(stage_dir, prev_dir, "export", fp, lambda m: Path(m["export_dir"], "slmtune.json").is_file(),
+                 lambda m: {"export_dir": m["export_dir"]})
+    if hit is not None:
+        return hit["export_dir"]
     tick("export", 0, 0)
     eval_marker = st.read_marker(round_dir / "eval" / stage_dir.name) or {}
     path = export_run(run["run_dir"], workdir / "exports", adapter_only=config.adapter_only, gguf=config.gguf,

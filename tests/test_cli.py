@@ -115,3 +115,23 @@ def test_missing_argument_is_a_usage_error():
     assert res.exit_code == 2
     res = CliRunner().invoke(app, ["serve"])  # neither WORKDIR nor --router
     assert res.exit_code == 2 and "--router" in res.output
+
+
+def test_progress_goes_to_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
+    """A log file gets progress too (rich draws nothing there): a line per stage, no spinner escapes."""
+    import subprocess
+    import sys
+
+    from slmtune.synthetic.logs import write_logs
+
+    write_logs(tmp_path, 60, seed=1)
+    run = [sys.executable, "-m", "slmtune.cli"]
+    subprocess.run([*run, "ingest", tmp_path / "logs", "-o", tmp_path / "rec.jsonl"], check=True, capture_output=True)
+    subprocess.run([*run, "curate", tmp_path / "rec.jsonl", "-o", tmp_path / "cur.jsonl"], check=True,
+                   capture_output=True)
+    with open(tmp_path / "cluster.log", "w") as log:
+        subprocess.run([*run, "cluster", tmp_path / "cur.jsonl", "-o", tmp_path / "tasks", "--min-size", "8"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=log)
+    lines = (tmp_path / "cluster.log").read_text().splitlines()
+    assert [x for x in lines if x.startswith("cluster: grouping")], lines
+    assert all("\x1b" not in x for x in lines)

@@ -100,9 +100,35 @@ def _gpu(value: str) -> str:
 
 # ----------------------------------------------------------------------------- data stages (issue 3)
 # `ingest` and `curate` are registered below by their owners.
+class _Lines:
+    """Progress where rich draws nothing — stderr is a log file, CI, a script's pipe: a plain line when the stage
+    changes, when it completes, and within a stage at most every `every_s` seconds (a 20-minute eval shows it is
+    alive without flooding the log)."""
+
+    def __init__(self, label: str, every_s: float = 15.0):
+        self.label, self.every_s, self.stage, self.last, self.closed = label, every_s, None, 0.0, None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        finished = bool(total) and done >= total and self.closed != stage
+        if stage == self.stage and now - self.last < self.every_s and not finished:
+            return
+        self.stage, self.last, self.closed = stage, now, stage if finished else self.closed
+        count = f"{done:,}/{total:,}" if total else f"{done:,}" if done else ""
+        typer.echo(f"{self.label}: {stage} {count}".rstrip(), err=True)
+
+
 def _counter_progress(label: str):
     """A rich progress line counting records; returns (context manager, callback)."""
+    import contextlib
+
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    if not console.is_terminal:
+        lines = _Lines(label)
+        return contextlib.nullcontext(), lambda n: lines("lines", n, 0)
 
     bar = Progress(SpinnerColumn(), TextColumn(f"{label} {{task.completed:,}} lines"), TimeElapsedColumn(),
                    console=console, transient=True)
@@ -187,7 +213,7 @@ def cluster(
     """Find the agent's recurring tasks and write one train/eval dir per task."""
     from slmtune.tasks.cluster import cluster as do_cluster
 
-    with _stage_progress() as tick:
+    with _stage_progress("cluster") as tick:
         result = do_cluster(curated, out, min_size=min_size, eval_fraction=eval_fraction, embedder=embedder.value,
                             progress=tick)
     _print_tasks(result)
@@ -222,7 +248,7 @@ def plan(
         Console(stderr=True).print(f"[yellow]not planned[/yellow] {f['task']}: {f['reason']}", highlight=False)
 
 
-def _stage_progress():
+def _stage_progress(label: str):
     """A rich progress bar fed by a library `progress(stage, done, total)` callback."""
     import contextlib
 
@@ -230,6 +256,9 @@ def _stage_progress():
 
     @contextlib.contextmanager
     def cm():
+        if not console.is_terminal:
+            yield _Lines(label)
+            return
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
                       transient=True) as bar:
             task = bar.add_task("reading", total=None)
@@ -297,7 +326,7 @@ def eval_(
     from slmtune.eval.evaluate import GenSettings, evaluate
     from slmtune.eval.report import markdown
 
-    with _stage_progress() as tick:
+    with _stage_progress("eval") as tick:
         result = evaluate(data, out, model=model, baseline=baseline, predictions=predictions,
                           constrained=constrained, gate=gate, limit=limit, progress=tick,
                           settings=GenSettings(batch_size=batch_size, batch_tokens=batch_tokens or None,
@@ -468,6 +497,9 @@ def _flywheel_progress():
 
     @contextlib.contextmanager
     def cm():
+        if not console.is_terminal:
+            yield _Lines("flywheel")
+            return
         with Progress(TextColumn("flywheel"), TimeElapsedColumn(), TextColumn("{task.description}"), BarColumn(),
                       MofNCompleteColumn(), console=console, transient=True) as bar:
             task = bar.add_task("starting", total=None)

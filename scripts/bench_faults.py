@@ -18,7 +18,7 @@ runs/bench_faults.png (kill time vs rerun time, coloured by recovery). Timings a
 recovery verdicts are not.
 
 Part 2 (`requests`) runs one such flywheel, then starts `slmtune serve` on it twice as a subprocess on 127.0.0.1 —
-the default decoding and `--no-constrained` (where a tool schema reaches the guard's validator) — with the stand-in
+the default decoding and `--decoding free` (where a tool schema reaches the guard's validator) — with the stand-in
 upstream, and sends each the same 430 malformed and hostile requests (`hostile_corpus` + `raw_socket_faults`:
 every top-level field with 11 wrong-typed values, wrong message fields, 27 bad or external-`$ref` tool schemas
 aimed at a loopback canary, nesting to 200,000 levels, 3.5 MB prompts, 5 MB bodies, 3,000 messages, wrong content
@@ -380,7 +380,7 @@ def canary_server() -> tuple[str, list, object]:
 
 def hostile_requests(args: argparse.Namespace) -> dict:
     """Part 2: ≥ 300 malformed and hostile requests to `slmtune serve` on 127.0.0.1, twice (default decoding, and
-    --no-constrained, where tool schemas reach the guard's validator): no 5xx, no traceback in the server's log,
+    --decoding free, where tool schemas reach the guard's validator): no 5xx, no traceback in the server's log,
     nothing reaches the canary, and a normal call is still answered afterwards."""
     from slmtune.ship.asgi import serve_in_thread
     from slmtune.synthetic.upstream import create_upstream_app
@@ -402,7 +402,7 @@ def hostile_requests(args: argparse.Namespace) -> dict:
     corpus = hostile_corpus(weather, canary)
     servers = {}
     try:
-        for name, extra in (("default", []), ("no-constrained", ["--no-constrained"])):
+        for name, extra in (("default", []), ("decoding-free", ["--decoding", "free"])):
             log = root / f"serve-{name}.log"
             proc, url = start_serve(work, upstream.url + "/v1", extra, log)
             try:

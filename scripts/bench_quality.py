@@ -31,7 +31,7 @@ measures an option):
                  ~100 records a full fine-tune, 2 epochs at 1e-4; docs/defaults.md) → `slmtune eval` with its
                  defaults (tool calls decoded under the llguidance grammar of each record's offered tools, a text
                  answer allowed, as `slmtune serve` decodes them);
-* free         — (not run by default) the same model decoded free (`slmtune eval --constrained` compares both in
+* free         — (not run by default) the same model decoded free (`slmtune eval --compare-decodings` compares both in
                  one run): what training alone does.
 
 Scoring: every prediction (an OpenAI assistant message) is decoded as BFCL decodes an OpenAI function-calling
@@ -285,7 +285,7 @@ def run(a) -> dict:
             if arm in a.arms:
                 results["train_time_s"][arm] = round(time.perf_counter() - t0, 1)
         # slmtune's default decoding alone, or (with the free arm) `--constrained`: free + grammar in one report
-        how = ["--constrained"] if "free" in a.arms else []
+        how = ["--compare-decodings"] if "free" in a.arms else []
         slmtune("eval", "--data", test_data, "--model", work / "run", "--baseline", "none", "-o",
                 work / "eval-slmtune", *how, *extra_eval, log=log)
         got = predictions(work / "eval-slmtune")

@@ -246,7 +246,7 @@ def main() -> None:
     ap.add_argument("--upstream-port", type=int, default=0, help="port for the stand-in upstream (0: a free one)")
     ap.add_argument("--limit", type=int, default=10, help="most calls per task")
     ap.add_argument("--constrained", action="store_true",
-                    help="serve with --constrained: labels and extraction JSON under their grammar too (tool "
+                    help="serve with --decoding constrained: labels and extraction JSON under their grammar too (tool "
                          "calls always are)")
     ap.add_argument("--start-timeout", type=float, default=300, help="seconds each server may take to start")
     ap.add_argument("--slm-timeout", type=float, default=30.0,
@@ -278,7 +278,8 @@ def with_servers(args, work: Path, out: Path, sources: list[str], calls: list[di
         wait_ready(f"http://127.0.0.1:{up_port}/v1/models", upstream, out / "upstream.log", args.start_timeout)
         serve = start([py, "-m", "slmtune.cli", "serve", str(work), "--port", str(port), "--api-key-env", KEY_ENV,
                        "--upstream", f"http://127.0.0.1:{up_port}/v1", "--log-dir", str(out / "served"),
-                       "--slm-timeout", str(args.slm_timeout), *(["--constrained"] if args.constrained else [])],
+                       "--slm-timeout", str(args.slm_timeout),
+                       *(["--decoding", "constrained"] if args.constrained else [])],
                       out / "serve.log", env=os.environ | {KEY_ENV: key})
         wait_ready(f"http://127.0.0.1:{port}/healthz", serve, out / "serve.log", args.start_timeout)
         print(f"slmtune serve on http://127.0.0.1:{port}/v1; upstream: {STANDIN}")

@@ -135,3 +135,22 @@ def test_progress_goes_to_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
     lines = (tmp_path / "cluster.log").read_text().splitlines()
     assert [x for x in lines if x.startswith("cluster: grouping")], lines
     assert all("\x1b" not in x for x in lines)
+
+
+def test_serve_and_eval_decoding_flags_and_their_old_names():
+    """serve takes --decoding like eval; the old --constrained/--no-constrained (serve) and --constrained (eval)
+    stay as hidden aliases for one release."""
+    from slmtune.cli import Decoding, _serve_decoding
+    from slmtune.errors import SlmtuneError
+    from slmtune.infer.decoding import DECODINGS
+
+    assert _serve_decoding(Decoding("auto"), None) == "auto" and _serve_decoding(Decoding("free"), None) == "free"
+    assert _serve_decoding(Decoding("auto"), True) == "constrained"
+    assert _serve_decoding(Decoding("auto"), False) == "free"
+    with pytest.raises(SlmtuneError, match="not both"):
+        _serve_decoding(Decoding("free"), True)
+    for command, new, old in (("serve", "--decoding", "--constrained"), ("eval", "--compare-decodings",
+                                                                         "--constrained")):
+        shown = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
+        assert new in shown and old not in shown, command
+    assert set(DECODINGS) == {"auto", "free", "constrained"}

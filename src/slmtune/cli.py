@@ -306,10 +306,12 @@ def eval_(
         "--decoding", help="How model rows are decoded: auto = under the task's grammar for tool-calling tasks "
         "when llguidance is installed (as serve does), else free; constrained also covers extraction and labels.")
     ] = Decoding.auto,
-    constrained: Annotated[
-        bool, typer.Option("--constrained", help="Compare: decode free, and the primary model also under the "
+    compare_decodings: Annotated[
+        bool, typer.Option("--compare-decodings", help="Decode free, and the primary model also under the "
                            "task's grammar (report section `constrained`).")
     ] = False,
+    old_compare: Annotated[bool, typer.Option(
+        "--constrained", hidden=True, help="Old name of --compare-decodings.")] = False,
     gate: Annotated[
         Optional[Path], typer.Option("--gate", help="Thresholds per metric (JSON/YAML); exit 3 when one is missed.")
     ] = None,
@@ -328,7 +330,7 @@ def eval_(
 
     with _stage_progress("eval") as tick:
         result = evaluate(data, out, model=model, baseline=baseline, predictions=predictions,
-                          constrained=constrained, gate=gate, limit=limit, progress=tick,
+                          constrained=compare_decodings or old_compare, gate=gate, limit=limit, progress=tick,
                           settings=GenSettings(batch_size=batch_size, batch_tokens=batch_tokens or None,
                                                max_new_tokens=max_new_tokens, decoding=decoding.value))
     typer.echo(markdown(result.report))
@@ -563,10 +565,11 @@ def serve(
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", min=1, help="Most tokens an export generates (a request's max_tokens may lower it).")
                               ] = 512,
-    constrained: Annotated[Optional[bool], typer.Option(
-        "--constrained/--no-constrained", help="Decode under the task's grammar. Default: tool-calling routes do "
-        "(as eval's --decoding auto); --constrained: extraction JSON and labels too; --no-constrained: none.")
-    ] = None,
+    decoding: Annotated[Decoding, typer.Option(
+        "--decoding", help="As eval's --decoding: auto = tool-calling routes decode under the request's tools "
+        "grammar; constrained = extraction JSON and labels too; free = none.")] = Decoding.auto,
+    old_constrained: Annotated[Optional[bool], typer.Option(
+        "--constrained/--no-constrained", hidden=True, help="Old name: --decoding constrained / free.")] = None,
     sample: Annotated[bool, typer.Option(
         "--sample", help="Honour temperature > 0 (default: greedy, as eval scored the model).")] = False,
     slm_timeout: Annotated[float, typer.Option(
@@ -604,11 +607,20 @@ def serve(
         router=router_path, host=host, port=port, engine=engine.value, engine_urls=tuple(engine_url or ()),
         upstream=upstream, upstream_key_env=upstream_key_env, upstream_timeout_s=upstream_timeout,
         max_loaded=max_loaded, batch_window_ms=batch_window_ms, max_batch=max_batch, max_new_tokens=max_new_tokens,
-        constrained=constrained, sample=sample, slm_timeout_s=slm_timeout,
+        decoding=_serve_decoding(decoding, old_constrained), sample=sample, slm_timeout_s=slm_timeout,
         min_score=serve_config.parse_min_score(min_score or []), api_key_env=api_key_env, max_body_bytes=max_body_bytes,
         log_dir=log_dir, log_scrub=log_scrub, insecure=insecure, max_tokens_cap=max_tokens_cap,
         max_concurrency=max_concurrency, log_scrubber=Scrubber(log_scrubber).value)
     run(config)
+
+
+def _serve_decoding(decoding, old_constrained: bool | None) -> str:
+    """`--decoding`, or what the old `--constrained/--no-constrained` (kept hidden for one release) asked."""
+    if old_constrained is None:
+        return decoding.value
+    if decoding.value != "auto":
+        raise SlmtuneError("give --decoding or the old --constrained/--no-constrained, not both.")
+    return "constrained" if old_constrained else "free"
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -162,7 +162,7 @@ def test_inferred_task_without_task_json(tmp_path):
 @pytest.mark.slow
 def test_tiny_model_end_to_end_constrained(tiny, weather, tmp_path):
     out = tmp_path / "out"
-    res = invoke("eval", "--model", tiny, "--data", weather, "-o", out, "--constrained", "--batch-size", "4")
+    res = invoke("eval", "--model", tiny, "--data", weather, "-o", out, "--compare-decodings", "--batch-size", "4")
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     lines = read_jsonl(out / "predictions.jsonl")
@@ -182,7 +182,7 @@ def test_tiny_model_end_to_end_constrained(tiny, weather, tmp_path):
     perf = report["models"]["tuned"]["perf"]
     assert perf["generated_tokens"] == sum(line["outputs"]["tuned"]["n_tokens"] for line in lines)
     assert "base" not in report["models"]  # a plain checkpoint has no implied baseline
-    # --constrained compares: the models rows decoded free, the constrained section under the grammar
+    # --compare-decodings: the models rows decoded free, the constrained section under the grammar
     assert (perf["decoding"], cons["perf"]["decoding"]) == ("free", "constrained")
     assert report["decoding"] == {"requested": "auto", "used": "free"}
 
@@ -246,7 +246,7 @@ def test_constrained_extraction_and_classification_are_schema_valid(tiny, tmp_pa
                  "--max-new-tokens", "4")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "out-auto" / "report.json").read_text())["decoding"]["used"] == "free"
-    res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "out-both", "--constrained",
+    res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "out-both", "--compare-decodings",
                  "--decoding", "constrained")
     assert res.exit_code == 1 and "drop --decoding constrained" in res.output
 
@@ -337,6 +337,7 @@ def test_text_task_scores_overlap_and_skips_constraint(tiny, tmp_path):
     assert set(report["models"]["tuned"]["metrics"]) == {"parse_rate", "token_f1", "rouge_l", "exact_match"}
     assert report["decoding"] == {"requested": "constrained", "used": "free"}  # a text task has no grammar
     assert report["models"]["tuned"]["perf"]["decoding"] == "free" and "constrained" not in report
+    # the old name of --compare-decodings, kept hidden for one release
     res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "out2", "--constrained",
                  "--max-new-tokens", "6")
     assert res.exit_code == 0, res.output

@@ -60,7 +60,7 @@ def sec(work, upstream):
     up = upstream["url"] + "/v1"
     configs = {
         "main": dict(upstream=up),
-        "free": dict(upstream=up, constrained=False),
+        "free": dict(upstream=up, decoding="free"),
         "bare": dict(),  # no upstream, no key
         "keyed": dict(upstream=up, api_key_env="SLMTUNE_SEC_KEY"),
         "patient": dict(upstream=up, batch_window_ms=5000.0),  # a request waits 5 s for batch-mates

@@ -36,8 +36,8 @@ def servers(work, upstream):
     started: dict = {}
     configs = {
         "main": dict(upstream=upstream["url"] + "/v1"),
-        "constrained": dict(upstream=upstream["url"] + "/v1", constrained=True),
-        "free": dict(upstream=upstream["url"] + "/v1", constrained=False),
+        "constrained": dict(upstream=upstream["url"] + "/v1", decoding="constrained"),
+        "free": dict(upstream=upstream["url"] + "/v1", decoding="free"),
         "locked": dict(api_key_env="SLMTUNE_TEST_KEY", max_body_bytes=20_000, min_score=(("*", 0.5),)),
         "impatient": dict(upstream=upstream["url"] + "/v1", slm_timeout_s=0.001),
     }
@@ -120,7 +120,7 @@ def test_constrained_decoding_passes_the_guard_and_the_export_answers(work, serv
     resp, headers = ask(servers("constrained"), **named)
     assert "x-slmtune-fallback" not in headers and resp.choices[0].message.tool_calls[0].function.name == "get_weather"
 
-    label_log = work["sentiment_logs"][0]  # labels are decoded under their grammar with --constrained only
+    label_log = work["sentiment_logs"][0]  # labels are decoded under their grammar with --decoding constrained only
     resp, headers = ask(servers("constrained"), **label_log["request"], max_tokens=32)
     assert headers["x-slmtune-route"] == work["sentiment"]["task"] and "x-slmtune-fallback" not in headers
     labels = json.loads(Path(work["sentiment"]["checkpoint"], "slmtune.json").read_text())["task"]["schema"]["enum"]
@@ -129,7 +129,7 @@ def test_constrained_decoding_passes_the_guard_and_the_export_answers(work, serv
 
 def test_serve_grammar_follows_tool_choice_and_the_decoding_default():
     """The serving grammar: a named tool_choice narrows the call to that tool, "required" (or a named tool) rules
-    the text answer out; `constrained` None (the default) constrains tool-calling routes only."""
+    the text answer out; `decoding` auto (the default) constrains tool-calling routes only."""
     import concurrent.futures
 
     from slmtune.ship.engine import Checkpoint, _grammar, _Job
@@ -150,8 +150,8 @@ def test_serve_grammar_follows_tool_choice_and_the_decoding_default():
     assert "b_tool" in narrowed and "a_tool" not in narrowed and "text" not in narrowed.split("\n")[0]
     config = ServeConfig(router=Path("router.json"))
     assert config.constrained_for("tool_calling") and not config.constrained_for("classification")
-    assert ServeConfig(router=Path("r"), constrained=True).constrained_for("classification")
-    assert not ServeConfig(router=Path("r"), constrained=False).constrained_for("tool_calling")
+    assert ServeConfig(router=Path("r"), decoding="constrained").constrained_for("classification")
+    assert not ServeConfig(router=Path("r"), decoding="free").constrained_for("tool_calling")
 
 
 def test_a_tool_choice_naming_a_tool_not_offered_goes_upstream(work, servers):

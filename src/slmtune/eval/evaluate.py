@@ -8,7 +8,7 @@ scores existing outputs instead of generating. `--decoding` says how model rows 
 default) decodes a tool-calling task under its grammar (`slmtune.infer.constrain`: a call must name an offered tool
 with schema-valid arguments, or be a text answer when some teacher targets are text) when llguidance is
 installed, as `slmtune serve` does, and every other task free; `free` / `constrained` force one way.
-`--constrained` compares both: the rows decoded free, plus the primary model under the grammar.
+`--compare-decodings` compares both: the rows decoded free, plus the primary model under the grammar.
 
 Output directory::
 
@@ -47,8 +47,8 @@ Output directory::
               missing_argument > extra_argument > wrong_type > wrong_value (`slmtune.eval.failures`).
     decoding  {"requested": auto | free | constrained, "used": free | constrained}: how the model rows were
               decoded (used = free when nothing was generated, the task has no grammar, or auto found no
-              llguidance; --constrained decodes them free)
-    constrained   present with --constrained: {row: same shape as in models} for the primary model,
+              llguidance; --compare-decodings decodes them free)
+    constrained   present with --compare-decodings: {row: same shape as in models} for the primary model,
               plus "backend": "llguidance"; for text tasks only {"backend", "skipped": reason}
     gate      null without --gate, else {"passed": bool, "thresholds": {...}, "failures": [{"metric", "value",
               "op", "threshold"}]}
@@ -350,9 +350,9 @@ def evaluate(data: str | Path, out_dir: str | Path, model: str | None = None, ba
     if model is None and predictions is None:
         raise SlmtuneError("Nothing to evaluate.", "Give --model MODEL_OR_RUN_DIR and/or --predictions PRED.jsonl.")
     if constrained and model is None:
-        raise SlmtuneError("--constrained needs --model (it decodes under the task's grammar).")
+        raise SlmtuneError("--compare-decodings needs --model (it decodes under the task's grammar).")
     if constrained and settings.decoding == "constrained":
-        raise SlmtuneError("--constrained compares free and constrained decoding; drop --decoding constrained.")
+        raise SlmtuneError("--compare-decodings compares free and constrained decoding; drop --decoding constrained.")
     thresholds = eval_report.read_gate(Path(gate)) if gate else None
     records = read_records(data)[:limit] if limit else read_records(data)
     task = load_task(data, records)

@@ -149,6 +149,11 @@ def _context(config: ServeConfig) -> Ctx:
         raise SlmtuneError(f"--host {config.host} serves beyond this machine, and without --api-key-env anyone who "
                            "can reach it spends your upstream key and writes your training data.",
                            "Set --api-key-env VAR (clients send Authorization: Bearer), or pass --insecure.")
+    from slmtune.infer.decoding import DECODINGS, decoding_for
+
+    if config.decoding not in DECODINGS:
+        raise SlmtuneError(f"--decoding must be one of {', '.join(DECODINGS)}, got {config.decoding!r}.")
+    decoding_for(config.decoding, "tool_calling")  # `constrained` without llguidance: refused now, not per request
     if config.engine not in ("embedded", "vllm"):
         raise SlmtuneError(f"--engine must be embedded or vllm, got {config.engine!r}.")
     if config.engine == "vllm" and not config.engine_urls:

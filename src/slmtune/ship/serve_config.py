@@ -42,9 +42,9 @@ class ServeConfig:
     """Most requests generated as one batch."""
     max_new_tokens: int = 512
     """Most tokens an export generates per answer (a request's `max_tokens` may lower it)."""
-    constrained: bool | None = None
-    """None (auto, as `eval --decoding auto`): tool-calling routes decode under the request's tools grammar when
-    llguidance is installed; True: extraction JSON and labels too; False: every route decodes free."""
+    decoding: str = "auto"
+    """As `eval --decoding`: auto — tool-calling routes decode under the request's tools grammar (llguidance);
+    constrained — extraction JSON and labels too; free — every route decodes free."""
     sample: bool = False
     """Honour a request's temperature > 0 in the embedded engine; off: greedy, as eval scored the model."""
     slm_timeout_s: float = 30.0
@@ -76,12 +76,10 @@ class ServeConfig:
         return RequestLimits(self.max_messages, self.max_tools, self.max_tokens_cap)
 
     def constrained_for(self, category: str) -> bool:
-        """Whether a route of this category decodes under its grammar (`constrained`; auto = `eval`'s auto)."""
-        if self.constrained is None:
-            from slmtune.infer.decoding import decoding_for
+        """Whether a route of this category decodes under its grammar (`decoding`, as eval decodes it)."""
+        from slmtune.infer.decoding import decoding_for
 
-            return decoding_for("auto", category) == "constrained"
-        return self.constrained
+        return decoding_for(self.decoding, category) == "constrained"
 
 
 def load_router(path: Path) -> dict:

@@ -154,3 +154,32 @@ def test_serve_and_eval_decoding_flags_and_their_old_names():
         shown = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
         assert new in shown and old not in shown, command
     assert set(DECODINGS) == {"auto", "free", "constrained"}
+
+
+@pytest.mark.parametrize("command", ["serve", "flywheel", "curate", "eval"])
+def test_every_option_default_equals_its_config_field(command):
+    """An option is declared twice (Typer, and the config dataclass the library reads): their defaults must not
+    drift. Options that only the CLI has (inputs, outputs, old names) are listed; any other must map to a field."""
+    import dataclasses
+    from enum import Enum
+
+    from slmtune.data.curate import CurateConfig
+    from slmtune.eval.evaluate import GenSettings
+    from slmtune.flywheel.loop import FlywheelConfig
+    from slmtune.ship.serve_config import ServeConfig
+
+    config = {"serve": ServeConfig, "flywheel": FlywheelConfig, "curate": CurateConfig, "eval": GenSettings}[command]
+    renamed = {"upstream_timeout": "upstream_timeout_s", "slm_timeout": "slm_timeout_s", "engine_url": "engine_urls",
+               "set_": "overrides"}
+    cli_only = {"workdir", "router", "print_vllm_command", "old_constrained", "logs", "records", "out", "report",
+                # eval: what to score and how to judge it, arguments of `evaluate` beside its GenSettings
+                "data", "model", "baseline", "predictions", "compare_decodings", "old_compare", "gate", "limit"}
+    fields = {f.name: f.default for f in dataclasses.fields(config)}
+    for p in get_command(app).commands[command].params:
+        if p.name in cli_only:
+            continue
+        field = renamed.get(p.name, p.name)
+        assert field in fields, f"{command} {p.opts[0]} has no {config.__name__} field"
+        default = p.default.value if isinstance(p.default, Enum) else p.default
+        want = fields[field]
+        assert default == want or (default is None and want == ()), (command, p.opts[0], default, want)

@@ -219,20 +219,19 @@ class EmbeddedEngine:
             for j in jobs:
                 j.future.set_exception(e)
             return
-        prompts, grammars, ok = [], [], []
+        prepared, ok = [], []
         for j in jobs:  # each request judged alone: what fails here fails that request only
             try:
-                prompt, grammar = self._prepare(lm, j)
+                prepared.append(self._prepare(lm, j))
             except Exception as e:  # noqa: BLE001 - a template that refuses the messages, a prompt too long, ...
                 j.future.set_exception(e)
                 continue
-            prompts.append(prompt)
-            grammars.append(grammar)
             ok.append(j)
         if not ok:
             return
+        prompts, n_prompts, grammars = (list(x) for x in zip(*prepared, strict=True))
         try:
-            results = self._batch(lm, ok, prompts, grammars)
+            results = self._batch(lm, ok, prompts, n_prompts, grammars)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: the batch's requests fall back to the LLM
             for j in ok:
                 j.future.set_exception(e)
@@ -242,39 +241,32 @@ class EmbeddedEngine:
         if self.on_batch:
             self.on_batch(jobs[0].ckpt.name, len(ok))
 
-    def _prepare(self, lm: _Loaded, job: _Job) -> tuple[str, str | None]:
-        """The request's prompt and grammar, once its prompt is known to fit the context."""
+    def _prepare(self, lm: _Loaded, job: _Job) -> tuple[str, int, str | None]:
+        """The request's prompt, its token count (known to fit the context) and its grammar (compiled once here,
+        so a schema llguidance refuses fails this request only)."""
         from slmtune.render import prompt_text
 
         prompt = prompt_text(lm.renderer, job.record)
         context = _context_of(lm.model)
-        if context is not None:
-            n = _prompt_tokens(lm.tokenizer, prompt, context)
-            if n + job.params.max_tokens > context:
-                raise PromptTooLong(f"the prompt (at least {n:,} tokens) and max_tokens ({job.params.max_tokens}) "
-                                    f"do not fit {job.ckpt.name}'s {context:,}-token context.")
+        n = _prompt_tokens(lm.tokenizer, prompt, context)
+        if context is not None and n + job.params.max_tokens > context:
+            raise PromptTooLong(f"the prompt (at least {n:,} tokens) and max_tokens ({job.params.max_tokens}) "
+                                f"do not fit {job.ckpt.name}'s {context:,}-token context.")
         if not job.params.constrained:
-            return prompt, None
+            return prompt, n, None
         try:
             grammar = _grammar(job)
             if grammar is not None:
-                from llguidance import LLMatcher
-
                 from slmtune.infer import constrain
 
-                constrain.require()
-                ll = constrain.ll_tokenizer(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.stops)
-                matcher = LLMatcher(ll, grammar)
-                if matcher.is_error():
-                    raise GrammarFailed(f"llguidance refused the grammar: {matcher.get_error()[:200]}")
-        except GrammarFailed:
-            raise
+                constrain.compile_grammar(_ll_tokenizer(lm), grammar)
         except Exception as e:  # noqa: BLE001 - a tool schema llguidance or `tighten` can't read
-            raise GrammarFailed(f"the request's tools could not become a grammar ({type(e).__name__}: "
-                                f"{str(e)[:200]})") from None
-        return prompt, grammar
+            why = e.message if isinstance(e, SlmtuneError) else f"{type(e).__name__}: {str(e)[:200]}"
+            raise GrammarFailed(f"the request's tools could not become a grammar ({why[:300]})") from None
+        return prompt, n, grammar
 
-    def _batch(self, lm: _Loaded, jobs: list[_Job], prompts: list[str], grammars: list) -> list[Completion]:
+    def _batch(self, lm: _Loaded, jobs: list[_Job], prompts: list[str], n_prompts: list[int],
+               grammars: list) -> list[Completion]:
         from slmtune.infer.generate import generate
 
         if lm.base_key is not None:
@@ -287,20 +279,14 @@ class EmbeddedEngine:
                         processor_factory=factory, max_batch_tokens=None)  # the batcher already chose the batch
         dt = time.perf_counter() - t0
         out = []
-        for p, g, limit in zip(prompts, gens, limits, strict=True):
-            n_prompt = len(lm.tokenizer(p, add_special_tokens=False)["input_ids"])
+        for n_prompt, g, limit in zip(n_prompts, gens, limits, strict=True):
             cut = not g.finished or g.n_tokens > limit
             out.append(Completion(g.text, n_prompt, min(g.n_tokens, limit), not cut, len(jobs), round(dt, 4)))
         return out
 
     def _processors(self, lm: _Loaded, jobs: list[_Job], grammars: list):
         """generate's per-batch logits-processor factory: grammar (constrained rows), sampling, row limits."""
-        ll = None
-        if any(grammars):
-            from slmtune.infer import constrain
-
-            constrain.require()
-            ll = constrain.ll_tokenizer(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.stops)
+        ll = _ll_tokenizer(lm) if any(grammars) else None
         temps = [j.params.temperature if self.sample else 0.0 for j in jobs]
         limits = [(j.params.max_tokens, j.deadline, j.cancelled) for j in jobs]
 
@@ -387,18 +373,27 @@ def _grammar(job: _Job) -> str | None:
     return constrain.grammar_for(ck.category, schema, tools, caps, allow_text=job.params.allow_text)
 
 
+def _ll_tokenizer(lm: _Loaded):
+    """llguidance's view of the loaded model's tokenizer (cached by `constrain.ll_tokenizer`)."""
+    from slmtune.infer import constrain
+
+    constrain.require()
+    return constrain.ll_tokenizer(lm.tokenizer, lm.model.get_output_embeddings().weight.shape[0], lm.stops)
+
+
 _LONGEST: dict[int, int] = {}  # id(tokenizer) -> characters in its longest token
 
 
-def _prompt_tokens(tokenizer, prompt: str, context: int) -> int:
+def _prompt_tokens(tokenizer, prompt: str, context: int | None) -> int:
     """The prompt's token count, or a lower bound past the context: no token covers more characters than the
     vocabulary's longest, so a prompt over context × that is too long without tokenizing megabytes on the one
     worker thread."""
-    longest = _LONGEST.get(id(tokenizer))
-    if longest is None:
-        longest = _LONGEST[id(tokenizer)] = max(map(len, tokenizer.get_vocab()), default=1)
-    if len(prompt) > context * longest:
-        return len(prompt) // longest
+    if context is not None:
+        longest = _LONGEST.get(id(tokenizer))
+        if longest is None:
+            longest = _LONGEST[id(tokenizer)] = max(map(len, tokenizer.get_vocab()), default=1)
+        if len(prompt) > context * longest:
+            return len(prompt) // longest
     return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 

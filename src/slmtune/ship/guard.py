@@ -68,9 +68,8 @@ def request_problems(body: Any, limits: RequestLimits = RequestLimits()) -> list
     if options is not None and not (isinstance(options, dict)
                                     and isinstance(options.get("include_usage", False), bool)):
         problems.append("`stream_options` must be an object like {\"include_usage\": true}")
-    for key in ("metadata",):
-        if body.get(key) is not None and not isinstance(body.get(key), dict):
-            problems.append(f"`{key}` must be an object")
+    if body.get("metadata") is not None and not isinstance(body.get("metadata"), dict):
+        problems.append("`metadata` must be an object")
     for key in ("model", "user"):
         if body.get(key) is not None and not isinstance(body.get(key), str):
             problems.append(f"`{key}` must be a string")

@@ -470,13 +470,15 @@ async def _relay(ctx: Ctx, call: Call, resp, reason: str):
     answer = acc.completion()
     if broke is None and not acc.complete():
         broke = "the upstream stream ended before its answer did"
-    if broke is None and answer is not None:
+    elif broke is None and answer is None:
+        broke = "the upstream stream held no answer"
+    if broke is None:
         _done(ctx, call, answer, "llm", reason, {"slmtune_model": answer.get("model")})
         return
     log.warning("%s (request %s)", broke, call.id)
     body = error_body(f"{broke}.", "upstream_error", "upstream_stream_broken")
     _fail(ctx, call, 502, body | {"partial": answer}, {}, reason)
-    yield f"data: {json.dumps(error_body(f'{broke}.', 'upstream_error', 'upstream_stream_broken'))}\n\n".encode()
+    yield f"data: {json.dumps(body)}\n\n".encode()
 
 
 # ----------------------------------------------------------------------------- outcomes: metrics + served log

@@ -3,12 +3,14 @@ session) and the stand-in upstream answering from its logs."""
 
 import json
 
+import openai
 import pytest
 from typer.testing import CliRunner
 
 from slmtune.cli import app
 from slmtune.ship.asgi import serve_in_thread
-from slmtune.ship.serve_config import load_router
+from slmtune.ship.serve import create_app
+from slmtune.ship.serve_config import ServeConfig, load_router
 from slmtune.synthetic.logs import write_logs
 from slmtune.synthetic.upstream import create_upstream_app
 
@@ -48,3 +50,29 @@ def upstream(work):
     running.stop()
 
 
+@pytest.fixture(scope="session")
+def server_pool(work):
+    """`yield from server_pool(configs, prefix)` in a module fixture: servers on 127.0.0.1 started on demand by
+    name, each with its config and its own served-log folder (`<prefix><name>`), all stopped when the module
+    is done."""
+
+    def pool(configs: dict, prefix: str):
+        started: dict = {}
+
+        def get(name: str) -> dict:
+            if name not in started:
+                log_dir = work["root"] / f"{prefix}{name}"
+                config = ServeConfig(router=work["work"] / "router.json", log_dir=log_dir, **configs[name])
+                running = serve_in_thread(create_app(config))
+                started[name] = {"url": running.url, "running": running, "log_dir": log_dir,
+                                 "client": openai.OpenAI(base_url=running.url + "/v1", api_key="test-key",
+                                                         max_retries=0)}
+            return started[name]
+
+        try:
+            yield get
+        finally:
+            for s in started.values():
+                s["running"].stop()
+
+    return pool

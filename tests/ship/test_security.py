@@ -17,7 +17,6 @@ import pytest
 
 from slmtune.errors import SlmtuneError
 from slmtune.schema_check import SchemaProblem, is_valid, schema_problem, validation_error
-from slmtune.ship.asgi import serve_in_thread
 from slmtune.ship.engine import EmbeddedEngine, GrammarFailed, Params
 from slmtune.ship.guard import check_answer, request_problems, to_record
 from slmtune.ship.serve import create_app
@@ -54,30 +53,16 @@ def canary():
 
 
 @pytest.fixture(scope="module")
-def sec(work, upstream):
+def sec(upstream, server_pool):
     """Servers for these tests, by name, each with its own served-log folder."""
-    started: dict = {}
     up = upstream["url"] + "/v1"
-    configs = {
+    yield from server_pool({
         "main": dict(upstream=up),
         "free": dict(upstream=up, decoding="free"),
         "bare": dict(),  # no upstream, no key
         "keyed": dict(upstream=up, api_key_env="SLMTUNE_SEC_KEY"),
         "patient": dict(upstream=up, batch_window_ms=5000.0),  # a request waits 5 s for batch-mates
-    }
-
-    def get(name: str) -> dict:
-        if name not in started:
-            log_dir = work["root"] / f"served-sec-{name}"
-            config = ServeConfig(router=work["work"] / "router.json", log_dir=log_dir, **configs[name])
-            running = serve_in_thread(create_app(config))
-            started[name] = {"url": running.url, "running": running, "log_dir": log_dir,
-                             "client": openai.OpenAI(base_url=running.url + "/v1", api_key="k", max_retries=0)}
-        return started[name]
-
-    yield get
-    for s in started.values():
-        s["running"].stop()
+    }, "served-sec-")
 
 
 def weather(work, **params) -> dict:

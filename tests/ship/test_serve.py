@@ -31,29 +31,16 @@ def cli(*args, code=0):
 
 
 @pytest.fixture(scope="module")
-def servers(work, upstream):
+def servers(upstream, server_pool):
     """Servers started on demand by name, each with its own config and served-log folder; stopped at the end."""
-    started: dict = {}
-    configs = {
-        "main": dict(upstream=upstream["url"] + "/v1"),
-        "constrained": dict(upstream=upstream["url"] + "/v1", decoding="constrained"),
-        "free": dict(upstream=upstream["url"] + "/v1", decoding="free"),
+    up = upstream["url"] + "/v1"
+    yield from server_pool({
+        "main": dict(upstream=up),
+        "constrained": dict(upstream=up, decoding="constrained"),
+        "free": dict(upstream=up, decoding="free"),
         "locked": dict(api_key_env="SLMTUNE_TEST_KEY", max_body_bytes=20_000, min_score=(("*", 0.5),)),
-        "impatient": dict(upstream=upstream["url"] + "/v1", slm_timeout_s=0.001),
-    }
-
-    def get(name: str) -> dict:
-        if name not in started:
-            log_dir = work["root"] / f"served-{name}"
-            config = ServeConfig(router=work["work"] / "router.json", log_dir=log_dir, **configs[name])
-            running = serve_in_thread(create_app(config))
-            started[name] = {"url": running.url, "running": running, "log_dir": log_dir,
-                             "client": openai.OpenAI(base_url=running.url + "/v1", api_key="test-key", max_retries=0)}
-        return started[name]
-
-    yield get
-    for s in started.values():
-        s["running"].stop()
+        "impatient": dict(upstream=up, slm_timeout_s=0.001),
+    }, "served-")
 
 
 def ask(server: dict, **request):

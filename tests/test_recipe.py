@@ -62,6 +62,19 @@ def test_auto_method_epochs_and_lr_resolve_from_model_and_data_size(tmp_path, ex
     assert (got.method, got.train.epochs, got.train.lr) == expected
 
 
+@pytest.mark.parametrize("extra, longest, cap, expected", [
+    ("", 300, 2048, 320),  # up to a multiple of 64
+    ("", 40, 2048, 128),  # at least 128
+    ("", 2040, 2000, 2000),  # at most the cap
+    ("data: {train: train.jsonl, max_length: 512}\n", 300, 2048, 512),  # a number is kept
+    ("", None, None, "auto"),  # not measured: left for the trainer
+])
+def test_auto_max_length_resolves_from_the_longest_record(tmp_path, extra, longest, cap, expected):
+    text = MINIMAL.replace("data: {train: train.jsonl}\n", "") if extra else MINIMAL
+    r = resolve_auto(load_recipe(_write(tmp_path, text + extra)), 95, 135_000_000, longest, cap)
+    assert r.data.max_length == expected
+
+
 def test_relative_data_resolves_against_recipe_folder(tmp_path, monkeypatch):
     p = _write(tmp_path, GOOD)
     monkeypatch.chdir(ROOT)

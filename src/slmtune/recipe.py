@@ -277,16 +277,27 @@ def auto_epochs(n_records: int) -> float:
     return 2.0 if n_records < FEW_RECORDS else 1.0
 
 
-def resolve_auto(recipe: Recipe, n_records: int, n_params: int) -> Recipe:
-    """`recipe` with `auto` method, epochs and lr replaced by numbers (keys set explicitly are kept); `plan` writes
-    the same numbers into the recipes it makes."""
+def auto_max_length(longest: int, cap: int) -> int:
+    """`data.max_length: auto`: the longest record trained on, in tokens, up to a multiple of 64 (tensor-friendly
+    shapes), at least 128, at most `cap` (`slmtune.device.MAX_LENGTH_CAP`, and the model's context in `plan`)."""
+    return max(128, min(cap, -(-longest // 64) * 64))
+
+
+def resolve_auto(recipe: Recipe, n_records: int, n_params: int, longest: int | None = None,
+                 cap: int | None = None) -> Recipe:
+    """`recipe` with `auto` method, epochs and lr replaced by numbers, and `data.max_length` too when the training
+    records were measured (`longest` kept under `cap`, in tokens: `slmtune.train.dataset.prepare` does); keys set
+    explicitly are kept. `plan` writes the same numbers into the recipes it makes."""
+    data = recipe.data
+    if data.max_length == "auto" and longest is not None and cap is not None:
+        data = data.model_copy(update={"max_length": auto_max_length(longest, cap)})
     method = recipe.method
     if method == "auto":  # a recipe that configures `lora:` asks for LoRA
         method = "lora" if "lora" in recipe.model_fields_set else auto_method(n_params, recipe.model.quantization)
     t = recipe.train
     train = t.model_copy(update={"epochs": auto_epochs(n_records) if t.epochs == "auto" else t.epochs,
                                  "lr": AUTO_LR[method] if t.lr == "auto" else t.lr})
-    return recipe.model_copy(update={"method": method, "train": train})
+    return recipe.model_copy(update={"method": method, "train": train, "data": data})
 
 
 def apply_overrides(raw: dict, overrides: list[str], values: Mapping[str, Any] | None = None) -> dict:

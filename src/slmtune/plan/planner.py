@@ -34,7 +34,7 @@ from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_open, iter_jsonl, read_json, write_json, write_jsonl
 from slmtune.plan.catalog import CATALOG, ModelSpec, lookup
 from slmtune.plan.estimate import Estimate, GiB, Setup, estimate, fmt_gib
-from slmtune.recipe import AUTO_LR, Recipe, auto_epochs, auto_method, dump_recipe_yaml, load_recipe
+from slmtune.recipe import AUTO_LR, Recipe, auto_epochs, auto_max_length, auto_method, dump_recipe_yaml, load_recipe
 
 # Common cards, for the tests' sweep; `--gpu` takes any size (`slmtune.device.gpu_spec`).
 GPUS = {"cpu": 0, "8gb": 8, "16gb": 16, "24gb": 24, "48gb": 48, "80gb": 80}
@@ -160,7 +160,7 @@ def measure(spec: ModelSpec, train: Path, task: dict, gpu: str) -> Lengths:
     tokenizer = tokenizer_for(spec.base)
     if tokenizer is None:
         est = task["tokens"]
-        return Lengths("estimate", _round_up(est["max"], cap), min(est["max"], cap), est["p95"], task["n_train"])
+        return Lengths("estimate", auto_max_length(est["max"], cap), min(est["max"], cap), est["p95"], task["n_train"])
     lengths = record_lengths(tokenizer, train)
     kept = sorted(x.total for x in lengths if x.total <= cap)
     if not kept:
@@ -169,12 +169,7 @@ def measure(spec: ModelSpec, train: Path, task: dict, gpu: str) -> Lengths:
                            "Use a GPU plan (longer cap) or shorten the prompts.")
     p95 = kept[math.ceil(0.95 * len(kept)) - 1]
     dropped = tuple(x.line for x in lengths if x.total > cap)
-    return Lengths("tokenizer", _round_up(kept[-1], cap), kept[-1], p95, len(lengths), dropped)
-
-
-def _round_up(tokens: int, cap: int) -> int:
-    """Up to a multiple of 64 (tensor-friendly shapes), at least 128, at most the cap."""
-    return max(128, min(cap, math.ceil(tokens / 64) * 64))
+    return Lengths("tokenizer", auto_max_length(kept[-1], cap), kept[-1], p95, len(lengths), dropped)
 
 
 def plan(tasks_dir: str | Path, out_dir: str | Path, gpu: str = "24gb", base_model: str | None = None) -> PlanResult:

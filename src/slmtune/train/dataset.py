@@ -9,7 +9,7 @@ from pathlib import Path
 from slmtune.device import MAX_LENGTH_CAP, cuda
 from slmtune.errors import SlmtuneError
 from slmtune.models import BaseRef, load_tokenizer, resolve_base
-from slmtune.recipe import Recipe
+from slmtune.recipe import Recipe, auto_max_length
 from slmtune.records import read_records
 from slmtune.render import Encoded, Renderer, check_mask, encode, make_renderer
 from slmtune.train.augment import AugmentStats, augment
@@ -84,6 +84,8 @@ class Prepared:
     augment: AugmentStats = AugmentStats()  # what `augment:` did to the training records
     max_length: int = 0  # the window trained with (`data.max_length`, `auto` resolved)
     left_out: tuple[str, ...] = ()  # "file:line" of training records over the `auto` cap (not trained on)
+    longest: int | None = None  # `auto`: the longest training record kept, in tokens
+    cap: int | None = None  # `auto`: the longest record a run trains on (`slmtune.device.MAX_LENGTH_CAP`)
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -104,11 +106,12 @@ def prepare(recipe: Recipe) -> Prepared:
     if not train:
         raise SlmtuneError(f"{d.train}: every training record is longer than {cap} tokens (data.max_length: auto).",
                            "Set data.max_length to a number to train on truncated prompts, or shorten them.")
-    max_length = max(128, min(cap, -(-max(len(e.enc.input_ids) for e in train) // 64) * 64))
+    longest = max(len(e.enc.input_ids) for e in train)
+    max_length = auto_max_length(longest, cap)  # what `resolve_auto(longest=, cap=)` gives the trainer
     evals = [e for e in (encode_records(renderer, d.eval, NO_LIMIT, d.train_on) if d.eval else [])
              if len(e.enc.input_ids) <= max_length]
     left_out = tuple(e.where for e in every if len(e.enc.input_ids) > cap)
-    return Prepared(ref, renderer, train, evals, stats, max_length, left_out)
+    return Prepared(ref, renderer, train, evals, stats, max_length, left_out, longest, cap)
 
 
 def step_bins(inputs: dict, max_tokens: int) -> list[dict]:

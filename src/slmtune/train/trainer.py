@@ -15,6 +15,8 @@ Run directory (`output.dir`)::
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -28,11 +30,16 @@ from rich.text import Text
 
 from slmtune.device import bf16_verdict, cuda, world_size
 from slmtune.errors import SlmtuneError
-from slmtune.models import keep_4bit_off_cpu_repacking, load_model, pick_dtype
+from slmtune.io import write_json
+from slmtune.models import clear_gguf_marker, keep_4bit_off_cpu_repacking, load_model, pick_dtype
+from slmtune.plan.catalog import from_config_dir
 from slmtune.recipe import Recipe, resolve_auto
 from slmtune.render import Renderer
-from slmtune.train import options
-from slmtune.train.dataset import Example, Prepared, prepare, to_dataset, token_stats
+from slmtune.train import options, prefix
+from slmtune.train.attention import restore, use_packed_attention
+from slmtune.train.dataset import Example, Prepared, prepare, step_bins, to_dataset, token_stats
+from slmtune.train.flops import linear_weights, peak_flops, training_flops
+from slmtune.train.loss import target_loss
 from slmtune.train.runfiles import PeakSampler, last_checkpoint, peak_memory_mb, write_run_files
 
 
@@ -76,86 +83,116 @@ def _masked_text(r: Renderer, ex: Example) -> Text:
 
 
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
-    run_dir = recipe.output.dir
-    ckpt_root = run_dir / "checkpoints"
+    """Train `recipe` into its run directory (see module docstring): four steps, each timed with its peak memory."""
+    ckpt = _checkpoint_to_resume(recipe, resume)
+    options.check(recipe)
+    with _Phase() as load:
+        prep = prepare(recipe)
+        # what the run used: `data.max_length`, `method`, `train.epochs` and `train.lr` resolved when `auto`
+        # (the run dir's recipe.yaml shows the numbers)
+        recipe = resolve_auto(recipe, len(prep.train), _params(prep, recipe), prep.longest, prep.cap)
+        trainer, data = _build_trainer(recipe, prep, recipe.output.dir / "checkpoints")
+    with PeakSampler() as fit_memory:
+        fit = _fit(recipe, trainer, ckpt)
+    eval_metrics = trainer.evaluate() if prep.eval else {}
+    weights_dir = recipe.output.dir / ("model" if recipe.method == "full" else "adapter")
+    if world_size() > 1:
+        write_rank_record(recipe.output.dir, trainer)
+    if not trainer.is_world_process_zero():
+        return TrainResult(recipe.output.dir, weights_dir, {})
+    with _Phase() as save:
+        _save(recipe, prep, trainer, data, weights_dir)
+    metrics = _metrics(trainer, prep, fit.wall_s, eval_metrics, resumed_from=ckpt, steps=fit.steps)
+    metrics |= _run_facts(recipe, prep, trainer, data, fit.tensors)
+    metrics.update(_utilisation(trainer, metrics, fit.device_peak, full=recipe.method == "full"))
+    metrics["peak_anon_memory_mb"] = max(load.peak, fit_memory.peak)
+    metrics["phases"] = {
+        "load": {"wall_s": round(load.wall_s, 2), "peak_rss_mb": load.peak},
+        "train": {"wall_s": round(fit.wall_s, 2), "peak_rss_mb": fit_memory.peak,
+                  "tokens_per_s": metrics["tokens_per_s"], "mfu": metrics["mfu"]},
+        "save": {"wall_s": round(save.wall_s, 2), "peak_rss_mb": save.peak}}
+    write_run_files(recipe, prep, metrics)
+    return TrainResult(recipe.output.dir, weights_dir, metrics)
+
+
+class _Phase(PeakSampler):
+    """A step of `train`: its wall time and its peak anonymous memory (`PeakSampler`)."""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.wall_s = time.perf_counter() - self.t0
+        return super().__exit__(*exc)
+
+
+def _checkpoint_to_resume(recipe: Recipe, resume: bool) -> Path | None:
+    """The checkpoint `--resume` continues from; a run dir that holds one needs `--resume`."""
+    ckpt_root = recipe.output.dir / "checkpoints"
     ckpt = last_checkpoint(ckpt_root)
     if resume and ckpt is None:
         raise SlmtuneError(f"--resume: no checkpoint in {ckpt_root}.",
                            "Set `train.save_steps` so runs leave checkpoints, or drop --resume.")
     if not resume and ckpt is not None:
-        raise SlmtuneError(f"{run_dir} already holds checkpoints of a run.",
+        raise SlmtuneError(f"{recipe.output.dir} already holds checkpoints of a run.",
                            "Pass --resume to continue it, or choose another `output.dir`.")
-    options.check(recipe)
-    t0 = time.perf_counter()
-    with PeakSampler() as load_memory:
-        prep = prepare(recipe)
-        # what the run used: `data.max_length`, `method`, `train.epochs` and `train.lr` resolved when `auto`
-        # (the run dir's recipe.yaml shows the numbers)
-        recipe = resolve_auto(recipe.model_copy(update={"data": recipe.data.model_copy(
-            update={"max_length": prep.max_length})}), len(prep.train), _params(prep, recipe))
-        trainer, data = _build_trainer(recipe, prep, ckpt_root)
-    load_s = time.perf_counter() - t0
-    with PeakSampler() as memory:
-        counter = _step_counter()
-        trainer.add_callback(counter)
-        peak = _device_peak(trainer)
-        with _tensor_peak(recipe, trainer) as tensors:
-            start = time.perf_counter()
-            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-            wall = time.perf_counter() - start
-    eval_metrics = trainer.evaluate() if prep.eval else {}
-    weights_dir = run_dir / ("model" if recipe.method == "full" else "adapter")
-    if world_size() > 1:
-        write_rank_record(run_dir, trainer)
-    if not trainer.is_world_process_zero():
-        return TrainResult(run_dir, weights_dir, {})
-    t0 = time.perf_counter()
-    with PeakSampler() as save_memory:
-        model = trainer.model
-        if data.packed_attention:
-            from slmtune.train.attention import restore
+    return ckpt
 
-            restore(model.get_base_model() if hasattr(model, "get_base_model") else model, data.packed_attention)
-        from slmtune.train.fused import unfuse_lora, unfuse_mlps
 
-        unfuse_mlps(model)
-        unfuse_lora(model)
-        if recipe.method == "full":
-            from slmtune.models import clear_gguf_marker
+@dataclass(frozen=True)
+class _Fitted:
+    steps: int  # optimizer steps this process took (a resumed run takes only the rest)
+    wall_s: float  # of `trainer.train` alone
+    device_peak: dict  # the matmul peak MFU is measured against (`_device_peak`)
+    tensors: Any  # the live-tensor tracker (`train.track_tensor_memory` on the CPU), else None
 
-            clear_gguf_marker(model)
-        model.save_pretrained(weights_dir)
-        prep.renderer.tokenizer.save_pretrained(weights_dir)
-    save_s = time.perf_counter() - t0
-    metrics = _metrics(trainer, prep, wall, eval_metrics, resumed_from=ckpt, steps=counter.steps)
-    metrics["batching"] = {"mode": data.mode, "token_saving": round(data.saving, 4), "forwards": trainer.forwards,
-                           "attention": "packed (per sequence)" if data.packed_attention else "transformers",
-                           "mlp": "fused silu*up" if data.fused_mlp else "transformers"}
-    metrics["max_length"] = prep.max_length
-    metrics["left_out"] = list(prep.left_out)
-    metrics["augment"] = prep.augment.as_dict()
-    weights = str(trainer.model.dtype).removeprefix("torch.")
-    metrics["precision"] = precision_choice(recipe) | {"weights_dtype": weights}
-    metrics["peak_anon_memory_mb"] = max(load_memory.peak, memory.peak)
-    if tensors is not None:
-        metrics["peak_tensor_memory_mb"] = tensors.peak_mb
-    metrics.update(_utilisation(trainer, metrics, peak, full=recipe.method == "full"))
-    metrics["phases"] = {
-        "load": {"wall_s": round(load_s, 2), "peak_rss_mb": load_memory.peak},
-        "train": {"wall_s": round(wall, 2), "peak_rss_mb": memory.peak, "tokens_per_s": metrics["tokens_per_s"],
-                  "mfu": metrics["mfu"]},
-        "save": {"wall_s": round(save_s, 2), "peak_rss_mb": save_memory.peak},
+
+def _fit(recipe: Recipe, trainer, ckpt: Path | None) -> _Fitted:
+    """Run the optimizer steps."""
+    counter = _step_counter()
+    trainer.add_callback(counter)
+    peak = _device_peak(trainer)
+    with _tensor_peak(recipe, trainer) as tensors:
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        wall = time.perf_counter() - start
+    return _Fitted(counter.steps, wall, peak, tensors)
+
+
+def _save(recipe: Recipe, prep: Prepared, trainer, data: DataMode, weights_dir: Path) -> None:
+    """The trained weights as transformers and peft save them: the training-only patches undone first."""
+    model = trainer.model
+    if data.packed_attention:
+        restore(model.get_base_model() if hasattr(model, "get_base_model") else model, data.packed_attention)
+    from slmtune.train.fused import unfuse_lora, unfuse_mlps
+
+    unfuse_mlps(model)
+    unfuse_lora(model)
+    if recipe.method == "full":
+        clear_gguf_marker(model)
+    model.save_pretrained(weights_dir)
+    prep.renderer.tokenizer.save_pretrained(weights_dir)
+
+
+def _run_facts(recipe: Recipe, prep: Prepared, trainer, data: DataMode, tensors) -> dict:
+    """metrics.json's account of how the run trained: batching, window, augmentation, precision."""
+    facts = {
+        "batching": {"mode": data.mode, "token_saving": round(data.saving, 4), "forwards": trainer.forwards,
+                     "attention": "packed (per sequence)" if data.packed_attention else "transformers",
+                     "mlp": "fused silu*up" if data.fused_mlp else "transformers"},
+        "max_length": prep.max_length, "left_out": list(prep.left_out), "augment": prep.augment.as_dict(),
+        "precision": precision_choice(recipe) | {"weights_dtype": str(trainer.model.dtype).removeprefix("torch.")},
     }
-    write_run_files(recipe, prep, metrics)
-    return TrainResult(run_dir, weights_dir, metrics)
+    if tensors is not None:
+        facts["peak_tensor_memory_mb"] = tensors.peak_mb
+    return facts
 
 
 def _params(prep: Prepared, recipe: Recipe) -> int:
     """The base model's parameter count from its config.json (only `method: auto` needs it)."""
     if recipe.method != "auto":
         return 0
-    from slmtune.plan.catalog import from_config_dir
-
     folder = Path(prep.ref.path)
     if not (folder / "config.json").is_file():  # a hub id: its cached config
         from huggingface_hub import hf_hub_download
@@ -181,8 +218,6 @@ def _device_peak(trainer) -> dict:
     """Measured matmul peak in the dtype the run computes in (bf16 under bf16 autocast, else the weights')."""
     import torch
 
-    from slmtune.train.flops import peak_flops
-
     dtype = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else torch.float32
     device = "cuda" if cuda() else "cpu"
     return {"device": device, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": peak_flops(dtype, device)}
@@ -190,8 +225,6 @@ def _device_peak(trainer) -> dict:
 
 def _utilisation(trainer, metrics: dict, peak: dict, full: bool) -> dict:
     """Achieved model FLOP/s and MFU of this process's training (see slmtune.train.flops for the arithmetic)."""
-    from slmtune.train.flops import linear_weights, training_flops
-
     n_linear, n_head = linear_weights(trainer.model)
     epochs = metrics["epochs_this_run"]
     share = 1 - metrics["batching"]["token_saving"]  # shared-prefix batches compute fewer token-passes
@@ -253,8 +286,6 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any
     if recipe.model.quantization == "4bit":
         keep_4bit_off_cpu_repacking(model)
     if data.mode in ("packing", "records") and not recipe.trainer.attn_implementation:
-        from slmtune.train.attention import use_packed_attention
-
         # each packed sequence attends to itself, no dense mask (train/attention.py); undone before saving
         data = replace(data, packed_attention=use_packed_attention(model))
     from slmtune.train.fused import fuse_mlps
@@ -284,7 +315,6 @@ def _data_mode(recipe: Recipe, prep: Prepared) -> DataMode:
     TRL's padding-free packing into `max_length` bins (`data.packing: true`)."""
     from datasets import Dataset
 
-    from slmtune.train import prefix
 
     wanted = recipe.data.prefix_sharing
     possible = world_size() == 1 and not recipe.train.gradient_checkpointing
@@ -346,9 +376,6 @@ def trainer_class():
     """TRL's SFTTrainer with slmtune's loss: logits only at target positions, shared prefixes run once."""
     from trl import SFTTrainer
 
-    from slmtune.train.dataset import step_bins
-    from slmtune.train.loss import target_loss
-
     class SlmtuneTrainer(SFTTrainer):
         bin_tokens: int | None = None  # records mode: a step's records run in forwards of at most this many tokens
         forwards = 0  # training forwards run (records mode: bins)
@@ -374,10 +401,6 @@ def trainer_class():
 
 def write_rank_record(run_dir: Path, trainer) -> None:
     """`ranks/rank-N.json`: this rank's view of the adapter after training (DDP ranks must agree)."""
-    import hashlib
-
-    from slmtune.io import write_json
-
     h = hashlib.sha256()
     n = 0
     for name, p in sorted(trainer.model.named_parameters()):
@@ -400,8 +423,6 @@ def _backend() -> str | None:
 
 def _liger() -> bool:
     """Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on CUDA, when installed."""
-    import importlib.util
-
     return cuda() and importlib.util.find_spec("liger_kernel") is not None
 
 

@@ -382,7 +382,7 @@ def hostile_requests(args: argparse.Namespace) -> dict:
     """Part 2: ≥ 300 malformed and hostile requests to `slmtune serve` on 127.0.0.1, twice (default decoding, and
     --decoding free, where tool schemas reach the guard's validator): no 5xx, no traceback in the server's log,
     nothing reaches the canary, and a normal call is still answered afterwards."""
-    from slmtune.ship.asgi import serve_in_thread
+    from slmtune.serve.asgi import serve_in_thread
     from slmtune.synthetic.upstream import create_upstream_app
 
     root = Path(args.work or tempfile.mkdtemp(prefix="bench_faults.")) / "requests"

@@ -4,7 +4,7 @@
     python scripts/bench_serve.py --clients 1,8 --per-client 3 --max-tokens 48 --threads 1
 
 Serves the base model `smollm2-135m` (via `slmtune.models.resolve_base`; no export needed) through
-`slmtune.ship.engine.EmbeddedEngine` as a tool-calling checkpoint, with the weather errand's prompts
+`slmtune.serve.engine.EmbeddedEngine` as a tool-calling checkpoint, with the weather errand's prompts
 (`slmtune.synthetic.tiny.weather_records`: system turn + tool specs + question, ~250 prompt tokens). Each
 client sends `--per-client` requests one after another (a closed loop: N clients keep N requests in flight);
 `--clients 1` sends `--single` requests. Every request generates exactly `--max-tokens` tokens or stops
@@ -25,7 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from slmtune.ship.engine import Checkpoint, EmbeddedEngine, Params
+from slmtune.serve.engine import EmbeddedEngine
+from slmtune.serve.jobs import Checkpoint, Params
 from slmtune.synthetic.tiny import weather_records
 
 

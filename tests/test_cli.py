@@ -65,7 +65,7 @@ def test_enum_choices_match_what_the_stages_accept():
 
     assert [c for c, o, _ in CHOICES if o == "--format"] == ["ingest"]
     assert CHOICES[0][2] == ["auto", *FORMATS]
-    from slmtune.ship.gguf_export import GGUF_TYPES
+    from slmtune.export.gguf_export import GGUF_TYPES
 
     assert all(tuple(c) == GGUF_TYPES for _, o, c in CHOICES if o == "--gguf")
     from slmtune.infer.decoding import DECODINGS
@@ -156,25 +156,41 @@ def test_serve_and_eval_decoding_flags_and_their_old_names():
     assert set(DECODINGS) == {"auto", "free", "constrained"}
 
 
+def _field_docstrings(cls) -> dict[str, str]:
+    """A dataclass's attribute docstrings, read from the imported class (inspect), whitespace collapsed."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:], strict=False)
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
 @pytest.mark.parametrize("command", ["serve", "flywheel", "curate", "eval"])
-def test_every_option_default_equals_its_config_field(command):
-    """An option is declared twice (Typer, and the config dataclass the library reads): their defaults must not
-    drift. Options that only the CLI has (inputs, outputs, old names) are listed; any other must map to a field."""
+def test_every_option_default_and_help_equal_its_config_field(command):
+    """A setting is declared once, as a config dataclass field with its docstring: the option's help is that
+    docstring and its default that field's default. Options that only the CLI has (inputs, outputs, old names)
+    are listed; any other must map to a documented field."""
     import dataclasses
     from enum import Enum
 
     from slmtune.data.curate import CurateConfig
     from slmtune.eval.evaluate import GenSettings
     from slmtune.flywheel.loop import FlywheelConfig
-    from slmtune.ship.serve_config import ServeConfig
+    from slmtune.serve.config import ServeConfig
 
     config = {"serve": ServeConfig, "flywheel": FlywheelConfig, "curate": CurateConfig, "eval": GenSettings}[command]
     renamed = {"upstream_timeout": "upstream_timeout_s", "slm_timeout": "slm_timeout_s", "engine_url": "engine_urls",
                "set_": "overrides"}
-    cli_only = {"workdir", "router", "print_vllm_command", "old_constrained", "logs", "records", "out", "report",
+    cli_only = {"serve": {"workdir", "router", "print_vllm_command", "old_constrained"},
+                "flywheel": {"logs", "workdir"}, "curate": {"records", "out", "report"},
                 # eval: what to score and how to judge it, arguments of `evaluate` beside its GenSettings
-                "data", "model", "baseline", "predictions", "compare_decodings", "old_compare", "gate", "limit"}
+                "eval": {"data", "out", "model", "baseline", "predictions", "compare_decodings", "old_compare", "gate",
+                         "limit"}}[command]
     fields = {f.name: f.default for f in dataclasses.fields(config)}
+    docs = _field_docstrings(config)
+    checked = 0
     for p in get_command(app).commands[command].params:
         if p.name in cli_only:
             continue
@@ -183,3 +199,6 @@ def test_every_option_default_equals_its_config_field(command):
         default = p.default.value if isinstance(p.default, Enum) else p.default
         want = fields[field]
         assert default == want or (default is None and want == ()), (command, p.opts[0], default, want)
+        assert p.help == docs[field], (command, p.opts[0], p.help, docs.get(field))
+        checked += 1
+    assert checked >= {"serve": 23, "flywheel": 10, "curate": 6, "eval": 4}[command]

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "slmtune"
 # Down the pipeline: a module may import its own package, the shared top-level modules, and stages before it.
 # synthetic (demo logs, the tiny model) sits beside the pipeline: it reads ingest's ids; only the CLI, tests and
 # scripts use it.
-ORDER = ["data", "tasks", "plan", "train", "infer", "eval", "ship", "flywheel"]
+ORDER = ["data", "tasks", "plan", "train", "infer", "eval", "export", "serve", "flywheel"]
 TOP = "top"  # errors, io, ui, device, plots, records, recipe, render, models
 
 
@@ -101,3 +101,11 @@ def test_each_stage_face_names_its_entry_points():
     for pkg in [*ORDER, "synthetic"]:
         face = importlib.import_module(f"slmtune.{pkg}")
         assert face.__all__ and all(callable(getattr(face, n)) or n.isupper() for n in face.__all__), pkg
+
+
+def test_serving_code_stands_on_infer_not_eval():
+    """Generation, grammars and decoding live in `infer`, which eval and serve share: serve never imports eval."""
+    g = graph()
+    serving = {m: deps for m, deps in g.items() if m.startswith("slmtune.serve")}
+    assert serving and not any(d.startswith("slmtune.eval") for deps in serving.values() for d in deps)
+    assert any(d.startswith("slmtune.infer") for deps in serving.values() for d in deps)

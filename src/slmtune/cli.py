@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from slmtune.errors import SlmtuneError
+from slmtune.fielddoc import field_docs
 from slmtune.infer.generate import MAX_BATCH_TOKENS
 from slmtune.ui import fmt, human_size
 
@@ -80,7 +81,12 @@ Embedder = _choice("Embedder", "tfidf", "minilm")
 SaveDtype = _choice("SaveDtype", "auto", "float32", "bfloat16", "float16")
 Engine = _choice("Engine", "embedded", "vllm")
 Decoding = _choice("Decoding", "auto", "free", "constrained")  # = eval.evaluate.DECODINGS (tested)
-GgufType = _choice("GgufType", "f16", "q8_0", "q4_0", "q4_k_m")  # = ship.gguf_export.GGUF_TYPES (tested)
+GgufType = _choice("GgufType", "f16", "q8_0", "q4_0", "q4_k_m")  # = export.gguf_export.GGUF_TYPES (tested)
+# Options that set a config dataclass field take its docstring as their help (one declaration: slmtune.fielddoc).
+CURATE = field_docs("data/curate.py", "CurateConfig")
+GEN = field_docs("eval/evaluate.py", "GenSettings")
+FLYWHEEL = field_docs("flywheel/loop.py", "FlywheelConfig")
+SERVE = field_docs("serve/config.py", "ServeConfig")
 GPU_HELP = "auto (CUDA device 0's memory, else cpu), cpu, or the card's memory: 8gb, 12gb, 24gb, 7.5gb, …"
 
 
@@ -167,18 +173,18 @@ def curate(
     records: Annotated[Path, typer.Argument(help="Records JSONL written by `slmtune ingest`.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Curated records JSONL to write.")],
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the counts as JSON here.")] = None,
-    on_secret: Annotated[OnSecret, typer.Option("--on-secret", help="Redact secrets, or drop records holding them.")
+    on_secret: Annotated[OnSecret, typer.Option("--on-secret", help=CURATE["on_secret"])
                          ] = "redact",
     near_dup: Annotated[float, typer.Option(
-        "--near-dup", min=0.0, max=1.0, help="Prompt similarity for near duplicates; 0 = off.")] = 0.9,
-    max_chars: Annotated[int, typer.Option("--max-chars", min=1, help="Drop records longer than this.")] = 32_000,
-    scrubber: Annotated[Scrubber, typer.Option("--scrubber", help="regex (built in) or presidio (if installed).")
+        "--near-dup", min=0.0, max=1.0, help=CURATE["near_dup"])] = 0.9,
+    max_chars: Annotated[int, typer.Option("--max-chars", min=1, help=CURATE["max_chars"])] = 32_000,
+    scrubber: Annotated[Scrubber, typer.Option("--scrubber", help=CURATE["scrubber"])
                         ] = "regex",
     workers: Annotated[
-        int, typer.Option("--workers", min=0, help="Worker processes; 0 = one per idle core for inputs over 8 MB.")
+        int, typer.Option("--workers", min=0, help=CURATE["workers"])
     ] = 0,
     keep_slm_served: Annotated[bool, typer.Option(
-        "--keep-slm-served", help="Keep calls `slmtune serve` answered with a small model (default: drop them).")
+        "--keep-slm-served", help=CURATE["keep_slm_served"])
     ] = False,
 ) -> None:
     """Scrub PII and secrets, filter broken records, and drop duplicates."""
@@ -303,8 +309,7 @@ def eval_(
         Optional[Path], typer.Option("--predictions", help="Score existing outputs: {id, message|text} lines.")
     ] = None,
     decoding: Annotated[Decoding, typer.Option(
-        "--decoding", help="How model rows are decoded: auto = under the task's grammar for tool-calling tasks "
-        "when llguidance is installed (as serve does), else free; constrained also covers extraction and labels.")
+        "--decoding", help=GEN["decoding"])
     ] = Decoding.auto,
     compare_decodings: Annotated[
         bool, typer.Option("--compare-decodings", help="Decode free, and the primary model also under the "
@@ -315,12 +320,11 @@ def eval_(
     gate: Annotated[
         Optional[Path], typer.Option("--gate", help="Thresholds per metric (JSON/YAML); exit 3 when one is missed.")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Records generated together, at most.")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help=GEN["batch_size"])] = 16,
     batch_tokens: Annotated[int, typer.Option(
-        "--batch-tokens", min=0, help="At most this many cache slots per batch: rows × (longest prompt + max new "
-        "tokens); long prompts get fewer rows. 0 = no bound.")] = MAX_BATCH_TOKENS,
+        "--batch-tokens", min=0, help=GEN["batch_tokens"])] = MAX_BATCH_TOKENS,
     max_new_tokens: Annotated[
-        Optional[int], typer.Option("--max-new-tokens", min=1, help="Default: 1.5 × longest teacher target + 16.")
+        Optional[int], typer.Option("--max-new-tokens", min=1, help=GEN["max_new_tokens"])
     ] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N records.")] = None,
 ) -> None:
@@ -384,7 +388,7 @@ def merge(
                      ] = "auto",
 ) -> None:
     """Merge a run's adapter into full-precision base weights, verify it, and save a normal checkpoint."""
-    from slmtune.ship.merge import merge_run
+    from slmtune.export.merge import merge_run
 
     report = merge_run(run_dir, out, dtype=dtype.value)
     typer.echo(f"merged: {out}  max |logit diff| = {report.max_abs_logit_diff:.2e}  "
@@ -405,7 +409,7 @@ def export(
                        "(q4_k_m needs llama.cpp's llama-quantize; the error says how).")] = None,
 ) -> None:
     """Export a run as a tagged checkpoint: weights, tokenizer, model card, slmtune.json manifest."""
-    from slmtune.ship.export import export_run
+    from slmtune.export.export import export_run
 
     path = export_run(run_dir, out, adapter_only=adapter_only, report=report, gguf=gguf.value if gguf else None)
     typer.echo(f"exported: {path}")
@@ -420,7 +424,7 @@ def models(
     """List exported checkpoints: task, category, schema, base, size, key metric vs base and teacher."""
     import json
 
-    from slmtune.ship.exports import list_models
+    from slmtune.export.exports import list_models
 
     rows = list_models(exports_dir)
     if json_:
@@ -450,20 +454,19 @@ def flywheel(
     logs: Annotated[list[str], typer.Argument(metavar="LOGS", help="Log files, dirs or globs (new ones this round).")],
     workdir: Annotated[Path, typer.Option("-w", "--workdir", help="Flywheel folder: rounds, exports, router.json.")],
     gpu: Annotated[str, typer.Option("--gpu", parser=_gpu, autocompletion=_gpu_sizes, metavar="auto|cpu|NNgb",
-                                     help=GPU_HELP + " Default cpu: runs anywhere.")] = "cpu",
-    base_model: Annotated[Optional[str], typer.Option("--base-model", help="One base model for every task.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps per task.")] = None,
-    gate: Annotated[Optional[Path], typer.Option("--gate", help="Eval thresholds (JSON/YAML) a task must pass to "
-                                                 "be exported; default: tuned beats base on the key metric.")] = None,
-    max_tasks: Annotated[Optional[int], typer.Option("--max-tasks", min=1, help="Train only the N largest tasks.")
+                                     help=FLYWHEEL["gpu"])] = "cpu",
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help=FLYWHEEL["base_model"])] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help=FLYWHEEL["max_steps"])] = None,
+    gate: Annotated[Optional[Path], typer.Option("--gate", help=FLYWHEEL["gate"])] = None,
+    max_tasks: Annotated[Optional[int], typer.Option("--max-tasks", min=1, help=FLYWHEEL["max_tasks"])
                          ] = None,
-    eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help="Eval records scored per task.")] = 24,
-    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="Export adapters, not merged weights.")] = False,
+    eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help=FLYWHEEL["eval_limit"])] = 24,
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help=FLYWHEEL["adapter_only"])] = False,
     gguf: Annotated[Optional[GgufType], typer.Option(
-        "--gguf", help="Each export also gets a GGUF + Ollama Modelfile: f16, q8_0 or q4_0 (as `export --gguf`).")
+        "--gguf", help=FLYWHEEL["gguf"])
                     ] = None,
-    min_size: Annotated[int, typer.Option("--min-size", min=1, help="Smallest task cluster keeps.")] = 20,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Recipe override for every task (repeatable).")
+    min_size: Annotated[int, typer.Option("--min-size", min=1, help=FLYWHEEL["min_size"])] = 20,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help=FLYWHEEL["overrides"])
                     ] = None,
 ) -> None:
     """Run the whole loop — ingest, curate, cluster, plan, train, eval, export — as a new round in WORKDIR."""
@@ -541,61 +544,58 @@ def _print_flywheel(result) -> None:
 def serve(
     workdir: Annotated[Optional[Path], typer.Argument(help="Flywheel workdir: serves its router.json.")] = None,
     router: Annotated[Optional[Path], typer.Option("--router", help="A router.json instead of WORKDIR's.")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address to bind (loopback by default; any other needs "
-                                      "--api-key-env, or --insecure).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help=SERVE["host"])] = "127.0.0.1",
     insecure: Annotated[bool, typer.Option(
-        "--insecure", help="Allow a non-loopback --host without --api-key-env.")] = False,
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
+        "--insecure", help=SERVE["insecure"])] = False,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help=SERVE["port"])] = 8000,
     upstream: Annotated[Optional[str], typer.Option(
-        "--upstream", help="OpenAI-compatible base URL (…/v1) for unrouted requests and fallbacks.")] = None,
+        "--upstream", help=SERVE["upstream"])] = None,
     upstream_key_env: Annotated[Optional[str], typer.Option(
-        "--upstream-key-env", help="Environment variable holding the upstream's API key.")] = None,
-    upstream_timeout: Annotated[float, typer.Option("--upstream-timeout", help="Seconds to wait for the upstream.")
+        "--upstream-key-env", help=SERVE["upstream_key_env"])] = None,
+    upstream_timeout: Annotated[float, typer.Option("--upstream-timeout", help=SERVE["upstream_timeout_s"])
                                 ] = 120.0,
-    engine: Annotated[Engine, typer.Option("--engine", help="embedded (transformers, in process) or vllm.")
+    engine: Annotated[Engine, typer.Option("--engine", help=SERVE["engine"])
                       ] = "embedded",
     engine_url: Annotated[Optional[list[str]], typer.Option(
-        "--engine-url", help="vLLM base URL (…/v1), or EXPORT=URL per export (repeatable).")] = None,
+        "--engine-url", help=SERVE["engine_urls"])] = None,
     print_vllm_command: Annotated[bool, typer.Option(
         "--print-vllm-command", help="Print the vLLM commands for the router's exports and exit.")] = False,
-    max_loaded: Annotated[int, typer.Option("--max-loaded", min=1, help="Exports kept in memory (LRU).")] = 2,
+    max_loaded: Annotated[int, typer.Option("--max-loaded", min=1, help=SERVE["max_loaded"])] = 2,
     batch_window_ms: Annotated[float, typer.Option(
-        "--batch-window-ms", min=0, help="How long a request waits for others to batch with.")] = 10.0,
-    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most requests per batch.")] = 16,
+        "--batch-window-ms", min=0, help=SERVE["batch_window_ms"])] = 10.0,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help=SERVE["max_batch"])] = 16,
     max_new_tokens: Annotated[int, typer.Option(
-        "--max-new-tokens", min=1, help="Most tokens an export generates (a request's max_tokens may lower it).")
+        "--max-new-tokens", min=1, help=SERVE["max_new_tokens"])
                               ] = 512,
     decoding: Annotated[Decoding, typer.Option(
-        "--decoding", help="As eval's --decoding: auto = tool-calling routes decode under the request's tools "
-        "grammar; constrained = extraction JSON and labels too; free = none.")] = Decoding.auto,
+        "--decoding", help=SERVE["decoding"])] = Decoding.auto,
     old_constrained: Annotated[Optional[bool], typer.Option(
         "--constrained/--no-constrained", hidden=True, help="Old name: --decoding constrained / free.")] = None,
     sample: Annotated[bool, typer.Option(
-        "--sample", help="Honour temperature > 0 (default: greedy, as eval scored the model).")] = False,
+        "--sample", help=SERVE["sample"])] = False,
     slm_timeout: Annotated[float, typer.Option(
-        "--slm-timeout", help="Seconds an export may take before the upstream answers instead.")] = 30.0,
+        "--slm-timeout", help=SERVE["slm_timeout_s"])] = 30.0,
     min_score: Annotated[Optional[list[str]], typer.Option(
-        "--min-score", help="Send a route to the upstream when its tuned key metric is below VALUE; "
-                            "TASK=VALUE for one route (repeatable).")] = None,
+        "--min-score", help=SERVE["min_score"])] = None,
     api_key_env: Annotated[Optional[str], typer.Option(
-        "--api-key-env", help="Environment variable holding the key clients must send (Authorization: Bearer).")
+        "--api-key-env", help=SERVE["api_key_env"])
                            ] = None,
-    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1, help="Larger requests get 413.")
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1, help=SERVE["max_body_bytes"])
                               ] = 4 << 20,
     max_tokens_cap: Annotated[int, typer.Option(
-        "--max-tokens-cap", min=1, help="Largest max_tokens a request may ask (400 past it).")] = 32768,
+        "--max-tokens-cap", min=1, help=SERVE["max_tokens_cap"])] = 32768,
     max_concurrency: Annotated[int, typer.Option(
-        "--max-concurrency", min=1, help="Connections served at once; past it new ones get 503.")] = 256,
+        "--max-concurrency", min=1, help=SERVE["max_concurrency"])] = 256,
     log_dir: Annotated[Optional[Path], typer.Option(
-        "--log-dir", help="Served-call logs (default: served/ beside router.json).")] = None,
+        "--log-dir", help=SERVE["log_dir"])] = None,
     log_scrub: Annotated[bool, typer.Option(
-        "--log-scrub/--no-log-scrub", help="Scrub PII and secrets from served logs, as curate does.")] = True,
+        "--log-scrub/--no-log-scrub", help=SERVE["log_scrub"])] = True,
     log_scrubber: Annotated[Scrubber, typer.Option(
-        "--log-scrubber", help="The served logs' scrubber, as curate --scrubber: regex or presidio.")] = "regex",
+        "--log-scrubber", help=SERVE["log_scrubber"])] = "regex",
 ) -> None:
     """Serve the exports as an OpenAI-compatible API: routed requests to their small model, the rest upstream."""
-    from slmtune.ship import serve_config
-    from slmtune.ship.serve import run
+    from slmtune.serve import config as serve_config
+    from slmtune.serve.server import run
 
     if (workdir is None) == (router is None):
         raise typer.BadParameter("give a flywheel WORKDIR or --router router.json (one of them).")  # exit 2

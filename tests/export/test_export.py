@@ -172,7 +172,7 @@ def gguf_export(run):
     """`slmtune export --gguf q8_0`, then f16 and q4_0 GGUFs written into copies of that export (no re-merge)."""
     import shutil
 
-    from slmtune.ship.gguf_export import write_gguf
+    from slmtune.export.gguf_export import write_gguf
 
     folder = Path(cli("export", run / "run", "-o", run / "gguf-exports", "--gguf", "q8_0"
                       ).output.strip().split("exported: ")[1])
@@ -187,7 +187,7 @@ def gguf_export(run):
 def test_gguf_export_carries_chat_template_stop_token_and_ollama_files(gguf_export):
     import gguf
 
-    from slmtune.ship.gguf_export import write_gguf
+    from slmtune.export.gguf_export import write_gguf
 
     folder, files = gguf_export
     export_template = (folder / "chat_template.jinja").read_text()
@@ -225,8 +225,8 @@ def test_gguf_export_carries_chat_template_stop_token_and_ollama_files(gguf_expo
 def test_ollama_template_parts_rebuild_the_training_prompt_of_a_plain_chat(gguf_export):
     from transformers import AutoTokenizer
 
+    from slmtune.export.gguf_export import chat_parts
     from slmtune.render import make_renderer, prompt_text
-    from slmtune.ship.gguf_export import chat_parts
 
     folder, _ = gguf_export
     tokenizer = AutoTokenizer.from_pretrained(folder)

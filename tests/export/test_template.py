@@ -10,10 +10,10 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from slmtune.cli import app
+from slmtune.export.template import export_template
 from slmtune.io import write_jsonl
 from slmtune.records import split_prompt_target
 from slmtune.render import encode, make_renderer, prompt_text, render_pair
-from slmtune.ship.template import export_template
 from slmtune.synthetic.tiny import WEATHER_TOOL, build_tokenizer, weather_records
 
 RECIPE = """\

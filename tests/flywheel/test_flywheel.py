@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from slmtune.cli import app
-from slmtune.ship.router import route
+from slmtune.export.router import route
 from slmtune.synthetic.logs import write_logs
 from slmtune.train.runfiles import run_weights
 

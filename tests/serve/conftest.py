@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from slmtune.cli import app
-from slmtune.ship.asgi import serve_in_thread
-from slmtune.ship.serve import create_app
-from slmtune.ship.serve_config import ServeConfig, load_router
+from slmtune.serve.asgi import serve_in_thread
+from slmtune.serve.config import ServeConfig, load_router
+from slmtune.serve.server import create_app
 from slmtune.synthetic.logs import write_logs
 from slmtune.synthetic.upstream import create_upstream_app
 

@@ -17,10 +17,11 @@ import pytest
 
 from slmtune.errors import SlmtuneError
 from slmtune.schema_check import SchemaProblem, is_valid, schema_problem, validation_error
-from slmtune.ship.engine import EmbeddedEngine, GrammarFailed, Params
-from slmtune.ship.guard import check_answer, request_problems, to_record
-from slmtune.ship.serve import create_app
-from slmtune.ship.serve_config import ServeConfig, checkpoints, load_router
+from slmtune.serve.config import ServeConfig, checkpoints, load_router
+from slmtune.serve.engine import EmbeddedEngine
+from slmtune.serve.guard import check_answer, request_problems, to_record
+from slmtune.serve.jobs import GrammarFailed, Params
+from slmtune.serve.server import create_app
 
 POEM = {"model": "m", "messages": [{"role": "user", "content": "Write me a poem about the sea."}]}
 # Valid Draft 7, but llguidance can't compile the pattern (look-behind): the grammar fails, not the schema check.

@@ -1,5 +1,5 @@
 """`slmtune serve` over real HTTP on 127.0.0.1: a flywheel workdir of the tiny model, the stand-in upstream, the
-real `openai` client and httpx. One flywheel round (`work`, tests/ship/conftest.py) feeds every test."""
+real `openai` client and httpx. One flywheel round (`work`, tests/serve/conftest.py) feeds every test."""
 
 import asyncio
 import json
@@ -12,12 +12,14 @@ import pytest
 from typer.testing import CliRunner
 
 from slmtune.cli import app
-from slmtune.ship.asgi import serve_in_thread
-from slmtune.ship.engine import EmbeddedEngine, Params, vllm_commands
-from slmtune.ship.guard import check_answer, request_problems, to_record
-from slmtune.ship.serve import create_app
-from slmtune.ship.serve_config import ServeConfig, checkpoints, load_router
-from slmtune.ship.wire import StreamAssembler
+from slmtune.serve.asgi import serve_in_thread
+from slmtune.serve.config import ServeConfig, checkpoints, load_router
+from slmtune.serve.engine import EmbeddedEngine
+from slmtune.serve.guard import check_answer, request_problems, to_record
+from slmtune.serve.jobs import Params
+from slmtune.serve.server import create_app
+from slmtune.serve.vllm import vllm_commands
+from slmtune.serve.wire import StreamAssembler
 from slmtune.synthetic.upstream import UNKNOWN_ANSWER
 
 WEATHER, SENTIMENT = "tool_calling-get_weather", "classification-sentiment"
@@ -119,7 +121,8 @@ def test_serve_grammar_follows_tool_choice_and_the_decoding_default():
     the text answer out; `decoding` auto (the default) constrains tool-calling routes only."""
     import concurrent.futures
 
-    from slmtune.ship.engine import Checkpoint, _grammar, _Job
+    from slmtune.serve.grammar import request_grammar
+    from slmtune.serve.jobs import Checkpoint, Job
 
     tool = {"type": "function", "function": {"name": "a_tool", "parameters": {"type": "object", "properties": {
         "x": {"type": "string"}}, "required": ["x"]}}}
@@ -128,7 +131,7 @@ def test_serve_grammar_follows_tool_choice_and_the_decoding_default():
     record = {"messages": [{"role": "user", "content": "hi"}], "tools": [tool, decoy]}
 
     def grammar(**params) -> str:
-        return _grammar(_Job(ck, record, Params(constrained=True, **params), 0.0,
+        return request_grammar(Job(ck, record, Params(constrained=True, **params), 0.0,
                              future=concurrent.futures.Future()))
 
     free = grammar()
@@ -351,7 +354,7 @@ def test_metrics_and_health(work, servers):
 
 # ----------------------------------------------------------------------------- engines
 def test_adapter_exports_share_one_base_and_unload_lru(work):
-    from slmtune.ship.export import export_run
+    from slmtune.export.export import export_run
 
     summary = json.loads(next(work["work"].glob("round-*/summary.json")).read_text())
     folders = [export_run(t["run_dir"], work["root"] / "adapters", adapter_only=True) for t in summary["tasks"]]

@@ -13,7 +13,7 @@ import pytest
 from slmtune.data.ingest import expand_inputs, ingest
 from slmtune.errors import SlmtuneError
 from slmtune.io import dumps, read_jsonl
-from slmtune.ship.served_log import ServedLog, log_files, log_line, scrub_line, scrub_text
+from slmtune.serve.served_log import ServedLog, log_files, log_line, scrub_line, scrub_text
 
 
 def line(i: int, day: str = "2026-03-14", **msg) -> dict:
@@ -141,7 +141,7 @@ def test_bad_settings_and_a_missing_presidio_fail_at_construction(tmp_path, monk
 
 
 def test_a_scrubber_that_fails_to_load_drops_lines_rather_than_leak(tmp_path, monkeypatch):
-    from slmtune.ship import served_log
+    from slmtune.serve import served_log
 
     def broken(name: str):
         raise RuntimeError("spaCy is broken")

@@ -62,17 +62,17 @@ RESPONSE_FORMATS = ("openai", "anthropic")
 @dataclass(frozen=True)
 class CurateConfig:
     on_secret: str = "redact"
-    """`redact`: replace secrets with placeholders like all PII; `drop`: reject records that held one."""
+    """redact: replace secrets with placeholders like all PII; drop: reject records that held one."""
     near_dup: float = 0.9
-    """Prompt Jaccard similarity at which a record is a near duplicate; 0 turns near-dedupe off."""
+    """Prompt similarity (Jaccard) at which a record is a near duplicate; 0 = off."""
     max_chars: int = 32_000
-    """Longest record kept, in characters of content + arguments (~8k tokens at ~4 chars/token)."""
+    """Drop records longer than this, in characters of content + arguments (~8k tokens at ~4 chars/token)."""
     scrubber: str = "regex"
-    """`regex` (built in) or `presidio` (adds names and street addresses; needs presidio-analyzer; ~2.5x slower)."""
+    """regex (built in) or presidio (adds names and street addresses; needs presidio-analyzer; ~2.5x slower)."""
     workers: int = 0
-    """Processes for scrubbing and filtering; 0 = one per idle core (max 4) for inputs over 8 MB, else 1."""
+    """Worker processes for scrubbing and filtering; 0 = one per idle core (max 4) for inputs over 8 MB, else 1."""
     keep_slm_served: bool = False
-    """Keep calls `slmtune serve` answered with a small model (default: drop them, reason `slm_served`)."""
+    """Keep calls `slmtune serve` answered with a small model (default: drop them, reason slm_served)."""
 
 
 @dataclass(frozen=True)

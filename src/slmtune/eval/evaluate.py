@@ -231,10 +231,17 @@ def load(ref: ModelRef, dtype: str = "auto"):
 @dataclass(frozen=True)
 class GenSettings:
     batch_size: int = 16
-    batch_tokens: int | None = MAX_BATCH_TOKENS  # rows × (widest prompt + budget) per batch (`token_batches`)
-    max_new_tokens: int | None = None  # None: from the teacher targets (`generate.token_budget`)
+    """Records generated together, at most."""
+    batch_tokens: int | None = MAX_BATCH_TOKENS
+    """At most this many cache slots per batch: rows × (longest prompt + max new tokens); long prompts get fewer
+    rows. 0 (CLI) or None = no bound."""
+    max_new_tokens: int | None = None
+    """Most tokens generated per record; default: 1.5 × the longest teacher target + 16 (`token_budget`)."""
     dtype: str = "auto"
-    decoding: str = "auto"  # auto | free | constrained (`decoding_for`)
+    """Weights dtype for generation: auto, float32, bfloat16."""
+    decoding: str = "auto"
+    """How model rows are decoded: auto = under the task's grammar for tool-calling tasks when llguidance is
+    installed (as serve does), else free; constrained also covers extraction and labels; free = no grammar."""
 
 
 def generate_rows(ref: ModelRef, name: str, records: list[dict], task: Task, gs: GenSettings, decoding: str,

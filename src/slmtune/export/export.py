@@ -7,13 +7,13 @@ Export folder (`EXPORTS_DIR/<task>-<base>-<schema_hash[:8]>/`)::
                         `AutoModelForCausalLM.from_pretrained(folder)`
     adapter_config.json, adapter_model.safetensors           instead, with --adapter-only: the LoRA adapter,
                         loadable with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)`
-    tokenizer files     `chat_template.jinja` renders records exactly as training did (`slmtune.ship.template`):
+    tokenizer files     `chat_template.jinja` renders records exactly as training did (`slmtune.export.template`):
                         `apply_chat_template(messages, tools=tools, add_generation_prompt=True)` in plain
                         transformers or vLLM (`--tool-call-parser hermes`) gives the training prompt
     slmtune_render.json how training rendered prompts and tool calls (serving must do the same)
     merge_report.json   the merge verification (merged exports only)
     <name>.<type>.gguf, Modelfile   with --gguf f16|q8_0|q4_0: the merged weights as a GGUF written by llama.cpp's
-                        converter, and an Ollama Modelfile for it (`slmtune.ship.gguf_export`)
+                        converter, and an Ollama Modelfile for it (`slmtune.export.gguf_export`)
     README.md           model card: YAML front matter (base_model, library_name, license, tags, model-index)
     slmtune.json        the manifest below
 
@@ -41,8 +41,8 @@ import yaml
 
 from slmtune.errors import SlmtuneError
 from slmtune.eval.metrics import key_metric
+from slmtune.export.gguf_export import card_lines, check_gguf_type, gguf_filename, write_gguf, write_modelfile
 from slmtune.io import atomic_dir, atomic_open, file_fingerprint, write_json
-from slmtune.ship.gguf_export import card_lines, check_gguf_type, gguf_filename, write_gguf, write_modelfile
 
 MANIFEST = "slmtune.json"
 MANIFEST_VERSION = 1
@@ -93,7 +93,7 @@ def export_run(run_dir: str | Path, exports_dir: str | Path, adapter_only: bool 
 def _merged(run_dir: Path, out: Path) -> dict:
     from dataclasses import asdict
 
-    from slmtune.ship.merge import merge_run
+    from slmtune.export.merge import merge_run
 
     return asdict(merge_run(run_dir, out, dtype="auto"))
 
@@ -102,9 +102,9 @@ def _adapter_tokenizer(folder: Path) -> None:
     """Re-save the adapter's tokenizer with the export chat template, plus `slmtune_render.json` (as merge does)."""
     from transformers import AutoTokenizer
 
+    from slmtune.export.merge import render_info
+    from slmtune.export.template import save_tokenizer
     from slmtune.render import make_renderer
-    from slmtune.ship.merge import render_info
-    from slmtune.ship.template import save_tokenizer
 
     r = make_renderer(AutoTokenizer.from_pretrained(folder))
     save_tokenizer(r, folder)

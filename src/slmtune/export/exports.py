@@ -12,7 +12,7 @@ from pathlib import Path
 
 from slmtune.errors import SlmtuneError
 from slmtune.eval.metrics import key_metric
-from slmtune.ship.export import MANIFEST
+from slmtune.export.export import MANIFEST
 
 
 def list_models(exports_dir: str | Path) -> list[dict]:

@@ -5,7 +5,7 @@ The GGUF is written by llama.cpp's own converter — `convert_hf_to_gguf.py` and
 architecture specifics are llama.cpp's: tensor names (`gguf.TensorNameMap`), Llama's q/k row permutation for its
 RoPE layout, the tokenizer as `tokenizer.ggml.*` (a byte-level BPE such as SmolLM2's: model `gpt2`, tokens,
 token types, merges, bos/eos/pad ids) and `tokenizer.chat_template` = the folder's `chat_template.jinja`, i.e. the
-export template of `slmtune.ship.template` (llama.cpp's Jinja engine ignores its ``{% generation %}`` markers, as
+export template of `slmtune.export.template` (llama.cpp's Jinja engine ignores its ``{% generation %}`` markers, as
 it ignores them in SmolLM3's). Quantization is gguf-py's (`gguf.quants`):
 
     f16     every matrix F16, norms F32

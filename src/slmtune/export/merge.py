@@ -9,7 +9,7 @@ A full fine-tune (`method: full`) has no adapter: its `model/` is saved the same
 construction; the reload check still runs).
 
 `OUT_DIR` holds: model.safetensors + config, the tokenizer whose `chat_template.jinja` renders records exactly as
-training did (`slmtune.ship.template`: plain `apply_chat_template(messages, tools=tools)` gives the training
+training did (`slmtune.export.template`: plain `apply_chat_template(messages, tools=tools)` gives the training
 prompt), `slmtune_render.json` (how prompts and tool calls were rendered in training), `merge_report.json`.
 """
 
@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slmtune.errors import SlmtuneError
+from slmtune.export.template import save_tokenizer
 from slmtune.io import atomic_dir, iter_jsonl, write_json
 from slmtune.render import TOOLS_PREAMBLE, Renderer, make_renderer, prompt_text
-from slmtune.ship.template import save_tokenizer
 from slmtune.train.runfiles import read_run, run_weights
 
 # fp32 merge arithmetic differs from the unmerged path only by rounding; a real mistake (wrong scale, adapter
@@ -149,6 +149,6 @@ def render_info(r: Renderer) -> dict:
         '<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>',
         "tool_result_format": None if r.mode == "native" else "user turn: <tool_response>\n...\n</tool_response>",
         "chat_template": "the base model's own" if r.mode == "native" else
-        "the base template behind a prelude that renders this format (slmtune.ship.template)",
+        "the base template behind a prelude that renders this format (slmtune.export.template)",
         "target": "the last assistant message",
     }

@@ -4,8 +4,8 @@ Work dir::
 
     WORKDIR/.lock                  held (flock) by the running flywheel, with its pid (see `slmtune.lock`)
     WORKDIR/flywheel.json          registry: inputs, finished rounds, each task's pinned eval set (flywheel_state)
-    WORKDIR/router.json            which export serves which requests (see `slmtune.ship.router`)
-    WORKDIR/exports/<export>/      gated, tagged checkpoints (see `slmtune.ship.export`)
+    WORKDIR/router.json            which export serves which requests (see `slmtune.export.router`)
+    WORKDIR/exports/<export>/      gated, tagged checkpoints (see `slmtune.export.export`)
     WORKDIR/round-NNN/
       round.json                   inputs, their fingerprint, settings, start time
       ingest/records.jsonl         `slmtune ingest` of every input so far
@@ -43,10 +43,10 @@ from pathlib import Path
 
 from slmtune.errors import SlmtuneError
 from slmtune.eval.metrics import key_metric
+from slmtune.export.export import export_run
 from slmtune.flywheel import state as st
 from slmtune.io import clean_stale_temps, file_fingerprint, fingerprint, now, read_json_or_none, write_json
 from slmtune.lock import workdir_lock
-from slmtune.ship.export import export_run
 from slmtune.ui import Progress, fmt, ticker
 
 DATA_STAGES = ("ingest", "curate", "cluster", "tasks", "plan")
@@ -60,9 +60,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FlywheelConfig:
     gpu: str = "cpu"
-    """Hardware class for `slmtune plan` (cpu, 8gb, ..., 80gb)."""
+    """The hardware `slmtune plan` plans for: auto (CUDA device 0's memory, else cpu), cpu, or the card's memory
+    (8gb, 12gb, 24gb, 7.5gb, …). Default cpu: runs anywhere."""
     base_model: str | None = None
-    """Base model for every task (catalog key, hub id or folder); None = plan's choice per task."""
+    """One base model for every task (catalog key, hub id or folder); unset: plan's choice per task."""
     max_steps: int | None = None
     """Optimizer steps per task, overriding plan's estimate."""
     max_tasks: int | None = None
@@ -72,17 +73,18 @@ class FlywheelConfig:
     eval_batch_size: int = 8
     """Records generated together during eval."""
     gate: Path | None = None
-    """Eval thresholds (JSON/YAML, see `slmtune.eval.report`); None = tuned must beat base on the key metric."""
+    """Eval thresholds (JSON/YAML) a task must pass to be exported; default: tuned beats base on the key
+    metric."""
     adapter_only: bool = False
     """Export adapters instead of merged weights."""
     gguf: str | None = None
-    """Also write each export as a GGUF of this type (f16, q8_0, q4_0) + Ollama Modelfile (`export --gguf`)."""
+    """Each export also gets a GGUF of this type + Ollama Modelfile: f16, q8_0 or q4_0 (as `export --gguf`)."""
     min_size: int = 20
-    """Smallest task `slmtune cluster` keeps."""
+    """Smallest task cluster keeps."""
     eval_fraction: float = 0.2
     """Share of a new task held out for eval (its first round only)."""
     overrides: tuple[str, ...] = ()
-    """Extra recipe overrides for every task, as `slmtune train --set` (e.g. `train.lr=1e-3`)."""
+    """Recipe override for every task, as `slmtune train --set` (e.g. train.lr=1e-3; repeatable)."""
 
 
 @dataclass
@@ -120,7 +122,7 @@ def run_flywheel(logs: Sequence[str | Path], workdir: str | Path, config: Flywhe
 
     Holds `WORKDIR/.lock` throughout (`slmtune.lock`): a second run on the same work dir raises at once.
     """
-    from slmtune.ship.gguf_export import check_gguf_type
+    from slmtune.export.gguf_export import check_gguf_type
 
     if config.gguf:
         check_gguf_type(config.gguf, config.adapter_only)  # refused now, not after every task has trained
@@ -360,7 +362,7 @@ def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, wor
 # ----------------------------------------------------------------------------- round end
 def _finish(workdir: Path, round_dir: Path, prev: Path | None, registry: dict, inputs: list[str], selection: dict,
             outcomes: list[TaskOutcome]) -> FlywheelResult:
-    from slmtune.ship.router import build_router, route_entry, write_router
+    from slmtune.export.router import build_router, route_entry, write_router
 
     not_trained = selection["not_trained"]
     failed = [{"task": o.task, "reason": f"failed at {o.reason}"} for o in outcomes if not ran_through(o)]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slmtune.errors import SlmtuneError
-from slmtune.ship.wire import error_body
+from slmtune.serve.wire import error_body
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _HOST_NAMES = frozenset({b"127.0.0.1", b"localhost", b"[::1]"})

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmtune.errors import SlmtuneError
-from slmtune.ship.engine import Checkpoint
-from slmtune.ship.guard import RequestLimits
+from slmtune.serve.guard import RequestLimits
+from slmtune.serve.jobs import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -18,41 +18,42 @@ class ServeConfig:
     router: Path
     """router.json (`slmtune flywheel` writes WORKDIR/router.json)."""
     host: str = "127.0.0.1"
-    """Address to bind; anything but loopback exposes the server: refused without `api_key_env` unless
-    `insecure`."""
+    """Address to bind (loopback by default; any other exposes the server and needs --api-key-env, or
+    --insecure)."""
     insecure: bool = False
-    """Allow a non-loopback `host` without `api_key_env` (anyone who reaches it spends the upstream key)."""
+    """Allow a non-loopback --host without --api-key-env (anyone who reaches it spends the upstream key)."""
     port: int = 8000
     """TCP port."""
     engine: str = "embedded"
-    """`embedded` (transformers in this process) or `vllm` (a running vLLM server, `engine_urls`)."""
+    """embedded (transformers, in this process) or vllm (a running vLLM server at --engine-url)."""
     engine_urls: tuple[str, ...] = ()
-    """vLLM base URLs: `URL` for every export, or `EXPORT=URL` per export."""
+    """vLLM base URL (…/v1) for every export, or EXPORT=URL per export (repeatable)."""
     upstream: str | None = None
-    """Base URL of the OpenAI-compatible upstream LLM, as the openai client takes it (…/v1)."""
+    """Base URL (…/v1) of the OpenAI-compatible upstream LLM: it answers unrouted requests and fallbacks."""
     upstream_key_env: str | None = None
-    """Environment variable holding the upstream's API key (sent as `Authorization: Bearer`)."""
+    """Environment variable holding the upstream's API key (sent as Authorization: Bearer)."""
     upstream_timeout_s: float = 120.0
     """Seconds to wait for the upstream."""
     max_loaded: int = 2
-    """Exports kept in memory by the embedded engine; the least recently used is unloaded."""
+    """Exports the embedded engine keeps in memory; the least recently used is unloaded."""
     batch_window_ms: float = 10.0
-    """How long the first request of a batch waits for more requests to the same export."""
+    """How long the first request of a batch waits for more requests to the same export (milliseconds)."""
     max_batch: int = 16
     """Most requests generated as one batch."""
     max_new_tokens: int = 512
-    """Most tokens an export generates per answer (a request's `max_tokens` may lower it)."""
+    """Most tokens an export generates per answer (a request's max_tokens may lower it)."""
     decoding: str = "auto"
-    """As `eval --decoding`: auto — tool-calling routes decode under the request's tools grammar (llguidance);
-    constrained — extraction JSON and labels too; free — every route decodes free."""
+    """As eval's --decoding: auto = tool-calling routes decode under the grammar of the request's tools
+    (llguidance); constrained = extraction JSON and labels too; free = every route decodes free."""
     sample: bool = False
     """Honour a request's temperature > 0 in the embedded engine; off: greedy, as eval scored the model."""
     slm_timeout_s: float = 30.0
     """Seconds an export may take (queueing included) before the request goes to the upstream."""
     min_score: tuple[tuple[str, float], ...] = ()
-    """(task or "*", threshold): routes whose tuned key metric (eval report) is below it go to the upstream."""
+    """Send a route to the upstream when its tuned key metric (eval report) is below VALUE; TASK=VALUE for one
+    route (repeatable). In Python: (task or "*", threshold) pairs."""
     api_key_env: str | None = None
-    """Environment variable holding the key clients must send as `Authorization: Bearer`; None: no auth."""
+    """Environment variable holding the key clients must send (Authorization: Bearer); unset: no auth."""
     max_body_bytes: int = 4 << 20
     """Largest request body (4 MiB: ~1M tokens of text); larger ones get 413."""
     max_messages: int = 2048
@@ -60,15 +61,15 @@ class ServeConfig:
     max_tools: int = 128
     """Most tools a request may offer (400 past it; OpenAI's own limit)."""
     max_tokens_cap: int = 32768
-    """Largest `max_tokens` / `max_completion_tokens` a request may ask of the SLM or the upstream (400 past it)."""
+    """Largest max_tokens / max_completion_tokens a request may ask of the SLM or the upstream (400 past it)."""
     max_concurrency: int = 256
-    """Connections uvicorn serves at once; past it new ones get 503 (`limit_concurrency`)."""
+    """Connections served at once (uvicorn's limit_concurrency); past it new ones get 503."""
     log_dir: Path | None = None
-    """Where served calls are logged; default: `served/` beside router.json."""
+    """Where served calls are logged (default: served/ beside router.json)."""
     log_scrub: bool = True
-    """Scrub PII and secrets from served logs (`slmtune.data.scrub`, as curate does)."""
+    """Scrub PII and secrets from served logs, as curate does."""
     log_scrubber: str = "regex"
-    """The scrubber backend, as `curate --scrubber`: regex, or presidio (names, addresses too)."""
+    """The served logs' scrubber, as curate's --scrubber: regex, or presidio (names and addresses too)."""
     dtype: str = "auto"
     """Embedded engine weights dtype: auto, float32, bfloat16."""
 
@@ -96,7 +97,7 @@ def load_router(path: Path) -> dict:
 
 def checkpoints(router: dict) -> dict[str, Checkpoint]:
     """{task: Checkpoint} for every route, from its export's slmtune.json; a missing export is an error."""
-    from slmtune.ship.export import MANIFEST
+    from slmtune.export.export import MANIFEST
 
     out, missing = {}, []
     for r in router["routes"]:
@@ -158,7 +159,7 @@ def disabled_routes(router: dict, min_score: tuple[tuple[str, float], ...]) -> d
 
 def vllm_command_text(router_path: Path) -> str:
     """The vLLM commands for a router's exports, and the `slmtune serve` line that uses them."""
-    from slmtune.ship.engine import vllm_commands
+    from slmtune.serve.vllm import vllm_commands
 
     items = vllm_commands(list(checkpoints(load_router(router_path)).values()))
     if not items:

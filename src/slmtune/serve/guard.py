@@ -27,7 +27,6 @@ from typing import Any
 from slmtune.infer.calls import CLASSIFICATION, EXTRACTION, TOOL_CALLING, decode_calls, label_of
 from slmtune.records import ROLES
 from slmtune.schema_check import is_valid, schema_problem, tool_params
-from slmtune.tasks.schema import parse_json_output
 
 FALLBACK_REASONS = ("no_route", "unsupported", "disabled", "too_long", "invalid_output", "schema_invalid", "timeout",
                     "error")
@@ -188,6 +187,8 @@ def check_answer(category: str, schema: Any, message: dict, finished: bool, tool
     if message.get("tool_calls"):
         return "invalid_output"  # tool-call markup from a task that answers in text
     if category == EXTRACTION:
+        from slmtune.tasks.schema import parse_json_output  # not at the top: the tasks face loads scikit-learn
+
         value = parse_json_output(message.get("content"))
         if value is None:
             return "invalid_output"

@@ -4,8 +4,8 @@ for its errand, and everything else — or anything the small model gets wrong �
 Endpoints: `POST /v1/chat/completions` (`tools`, `tool_choice`, `temperature`, `max_tokens`, `stream`),
 `GET /v1/models` (the routed exports), `GET /healthz`, `GET /metrics` (Prometheus text).
 
-A request goes through `slmtune.ship.router.route` to its task's export. The engine (`slmtune.ship.engine`)
-generates an answer, `slmtune.render.parse_output` reads it back, and `slmtune.ship.guard.check_answer`
+A request goes through `slmtune.export.router.route` to its task's export. The engine (`slmtune.serve.engine`)
+generates an answer, `slmtune.render.parse_output` reads it back, and `slmtune.serve.guard.check_answer`
 checks it; an answer that fails, a timeout (`slm_timeout_s`) or an engine error sends the request to the
 upstream LLM instead, verbatim. The client always gets one OpenAI response; headers say who answered:
 
@@ -23,13 +23,13 @@ an SSE error event, never a silent end. Without an upstream, a request the small
 (400 when it is too long for them).
 
 **Untrusted input** (see README's "Security model"): requests are checked before anything runs on them
-(`slmtune.ship.guard.request_problems`: types, counts, nesting, tool schemas with local refs only — 400 naming
-what is wrong); the gate (`slmtune.ship.asgi.Gate`) wants `application/json` (415) and, on loopback without a
+(`slmtune.serve.guard.request_problems`: types, counts, nesting, tool schemas with local refs only — 400 naming
+what is wrong); the gate (`slmtune.serve.asgi.Gate`) wants `application/json` (415) and, on loopback without a
 key, a loopback Host header (DNS rebinding). A client that disconnects cancels its request's generation.
 
 **Served log** (`log_dir`, default `WORKDIR/served/`): every answered call becomes one line in the log format
 `slmtune ingest` reads, tagged with who answered and why, so `slmtune curate` can drop the calls the small models
-answered (`slmtune.ship.served_log`).
+answered (`slmtune.serve.served_log`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (`Request`, imported
@@ -45,13 +45,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slmtune.errors import SlmtuneError
-from slmtune.ship.asgi import LOOPBACK, Gate
-from slmtune.ship.engine import Checkpoint, GrammarFailed, Params, PromptTooLong
-from slmtune.ship.guard import check_answer, request_problems, to_record
-from slmtune.ship.router import route
-from slmtune.ship.serve_config import ServeConfig, checkpoints, disabled_routes, load_router
-from slmtune.ship.served_log import ServedLog, log_line, scrub_text
-from slmtune.ship.wire import (
+from slmtune.export.router import route
+from slmtune.serve.asgi import LOOPBACK, Gate
+from slmtune.serve.config import ServeConfig, checkpoints, disabled_routes, load_router
+from slmtune.serve.guard import check_answer, request_problems, to_record
+from slmtune.serve.jobs import Checkpoint, GrammarFailed, Params, PromptTooLong
+from slmtune.serve.served_log import ServedLog, log_line, scrub_text
+from slmtune.serve.wire import (
     HttpError,
     StreamAssembler,
     completion_json,
@@ -190,7 +190,8 @@ def _secret(env: str | None, flag: str) -> str | None:
 
 
 def _engine(config: ServeConfig, metrics):
-    from slmtune.ship.engine import EmbeddedEngine, VllmEngine
+    from slmtune.serve.engine import EmbeddedEngine
+    from slmtune.serve.vllm import VllmEngine
 
     if config.engine == "vllm":
         named = dict(u.split("=", 1) for u in config.engine_urls if "=" in u)

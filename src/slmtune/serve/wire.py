@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from slmtune.ship.engine import Checkpoint, Completion
+    from slmtune.serve.jobs import Checkpoint, Completion
 
 
 class HttpError(Exception):
@@ -29,7 +29,7 @@ def error_body(message: str, type_: str = "invalid_request_error", code: str | N
 
 
 def route_headers(task: str | None, answered_by: str, reason: str | None) -> dict:
-    """The x-slmtune-route / -task / -fallback headers of a response (see `slmtune.ship.serve`)."""
+    """The x-slmtune-route / -task / -fallback headers of a response (see `slmtune.serve.server`)."""
     h = {"x-slmtune-route": task if answered_by == "slm" and task else "llm"}
     if task:
         h["x-slmtune-task"] = task

@@ -2,7 +2,6 @@
 code, the tiny model generating (plain and grammar-constrained), and a trained run dir against its base."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -181,6 +180,10 @@ def test_tiny_model_end_to_end_constrained(tiny, weather, tmp_path):
     assert cons["metrics"]["parse_rate"]["value"] == 1.0 and cons["perf"]["unfinished"] == 0
     perf = report["models"]["tuned"]["perf"]
     assert perf["generated_tokens"] == sum(line["outputs"]["tuned"]["n_tokens"] for line in lines)
+    for line in lines:  # every generated answer carries its confidence, the default among the candidates
+        for row in ("tuned", "tuned+constrained"):
+            out = line["outputs"][row]
+            assert 0.0 <= out["confidence"] <= 1.0 and out["confidence"] == out["confidences"]["min_prob"]
     assert "base" not in report["models"]  # a plain checkpoint has no implied baseline
     # --compare-decodings: the models rows decoded free, the constrained section under the grammar
     assert (perf["decoding"], cons["perf"]["decoding"]) == ("free", "constrained")
@@ -249,36 +252,6 @@ def test_constrained_extraction_and_classification_are_schema_valid(tiny, tmp_pa
     res = invoke("eval", "--model", tiny, "--data", data, "-o", tmp_path / "out-both", "--compare-decodings",
                  "--decoding", "constrained")
     assert res.exit_code == 1 and "drop --decoding constrained" in res.output
-
-
-@pytest.mark.slow
-def test_batched_generation_matches_one_at_a_time(tiny, weather):
-    from slmtune.eval.evaluate import load, resolve_model
-    from slmtune.infer.generate import common_prefix, generate
-    from slmtune.render import make_renderer, prompt_text
-
-    model, tok = load(resolve_model(str(tiny)), dtype="float32")
-    prompts = [prompt_text(make_renderer(tok), r) for r in read_jsonl(weather)]
-    one = generate(model, tok, prompts, 24, batch_size=1, share_prefix=False)
-    many = generate(model, tok, prompts, 24, batch_size=3)  # a full and a partial batch, shared-prefix cache
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    bound = 2 * (max(map(len, ids)) + 24)  # two rows of the longest prompt fit, so batches of 2, 2, 1 …
-    bounded = generate(model, tok, prompts, 24, batch_size=16, max_batch_tokens=bound)
-    assert common_prefix(ids)  # exercised
-    assert len({g.batch for g in bounded}) == math.ceil(len(prompts) / 2)
-    assert [g.text for g in one] == [g.text for g in many] == [g.text for g in bounded]
-    assert [g.n_tokens for g in one] == [g.n_tokens for g in many] == [g.n_tokens for g in bounded]
-
-
-def test_token_batches_bound_rows_by_cache_slots():
-    from slmtune.infer.generate import token_batches
-
-    lengths = [900, 800, 300, 200, 100, 100, 50]  # longest first, as generate sorts them
-    assert token_batches(lengths, 100, 16, None) == [(0, 7)]
-    assert token_batches(lengths, 100, 3, None) == [(0, 3), (3, 6), (6, 7)]
-    # 2,000 slots: 2 rows of 1,000, then 5 rows of 400 (the widest row of each batch decides), then the rest
-    assert token_batches(lengths, 100, 16, 2000) == [(0, 2), (2, 7)]
-    assert token_batches([5000, 10], 100, 16, 2000) == [(0, 1), (1, 2)]  # a prompt over the bound goes alone
 
 
 def make_run_dir(base: Path, run: Path) -> Path:

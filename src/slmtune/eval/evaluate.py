@@ -13,9 +13,11 @@ installed, as `slmtune serve` does, and every other task free; `free` / `constra
 Output directory::
 
     predictions.jsonl   one line per eval record, in data order: {"id", "reference": teacher message,
-                        "outputs": {row: {"text", "message", "verdicts", "n_tokens", "finished", "latency_s"}}}
-                        (rows: tuned, base, predictions, teacher, and "<row>+constrained"; verdicts are
-                        {metric: [unit scores]}, see `slmtune.eval.metrics`)
+                        "outputs": {row: {"text", "message", "verdicts", "n_tokens", "finished", "latency_s",
+                        "confidence", "confidences"}}} (rows: tuned, base, predictions, teacher, and
+                        "<row>+constrained"; verdicts are {metric: [unit scores]}, see `slmtune.eval.metrics`;
+                        generated rows only: `confidence` in [0, 1], the default of `confidences`, every
+                        candidate of `slmtune.infer.confidence`)
     report.json         the contract below
     report.md           the metrics table, one column per row; tool_calling: the primary row's failure kinds
     report.png          bar chart of the category's main metrics
@@ -316,11 +318,13 @@ def _label(progress: Progress, name: str) -> Progress:
 
 
 def _run(name: str, ref: ModelRef, gens: list, gs: GenSettings, budget: int, mode: str, decoding: str) -> Row:
+    from slmtune.infer.confidence import all_confidences, confidence
     from slmtune.infer.generate import wall_time
     from slmtune.render import parse_output
 
     outs = [{"text": g.text, "message": parse_output(g.text), "n_tokens": g.n_tokens, "finished": g.finished,
-             "latency_s": g.latency_s} for g in gens]
+             "latency_s": g.latency_s, "confidence": confidence(g.token_logprobs),
+             "confidences": all_confidences(g.token_logprobs)} for g in gens]
     wall = wall_time(gens)
     tokens = sum(g.n_tokens for g in gens)
     perf = {"batch_size": gs.batch_size, "batch_tokens": gs.batch_tokens, "max_new_tokens": budget,

@@ -15,6 +15,13 @@ prefilled once, and each batch starts from a copy of its KV cache. Rows are then
 `prefix, padding, own suffix` (the attention mask hides the padding; positions come from the mask), which
 gives the same greedy tokens as prefilling every prompt whole.
 
+Every generated token's log-probability is kept (`Generation.token_logprobs`), read from the distribution the
+token was picked from: the scores after every logits processor, so under a grammar they are renormalized over
+the tokens it allows and a token the grammar forces has log-probability 0. It costs one log-softmax over the
+vocabulary per step: 0.05 ms for one row and 0.45 ms for 16 at SmolLM2's 49k vocabulary (2-core AVX512-BF16
+CPU), against ~90 ms for one row's decode step (11 tokens/s above): about 0.05 %. `slmtune.infer.confidence`
+turns them into an answer's confidence.
+
 Timing: a batch's wall time is every one of its records' latency (they wait together); throughput is the
 generated tokens of all batches over their summed wall time.
 """
@@ -43,6 +50,7 @@ class Generation:
     finished: bool  # stopped on end of turn (False: ran out of max_new_tokens)
     latency_s: float  # wall time of the batch this record was generated in
     batch: int  # which batch (records of one batch share its wall time)
+    token_logprobs: tuple[float, ...] = ()  # per generated token (end-of-turn included), see module docstring
 
 
 def stop_ids(tokenizer, model=None) -> list[int]:
@@ -96,14 +104,17 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
         for b, (start, stop) in enumerate(batches):
             idx = order[start:stop]
             input_ids, mask = (t.to(model.device) for t in _pad(prefix, [ids[i][len(prefix):] for i in idx], pad))
+            recorder = _logprob_recorder()
             procs = [processor_factory(idx, input_ids.shape[1])] if processor_factory else []
             t0 = time.perf_counter()
             gen = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=_copy(cache, len(idx)),
                                  generation_config=_config(max_new_tokens, stops, pad),
-                                 logits_processor=_processors(procs))
+                                 logits_processor=_processors([*procs, recorder]))
             dt = time.perf_counter() - t0 + (shared_s if b == 0 else 0.0)
-            for row, i in zip(gen[:, input_ids.shape[1]:].tolist(), idx, strict=True):
-                out[i] = _decode(tokenizer, row, stops, dt, b)
+            new = gen[:, input_ids.shape[1]:]
+            logprobs = recorder.finish(new).tolist()
+            for row, lps, i in zip(new.tolist(), logprobs, idx, strict=True):
+                out[i] = _decode(tokenizer, row, stops, dt, b, lps)
             done += len(idx)
             tick("generating", done, len(order))
     return out  # type: ignore[return-value]
@@ -171,9 +182,40 @@ def _processors(procs: list):
     return LogitsProcessorList(procs)
 
 
-def _decode(tokenizer, row: list[int], stops: list[int], dt: float, batch: int) -> Generation:
+def _logprob_recorder():
+    """A logits processor, last in the list, that keeps each row's log-probability of the token picked at every
+    step: at step t it sees the token step t-1 picked (the last column of `input_ids`), and `finish` reads the
+    last step's pick from the output."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class Recorder(LogitsProcessor):
+        def __init__(self):
+            self.prev, self.steps = None, []
+
+        def __call__(self, input_ids, scores):
+            if self.prev is not None:
+                self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+            self.prev = torch.log_softmax(scores.float(), dim=-1)
+            return scores
+
+        def finish(self, new_tokens):
+            """(rows, new tokens) log-probabilities; past a row's end-of-turn the values mean nothing."""
+            if self.prev is not None and len(self.steps) < new_tokens.shape[1]:
+                self.steps.append(self.prev.gather(1, new_tokens[:, len(self.steps)].unsqueeze(1)).squeeze(1))
+            self.prev = None
+            if not self.steps:
+                return torch.zeros(new_tokens.shape[0], 0)
+            return torch.stack(self.steps, dim=1).cpu()
+
+    return Recorder()
+
+
+def _decode(tokenizer, row: list[int], stops: list[int], dt: float, batch: int,
+            logprobs: list[float] = ()) -> Generation:
     end = next((k for k, t in enumerate(row) if t in stops), None)
     body = row if end is None else row[:end]
     text = tokenizer.decode(body, skip_special_tokens=False)
-    return Generation(text=text, n_tokens=len(row) if end is None else end + 1, finished=end is not None,
-                      latency_s=round(dt, 4), batch=batch)
+    n = len(row) if end is None else end + 1
+    return Generation(text=text, n_tokens=n, finished=end is not None, latency_s=round(dt, 4), batch=batch,
+                      token_logprobs=tuple(min(0.0, round(x, 6)) for x in logprobs[:n]))

@@ -187,7 +187,7 @@ def test_every_option_default_and_help_equal_its_config_field(command):
                 "flywheel": {"logs", "workdir"}, "curate": {"records", "out", "report"},
                 # eval: what to score and how to judge it, arguments of `evaluate` beside its GenSettings
                 "eval": {"data", "out", "model", "baseline", "predictions", "compare_decodings", "old_compare", "gate",
-                         "limit"}}[command]
+                         "limit", "target_accuracy"}}[command]
     fields = {f.name: f.default for f in dataclasses.fields(config)}
     docs = _field_docstrings(config)
     checked = 0

@@ -327,6 +327,10 @@ def eval_(
         Optional[int], typer.Option("--max-new-tokens", min=1, help=GEN["max_new_tokens"])
     ] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N records.")] = None,
+    target_accuracy: Annotated[Optional[float], typer.Option(
+        "--target-accuracy", min=0.0, max=1.0, help="Calibrate each model row's confidence threshold: the lowest "
+        "whose answered records agree with the teacher at this rate (90 % lower bound); report.json "
+        "`selective`.")] = None,
 ) -> None:
     """Score a model's outputs against the teacher's: parse, schema, tool calls, labels, text overlap."""
     from slmtune.eval.evaluate import GenSettings, evaluate
@@ -335,6 +339,7 @@ def eval_(
     with _stage_progress("eval") as tick:
         result = evaluate(data, out, model=model, baseline=baseline, predictions=predictions,
                           constrained=compare_decodings or old_compare, gate=gate, limit=limit, progress=tick,
+                          target_accuracy=target_accuracy,
                           settings=GenSettings(batch_size=batch_size, batch_tokens=batch_tokens or None,
                                                max_new_tokens=max_new_tokens, decoding=decoding.value))
     typer.echo(markdown(result.report))

@@ -161,10 +161,18 @@ def test_inferred_task_without_task_json(tmp_path):
 @pytest.mark.slow
 def test_tiny_model_end_to_end_constrained(tiny, weather, tmp_path):
     out = tmp_path / "out"
-    res = invoke("eval", "--model", tiny, "--data", weather, "-o", out, "--compare-decodings", "--batch-size", "4")
+    res = invoke("eval", "--model", tiny, "--data", weather, "-o", out, "--compare-decodings", "--batch-size", "4",
+                 "--target-accuracy", "0.9")
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     lines = read_jsonl(out / "predictions.jsonl")
+    # every generated row has its risk–coverage curve and calibration; 4 records cannot certify 0.9
+    for sel in (report["models"]["tuned"]["selective"], report["constrained"]["tuned"]["selective"]):
+        assert sel["curve"][-1]["coverage"] == 1.0 and sel["target"] == 0.9 and sel["n"] == len(lines)
+        assert sel["threshold"] is None and sel["coverage"] == 0.0 and "no threshold" in sel["reason"]
+    assert "selective" not in report["models"]["teacher"]
+    assert (out / "selective.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Answering only when confident" in (out / "report.md").read_text()
     ids = [r["id"] for r in read_jsonl(weather)]
     assert [line["id"] for line in lines] == ids
     # report.json is the aggregate of the per-record verdicts in predictions.jsonl, and report.md shows it

@@ -21,6 +21,7 @@ Output directory::
     report.json         the contract below
     report.md           the metrics table, one column per row; tool_calling: the primary row's failure kinds
     report.png          bar chart of the category's main metrics
+    selective.png       rows with confidences: accuracy of the answered records vs share answered
 
 `report.json` keys (version 1)::
 
@@ -47,6 +48,11 @@ Output directory::
               {"count", "examples": [{"id", "expected", "got", "detail"}] (at most 2)}}}, one primary kind per
               failed record, precedence no_call > unwanted_call > unparsed > wrong_function > wrong_count >
               missing_argument > extra_argument > wrong_type > wrong_value (`slmtune.eval.failures`).
+              `selective` (generated rows): {"auroc", "curve": [{"threshold", "coverage", "accuracy",
+              "answered", "agree"}]} of the row's confidences against its per-record key metric, and with
+              --target-accuracy the calibration: "target", "level", "threshold" (null: none reached), "coverage",
+              "accuracy", "lower_bound", "n", "answered" (+ "reason" when no threshold) — see
+              `slmtune.eval.selective`.
     decoding  {"requested": auto | free | constrained, "used": free | constrained}: how the model rows were
               decoded (used = free when nothing was generated, the task has no grammar, or auto found no
               llguidance; --compare-decodings decodes them free)
@@ -66,7 +72,8 @@ from typing import Any
 
 from slmtune.errors import SlmtuneError
 from slmtune.eval.failures import failure_report
-from slmtune.eval.metrics import TOOL_CALLING, aggregate, score
+from slmtune.eval.metrics import KEY_METRICS, TOOL_CALLING, aggregate, key_metric, score
+from slmtune.eval.selective import record_scores, selective
 from slmtune.infer.decoding import decoding_for
 from slmtune.infer.generate import MAX_BATCH_TOKENS
 from slmtune.io import file_fingerprint, iter_jsonl
@@ -108,6 +115,7 @@ class Row:
     missing: int = 0
     metrics: dict = field(default_factory=dict)
     failures: dict | None = None  # tool_calling tasks: `slmtune.eval.failures.failure_report`
+    selective: dict | None = None  # generated rows: `slmtune.eval.selective.selective`
 
 
 @dataclass(frozen=True)
@@ -336,28 +344,34 @@ def _run(name: str, ref: ModelRef, gens: list, gs: GenSettings, budget: int, mod
 
 
 # ----------------------------------------------------------------------------- scoring and the whole run
-def score_row(row: Row, records: list[dict], task: Task) -> Row:
+def score_row(row: Row, records: list[dict], task: Task, target: float | None = None) -> Row:
     for out, rec in zip(row.outputs, records, strict=False):
         out["verdicts"] = score(task.category, task.schema, out["message"], split_prompt_target(rec)[1],
                                 rec.get("tools"))
     row.metrics = aggregate([o["verdicts"] for o in row.outputs], task.category)
     if task.category == TOOL_CALLING and row.kind != "teacher":
         row.failures = failure_report(records, row.outputs, task.schema)
+    verdicts = record_scores([o["verdicts"] for o in row.outputs], key_metric(task.category))
+    row.selective = selective([o.get("confidence") for o in row.outputs], verdicts, target,
+                              text_task=task.category not in KEY_METRICS)
     return row
 
 
 def evaluate(data: str | Path, out_dir: str | Path, model: str | None = None, baseline: str | None = None,
              predictions: str | Path | None = None, constrained: bool = False, gate: str | Path | None = None,
              settings: GenSettings = GenSettings(), limit: int | None = None,
-             progress: Progress | None = None) -> EvalResult:
+             progress: Progress | None = None, target_accuracy: float | None = None) -> EvalResult:
     """Score `model` (and `baseline`, `predictions`, the teacher) on `data`; write the report files to `out_dir`.
 
-    `baseline`: a model spec, "none", or None (= the run's base when `model` is a run dir).
+    `baseline`: a model spec, "none", or None (= the run's base when `model` is a run dir). `target_accuracy`:
+    calibrate each generated row's confidence threshold to it (`slmtune.eval.selective.calibrate`).
     """
     from slmtune.eval import report as eval_report
 
     data, out_dir = Path(data), Path(out_dir)
     tick = ticker(progress)
+    if target_accuracy is not None and not 0 < target_accuracy <= 1:
+        raise SlmtuneError(f"--target-accuracy must be in (0, 1], got {target_accuracy}.")
     if model is None and predictions is None:
         raise SlmtuneError("Nothing to evaluate.", "Give --model MODEL_OR_RUN_DIR and/or --predictions PRED.jsonl.")
     if constrained and model is None:
@@ -380,7 +394,7 @@ def evaluate(data: str | Path, out_dir: str | Path, model: str | None = None, ba
         rows.append(read_predictions(Path(predictions), records))
     rows.append(teacher_row(records))
     for row in rows:
-        score_row(row, records, task)
+        score_row(row, records, task, target_accuracy)
     report = _report(data, task, records, rows, primary="tuned" if model is not None else "predictions")
     decoded = {r.perf["decoding"] for r in rows if r.perf and not r.name.endswith("+constrained")}
     report["decoding"] = {"requested": settings.decoding,
@@ -406,6 +420,8 @@ def _row_json(row: Row) -> dict:
         out["missing"] = row.missing
     if row.failures is not None:
         out["failures"] = row.failures
+    if row.selective is not None:
+        out["selective"] = row.selective
     return out
 
 

@@ -106,7 +106,57 @@ def markdown(report: dict) -> str:
     if gate is not None:
         lines += ["", f"**Gate: {'passed' if gate['passed'] else 'FAILED'}**"]
         lines += [f"- {f['metric']} = {fmt(f['value'])}, needs {f['op']} {f['threshold']}" for f in gate["failures"]]
-    return "\n".join(lines + failure_lines(report)) + "\n"
+    return "\n".join(lines + failure_lines(report) + selective_lines(report)) + "\n"
+
+
+def _selective_rows(report: dict) -> list[tuple[str, dict]]:
+    return [(name, row["selective"]) for name, row in columns(report) if row.get("selective")]
+
+
+def selective_lines(report: dict) -> list[str]:
+    """Rows with confidences: AUROC and, when calibrated, the threshold and what it answers (selective.png)."""
+    rows = _selective_rows(report)
+    if not rows:
+        return []
+    lines = ["", "## Answering only when confident", "",
+             "AUROC: how well the confidence separates answers that agree with the teacher from those that don't "
+             "(0.5 = not at all). Calibrated: the lowest threshold whose answered records agree at the target "
+             "with a 90 % lower bound.", "",
+             "| row | AUROC | target | threshold | coverage | accuracy | lower bound |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, sel in rows:
+        if "target" not in sel:
+            lines.append(f"| {name} | {fmt(sel['auroc'])} | – | – | – | – | – |")
+            continue
+        lines.append(f"| {name} | {fmt(sel['auroc'])} | {sel['target']:g} | {fmt(sel['threshold'])} | "
+                     f"{sel['coverage']:.0%} ({sel['answered']}/{sel['n']}) | {fmt(sel['accuracy'])} | "
+                     f"{fmt(sel['lower_bound'])} |")
+    lines += [f"- {name}: {sel['reason']}" for name, sel in rows if sel.get("reason")]
+    return lines
+
+
+def plot_selective(report: dict, path: Path) -> None:
+    """Accuracy of the answered records vs the share answered, one line per row with confidences."""
+    from slmtune.plots import pyplot, save_png
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, sel in _selective_rows(report):
+        pts = sel["curve"]
+        ax.step([0.0] + [p["coverage"] for p in pts], [pts[0]["accuracy"]] + [p["accuracy"] for p in pts],
+                where="pre", label=f"{name} (AUROC {fmt(sel['auroc'])})")
+        if sel.get("threshold") is not None:
+            ax.plot([sel["coverage"]], [sel["accuracy"]], "o", color="black")
+            ax.axhline(sel["target"], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("coverage (share of records answered)")
+    ax.set_ylabel("accuracy of the answered (key metric)")
+    ax.set_title(f"{report['task']['name']}: answering only when confident, n={report['n']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    save_png(fig, path)
 
 
 def failure_lines(report: dict) -> list[str]:
@@ -162,3 +212,5 @@ def write_all(out_dir: Path, report: dict, prediction_lines: list[dict]) -> None
     with atomic_open(out_dir / "report.md") as f:
         f.write(markdown(report))
     plot(report, out_dir / "report.png")
+    if _selective_rows(report):
+        plot_selective(report, out_dir / "selective.png")

@@ -1,0 +1,60 @@
+"""Selective answering (`slmtune.eval.selective`) on crafted confidences and verdicts with hand-computed
+numbers: the risk–coverage curve, the AUROC, the Clopper–Pearson bound and the calibrated threshold."""
+
+import pytest
+
+from slmtune.eval.selective import auroc, calibrate, curve, lower_bound, record_scores, selective
+
+
+def test_curve_and_auroc_by_hand():
+    conf, scores = [0.9, 0.8, 0.8, 0.3], [1.0, 1.0, 0.0, 0.0]
+    assert [(p["threshold"], p["coverage"], p["accuracy"], p["agree"]) for p in curve(conf, scores)] == [
+        (0.9, 0.25, 1.0, 1), (0.8, 0.75, pytest.approx(2 / 3, abs=1e-6), 2), (0.3, 1.0, 0.5, 2)]
+    # agreeing {0.9, 0.8} vs not {0.8, 0.3}: 0.9 beats both, 0.8 ties 0.8 (half) and beats 0.3 → 3.5 of 4
+    assert auroc(conf, scores) == 0.875
+    assert auroc([0.5, 0.6], [1.0, 1.0]) is None  # nothing to separate
+
+
+def test_per_record_key_metric_from_verdicts():
+    verdicts = [{"exact_match": [1.0]}, {"exact_match": [0.0]}, {"label_accuracy": [1.0]}]
+    assert record_scores(verdicts, "exact_match") == [1.0, 0.0, 0.0]
+
+
+def test_clopper_pearson_lower_bound():
+    # k = n: the bound is (1 - level) ** (1 / n); 22 of 22 is the least that certifies 0.9, 45 of 45 for 0.95
+    assert lower_bound(10, 10) == pytest.approx(0.1 ** (1 / 10))
+    assert lower_bound(21, 21) < 0.9 <= lower_bound(22, 22)
+    assert lower_bound(44, 44) < 0.95 <= lower_bound(45, 45)
+    assert lower_bound(0, 5) == 0.0
+    assert 0.6 < lower_bound(9, 10) < 0.9  # one miss in ten: well below the rate 0.9
+
+
+def test_calibration_picks_the_lowest_threshold_whose_bound_reaches_the_target():
+    # 25 agreeing answers at confidence 0.50 … 0.74, 5 disagreeing at 0.10 … 0.14
+    conf = [0.5 + i / 100 for i in range(25)] + [0.1 + i / 100 for i in range(5)]
+    scores = [1.0] * 25 + [0.0] * 5
+    got = calibrate(conf, scores, 0.9)
+    assert got["threshold"] == 0.5 and got["answered"] == 25 and got["n"] == 30
+    assert got["coverage"] == pytest.approx(25 / 30, abs=1e-6) and got["accuracy"] == 1.0
+    assert got["lower_bound"] == pytest.approx(0.1 ** (1 / 25), abs=1e-6)
+    # one disagreeing answer among the confident ones: the threshold rises above it, coverage falls
+    scores2 = list(scores)
+    scores2[2] = 0.0  # confidence 0.52
+    got2 = calibrate(conf, scores2, 0.9)
+    assert got2["threshold"] == 0.53 and got2["answered"] == 22 and got2["accuracy"] == 1.0
+
+
+def test_too_few_records_earn_no_threshold():
+    got = calibrate([0.9] * 10, [1.0] * 10, 0.9)  # 10 of 10 certifies only 0.79
+    assert got["threshold"] is None and got["coverage"] == 0.0 and got["answered"] == 0
+    assert got["lower_bound"] == pytest.approx(0.1 ** (1 / 10), abs=1e-6)
+    assert "no threshold reaches 0.9" in got["reason"]
+    assert calibrate([], [], 0.9)["reason"] == "no records"
+    text = calibrate([0.9] * 50, [1.0] * 50, 0.9, text_task=True)
+    assert text["threshold"] is None and "free-text" in text["reason"]
+
+
+def test_selective_needs_a_confidence_for_every_record():
+    assert selective([0.5, None], [1.0, 0.0]) is None  # predictions and teacher rows have none
+    sel = selective([0.9, 0.2], [1.0, 0.0], target=0.5)
+    assert sel["auroc"] == 1.0 and sel["target"] == 0.5 and len(sel["curve"]) == 2

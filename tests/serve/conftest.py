@@ -62,7 +62,7 @@ def server_pool(work):
         def get(name: str) -> dict:
             if name not in started:
                 log_dir = work["root"] / f"{prefix}{name}"
-                config = ServeConfig(router=work["work"] / "router.json", log_dir=log_dir, **configs[name])
+                config = ServeConfig(**{"router": work["work"] / "router.json", "log_dir": log_dir} | configs[name])
                 running = serve_in_thread(create_app(config))
                 started[name] = {"url": running.url, "running": running, "log_dir": log_dir,
                                  "client": openai.OpenAI(base_url=running.url + "/v1", api_key="test-key",

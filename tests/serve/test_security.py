@@ -205,6 +205,21 @@ def test_serve_refuses_a_work_dir_a_flywheel_is_writing(work):
     create_app(ServeConfig(router=work["work"] / "router.json"))
 
 
+@pytest.mark.parametrize("threshold", [1.5, -0.1, "0.9", True])
+def test_a_routes_confidence_threshold_must_be_a_number_in_0_1(work, tmp_path, threshold):
+    """router.json is a file a person may edit: a bad `threshold` is one line naming the route, at start-up."""
+    from typer.testing import CliRunner
+
+    from slmtune.cli import app
+
+    router = json.loads((work["work"] / "router.json").read_text())
+    router["routes"][0]["threshold"] = threshold
+    (tmp_path / "router.json").write_text(json.dumps(router))
+    result = CliRunner().invoke(app, ["serve", "--router", str(tmp_path / "router.json"), "--port", "0"])
+    out = result.output + (result.stderr or "")
+    assert result.exit_code == 1 and "`threshold` must be a number in [0, 1]" in out and "Traceback" not in out
+
+
 # ----------------------------------------------------------------------------- sizes and shapes
 def test_caps_on_messages_tools_tokens_and_nesting(work, sec):
     server = sec("bare")

@@ -32,11 +32,24 @@ def cli(*args, code=0):
     return result
 
 
+def router_with_thresholds(work, thresholds: dict) -> Path:
+    """A copy of the flywheel's router.json whose routes carry these confidence thresholds (by category)."""
+    router = json.loads((work["work"] / "router.json").read_text())
+    for r in router["routes"]:
+        r["threshold"] = thresholds.get(r["category"])
+    folder = work["root"] / ("router-" + "-".join(f"{k}{v}" for k, v in sorted(thresholds.items())))
+    folder.mkdir(exist_ok=True)
+    (folder / "router.json").write_text(json.dumps(router))
+    return folder / "router.json"
+
+
 @pytest.fixture(scope="module")
-def servers(upstream, server_pool):
+def servers(work, upstream, server_pool):
     """Servers started on demand by name, each with its own config and served-log folder; stopped at the end."""
     up = upstream["url"] + "/v1"
     yield from server_pool({
+        "sure": dict(upstream=up, router=router_with_thresholds(work, {"tool_calling": 0.0})),
+        "picky": dict(upstream=up, router=router_with_thresholds(work, {"tool_calling": 1.0})),
         "main": dict(upstream=up),
         "constrained": dict(upstream=up, decoding="constrained"),
         "free": dict(upstream=up, decoding="free"),
@@ -114,6 +127,29 @@ def test_constrained_decoding_passes_the_guard_and_the_export_answers(work, serv
     assert headers["x-slmtune-route"] == work["sentiment"]["task"] and "x-slmtune-fallback" not in headers
     labels = json.loads(Path(work["sentiment"]["checkpoint"], "slmtune.json").read_text())["task"]["schema"]["enum"]
     assert resp.choices[0].message.content in labels
+
+
+def test_an_answer_below_its_routes_confidence_threshold_goes_upstream(work, servers):
+    """router.json's per-route `threshold` (calibrated by the flywheel): a well-formed answer less confident than
+    it goes to the upstream (`low_confidence`); either way the served log keeps the SLM answer's confidence."""
+    log = work["weather_logs"][1]
+    request = {**log["request"], "max_tokens": 400, "parallel_tool_calls": False, "tool_choice": "required"}
+    sure, picky = servers("sure"), servers("picky")
+    resp, headers = ask(sure, **request)  # threshold 0: the answer that passes the guard is served
+    assert "x-slmtune-fallback" not in headers and headers["x-slmtune-route"] == work["weather"]["task"]
+    line = next(x for x in served_lines(sure["log_dir"], resp.id) if x["response"].get("id") == resp.id)
+    conf = line["metadata"]["slmtune_confidence"]
+    assert 0.0 < conf < 1.0  # the tiny model is never certain of a city name
+    resp, headers = ask(picky, **request)  # threshold 1: no answer is that sure
+    assert headers["x-slmtune-fallback"] == "low_confidence" and headers["x-slmtune-route"] == "llm"
+    assert headers["x-slmtune-task"] == work["weather"]["task"] and resp.model.startswith("stand-in/")
+    line = next(x for x in served_lines(picky["log_dir"], resp.id) if x["response"].get("id") == resp.id)
+    meta = line["metadata"]
+    assert meta["slmtune_fallback"] == "low_confidence" and meta["slmtune_answered_by"] == "llm"
+    assert meta["slmtune_confidence"] == pytest.approx(conf, abs=1e-4)  # same request, same greedy answer
+    metrics = httpx.get(picky["url"] + "/metrics").text
+    assert f'slmtune_answer_confidence_count{{route="{work["weather"]["task"]}"}} 1.0' in metrics
+    assert 'slmtune_fallbacks_total{reason="low_confidence"} 1.0' in metrics
 
 
 def test_serve_grammar_follows_tool_choice_and_the_decoding_default():

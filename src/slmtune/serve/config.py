@@ -109,10 +109,15 @@ def checkpoints(router: dict) -> dict[str, Checkpoint]:
         task = m.get("task") or {}
         base_path = (m.get("base_model") or {}).get("path")
         fmt = r.get("format") or m.get("format") or "merged"
+        threshold = r.get("threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0 <= threshold <= 1):
+            raise SlmtuneError(f"router.json route {r['task']!r}: `threshold` must be a number in [0, 1] or null, "
+                               f"got {threshold!r}.")
         out[r["task"]] = Checkpoint(
             name=m.get("name") or folder.name, task=r["task"], category=r.get("category") or task.get("category"),
             schema=task.get("schema"), path=str(folder), format=fmt, base_path=base_path,
-            context=_context(Path(base_path) if fmt == "adapter" and base_path else folder))
+            context=_context(Path(base_path) if fmt == "adapter" and base_path else folder), threshold=threshold)
     if missing:
         raise SlmtuneError(f"router.json names exports that are not there: {', '.join(missing)}.",
                            "Run `slmtune flywheel` again, or fix the router's `checkpoint` paths.")

@@ -119,6 +119,7 @@ class EmbeddedEngine:
 
     def _batch(self, lm: Loaded, jobs: list[Job], prompts: list[str], n_prompts: list[int],
                grammars: list) -> list[Completion]:
+        from slmtune.infer.confidence import confidence
         from slmtune.infer.generate import generate
 
         limits = [j.params.max_tokens for j in jobs]
@@ -129,9 +130,12 @@ class EmbeddedEngine:
                         processor_factory=factory, max_batch_tokens=None)  # the batcher already chose the batch
         dt = time.perf_counter() - t0
         out = []
-        for n_prompt, g, limit in zip(n_prompts, gens, limits, strict=True):
+        for j, n_prompt, g, limit in zip(jobs, n_prompts, gens, limits, strict=True):
             cut = not g.finished or g.n_tokens > limit
-            out.append(Completion(g.text, n_prompt, min(g.n_tokens, limit), not cut, len(jobs), round(dt, 4)))
+            # a sampled token was forced after the draw: its probability says nothing about the model's certainty
+            sampled = self.sample and j.params.temperature > 0
+            conf = None if sampled else confidence(g.token_logprobs)
+            out.append(Completion(g.text, n_prompt, min(g.n_tokens, limit), not cut, len(jobs), round(dt, 4), conf))
         return out
 
 

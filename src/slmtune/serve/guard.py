@@ -28,8 +28,8 @@ from slmtune.infer.calls import CLASSIFICATION, EXTRACTION, TOOL_CALLING, decode
 from slmtune.records import ROLES
 from slmtune.schema_check import is_valid, schema_problem, tool_params
 
-FALLBACK_REASONS = ("no_route", "unsupported", "disabled", "too_long", "invalid_output", "schema_invalid", "timeout",
-                    "error")
+FALLBACK_REASONS = ("no_route", "unsupported", "disabled", "too_long", "invalid_output", "schema_invalid",
+                    "low_confidence", "timeout", "error")
 _ROLES = (*ROLES, "developer", "function")
 
 

@@ -37,6 +37,7 @@ class Checkpoint:
     format: str  # merged | adapter
     base_path: str | None  # adapters: the base model they were trained on
     context: int | None = None  # the model's context in tokens (max_position_embeddings), when its config says
+    threshold: float | None = None  # router.json: answers less confident than this go upstream (low_confidence)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Completion:
     finished: bool  # stopped on end of turn (False: cut at max_tokens)
     batch_size: int  # requests generated together with this one
     generate_s: float  # wall time of that batch
+    confidence: float | None = None  # `slmtune.infer.confidence` of the answer; None: not known (sampled, vLLM)
 
 
 @dataclass(frozen=True)

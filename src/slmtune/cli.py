@@ -465,7 +465,13 @@ def flywheel(
     gate: Annotated[Optional[Path], typer.Option("--gate", help=FLYWHEEL["gate"])] = None,
     max_tasks: Annotated[Optional[int], typer.Option("--max-tasks", min=1, help=FLYWHEEL["max_tasks"])
                          ] = None,
-    eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help=FLYWHEEL["eval_limit"])] = 24,
+    eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help=FLYWHEEL["eval_limit"])] = 100,
+    eval_fraction: Annotated[float, typer.Option(
+        "--eval-fraction", min=0.0, max=0.9, help=FLYWHEEL["eval_fraction"])] = 0.2,
+    target_accuracy: Annotated[float, typer.Option(
+        "--target-accuracy", min=0.0, max=1.0, help=FLYWHEEL["target_accuracy"])] = 0.95,
+    min_coverage: Annotated[float, typer.Option(
+        "--min-coverage", min=0.0, max=1.0, help=FLYWHEEL["min_coverage"])] = 0.2,
     adapter_only: Annotated[bool, typer.Option("--adapter-only", help=FLYWHEEL["adapter_only"])] = False,
     gguf: Annotated[Optional[GgufType], typer.Option(
         "--gguf", help=FLYWHEEL["gguf"])
@@ -485,6 +491,7 @@ def flywheel(
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's business
     config = FlywheelConfig(gpu=gpu, base_model=base_model, max_steps=max_steps, max_tasks=max_tasks,
                             eval_limit=eval_limit, gate=gate, adapter_only=adapter_only, min_size=min_size,
+                            eval_fraction=eval_fraction, target_accuracy=target_accuracy, min_coverage=min_coverage,
                             overrides=tuple(set_ or []), gguf=gguf.value if gguf else None)
     workdir.mkdir(parents=True, exist_ok=True)
     # The trainer prints its loss dicts to stdout; they go to a log so the progress view and summary stay readable.
@@ -524,16 +531,21 @@ def _print_flywheel(result) -> None:
     out = Console(width=200)
     prev = f" (previous: {result.previous.name})" if result.previous else ""
     table = Table(title=f"flywheel {result.round_dir.name}{prev}: {len(result.tasks)} tasks")
-    for col in ("task", "category", "train", "eval", "status", "metric", "base", "tuned", "teacher", "gate", "export"):
+    # answers / their accuracy: the share of held-out calls the SLM answers at the target accuracy, and how many
+    # of those agreed with the teacher (cross-fit: counted on calls that did not set the threshold)
+    for col in ("task", "category", "train", "eval", "status", "metric", "base", "tuned", "teacher", "answers",
+                "their acc.", "gate", "export"):
         table.add_column(col)
     for o in result.tasks:
         gate = "-" if o.status == "failed" else "[green]pass[/]" if o.gate_passed else "[red]fail[/]"
+        sel = o.selective or {}
+        share = f"{sel['coverage']:.0%}" if sel.get("coverage") is not None else "-"
         table.add_row(o.task, o.category, str(o.n_train), str(o.n_eval), o.status, o.key_metric,
-                      *(fmt(o.metrics.get(k)) for k in ("base", "tuned", "teacher")), gate,
-                      Path(o.export).name if o.export else "-")
+                      *(fmt(o.metrics.get(k)) for k in ("base", "tuned", "teacher")), share, fmt(sel.get("accuracy")),
+                      gate, Path(o.export).name if o.export else "-")
     out.print(table)
     for t in result.not_trained:
-        out.print(f"[yellow]not exported[/] {t['task']}: {t['reason']}")
+        out.print(f"[yellow]not routed[/] {t['task']}: {t['reason']}")
     if result.previous:
         for c in result.comparison:
             out.print(f"vs {result.previous.name}: {c['task']} {c['status']}, train {c['n_train_before']} → "

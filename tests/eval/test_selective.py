@@ -3,7 +3,7 @@ numbers: the risk–coverage curve, the AUROC, the Clopper–Pearson bound and t
 
 import pytest
 
-from slmtune.eval.selective import auroc, calibrate, curve, lower_bound, record_scores, selective
+from slmtune.eval.selective import auroc, calibrate, cross_fit, curve, lower_bound, record_scores, selective
 
 
 def test_curve_and_auroc_by_hand():
@@ -58,3 +58,16 @@ def test_selective_needs_a_confidence_for_every_record():
     assert selective([0.5, None], [1.0, 0.0]) is None  # predictions and teacher rows have none
     sel = selective([0.9, 0.2], [1.0, 0.0], target=0.5)
     assert sel["auroc"] == 1.0 and sel["target"] == 0.5 and len(sel["curve"]) == 2
+
+
+def test_cross_fitting_judges_each_part_by_the_other_parts_threshold():
+    # 50 records: the 48 most confident agree; the 2 least confident (positions 0 and 1) do not
+    conf = [0.01, 0.02] + [0.5 + i / 100 for i in range(48)]
+    scores = [0.0, 0.0] + [1.0] * 48
+    got = cross_fit(conf, scores, 0.9)
+    # each part (25 records, 24 agreeing + 1 not) is judged by the other part's threshold: its 24 agreeing answers
+    # certify 0.9 (0.1^(1/24) = 0.908) down to their lowest confidence, 0.51 for the odd part and 0.50 for the
+    # even one. The even part, judged by 0.51, defers its 0.50 record; the odd part, judged by 0.50, answers its
+    # 24; both defer their disagreeing record: 47 of 50 answered, all agreeing
+    assert got == {"folds": 2, "coverage": 0.94, "accuracy": 1.0, "answered": 47, "n": 50}
+    assert cross_fit(conf[:20], scores[:20], 0.9)["answered"] == 0  # 10 per part certify nothing

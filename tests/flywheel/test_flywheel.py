@@ -23,8 +23,10 @@ def cli(*args, code=0):
 
 
 def flywheel(logs, workdir, model, *extra):
+    """A round of the tiny model, which earns no route on its own (2 steps, 3 eval records): `--min-coverage 0`
+    routes every task the gate exports (the calibrated routing is `test_a_task_routes_only_when_...`)."""
     return cli("flywheel", logs, "-w", workdir, "--gpu", "cpu", "--base-model", model, "--max-steps", 2,
-               "--eval-limit", 3, "--min-size", 8, *extra)
+               "--eval-limit", 3, "--min-size", 8, "--min-coverage", 0, *extra)
 
 
 def summary(round_dir: Path) -> dict:
@@ -89,6 +91,8 @@ def test_round_two_retrains_only_the_changed_task_and_keeps_eval_sets(rounds):
 def test_router_names_a_checkpoint_per_exported_task(rounds):
     router = json.loads((rounds["work"] / "router.json").read_text())
     assert router["fallback"] == "llm" and router["round"] == "round-002" and len(router["routes"]) == 2
+    for r in router["routes"]:  # 3 eval records calibrate nothing: no threshold, nothing answered cross-fit
+        assert (r["threshold"], r["target"], r["coverage"]) == (None, 0.95, 0.0)
     tools = next(r for r in router["routes"] if r["category"] == "tool_calling")
     assert tools["match"]["tools"] == ["get_weather"] and Path(tools["checkpoint"], "slmtune.json").is_file()
     text = next(r for r in router["routes"] if r["category"] == "classification")
@@ -120,6 +124,30 @@ def test_interrupted_training_resumes_from_its_checkpoint(rounds):
     assert run_weights(run) == weights and list(weights.glob("*.safetensors"))
 
 
+def test_a_task_routes_only_when_its_confident_answers_earn_coverage(rounds, tmp_path):
+    """Without --gate a task is exported and routed only when, at --target-accuracy, its SLM answers at least
+    --min-coverage of the held-out calls; beating the untuned base is no reason. With --gate the gate decides the
+    export, and the route still has to be earned."""
+    logs = rounds["root"] / "first" / "logs"
+    flywheel_args = ("--gpu", "cpu", "--base-model", rounds["model"], "--max-steps", 2, "--eval-limit", 3,
+                     "--min-size", 8, "--max-tasks", 1)
+    res = cli("flywheel", logs, "-w", tmp_path / "plain", *flywheel_args)
+    (task,) = summary(tmp_path / "plain" / "round-001").values()
+    sel = task["selective"]
+    assert (sel["target"], sel["threshold"], sel["coverage"], sel["n"]) == (0.95, None, 0.0, 3)
+    assert not task["gate_passed"] and not task["export"]
+    router = json.loads((tmp_path / "plain" / "router.json").read_text())
+    why = next(r["reason"] for r in router["not_routed"] if r["task"] == task["task"])
+    assert router["routes"] == [] and why.startswith("coverage 0.00 at accuracy 0.95 (needs 0.2")
+    assert "no threshold reaches 0.95" in why and "not routed" in res.output
+    cli("flywheel", logs, "-w", tmp_path / "gated", *flywheel_args, "--gate", rounds["gate"], "--target-accuracy",
+        0.9)
+    (task,) = summary(tmp_path / "gated" / "round-001").values()
+    router = json.loads((tmp_path / "gated" / "router.json").read_text())
+    assert task["gate_passed"] and task["export"] and router["routes"] == []
+    assert any(r["task"] == task["task"] and "at accuracy 0.9 " in r["reason"] for r in router["not_routed"])
+
+
 def test_gate_failures_and_skipped_tasks_are_listed_not_exported(rounds, tmp_path):
     gate = tmp_path / "gate.json"
     gate.write_text('{"parse_rate": {"min": 1.01}}')
@@ -131,7 +159,7 @@ def test_gate_failures_and_skipped_tasks_are_listed_not_exported(rounds, tmp_pat
     reasons = [r["reason"] for r in router["not_routed"]]
     assert router["routes"] == [] and len(reasons) == 2
     assert any("over --max-tasks 1" in r for r in reasons) and any("parse_rate" in r for r in reasons)
-    assert "not exported" in res.output
+    assert "not routed" in res.output
 
 
 SEVEN = ["tool_calling-get_weather", "extraction-ticket", "classification-sentiment", "classification-intent",
@@ -153,7 +181,7 @@ def test_seven_task_families_one_round_a_failing_task_stays_alone(tiny_model, tm
                 {"role": "assistant", "content": f"In short (v{i}): we only pay for direct damage."}]}) + "\n")
     work = tmp_path / "work"
     res = cli("flywheel", tmp_path / "seven" / "logs", "-w", work, "--gpu", "cpu", "--base-model", tiny_model,
-              "--max-steps", 2, "--eval-limit", 2, "--min-size", 8, "--gate", _no_gate(tmp_path))
+              "--max-steps", 2, "--eval-limit", 2, "--min-size", 8, "--gate", _no_gate(tmp_path), "--min-coverage", 0)
     s = summary(work / "round-001")
     failed = {k: t for k, t in s.items() if t["status"] == "failed"}
     ran = {k: t for k, t in s.items() if t["status"] != "failed"}
@@ -168,7 +196,7 @@ def test_seven_task_families_one_round_a_failing_task_stays_alone(tiny_model, tm
     router = json.loads((work / "router.json").read_text())
     assert len(router["routes"]) == len(ran)
     assert any(r["task"] == name and "longer than 2048 tokens" in r["reason"] for r in router["not_routed"])
-    assert f"not exported {name}" in " ".join(res.output.split())
+    assert f"not routed {name}" in " ".join(res.output.split())
 
 
 def test_a_round_whose_every_task_fails_exits_non_zero(tiny_model, tmp_path):

@@ -112,3 +112,22 @@ def selective(conf: Sequence[float | None], scores: Sequence[float], target: flo
     if target is not None:
         out |= calibrate(conf, scores, target, text_task=text_task)
     return out
+
+
+def cross_fit(conf: Sequence[float], scores: Sequence[float], target: float, folds: int = 2,
+              level: float = LEVEL) -> dict:
+    """Coverage and accuracy measured only on records that did not set the threshold they are judged by: the
+    records are dealt into `folds` parts by position (record i to part i mod folds); each part is answered with
+    the threshold `calibrate` picks on the other parts, and the parts are pooled. `{folds, coverage, accuracy,
+    answered, n}` (accuracy None when nothing was answered)."""
+    n = len(conf)
+    answered, total = 0, 0.0
+    for f in range(folds):
+        rest = [i for i in range(n) if i % folds != f]
+        t = calibrate([conf[i] for i in rest], [scores[i] for i in rest], target, level)["threshold"]
+        if t is None:
+            continue
+        picked = [i for i in range(f, n, folds) if conf[i] >= t]
+        answered, total = answered + len(picked), total + sum(scores[i] for i in picked)
+    return {"folds": folds, "coverage": round(answered / n, 6) if n else 0.0,
+            "accuracy": round(total / answered, 6) if answered else None, "answered": answered, "n": n}

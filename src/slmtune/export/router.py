@@ -7,8 +7,12 @@ Format (version 1)::
                  "match": {"tools": [offered tool names, sorted], "output_kind",
                            "system_fingerprints": [sha256-16 of the errand's system-prompt template, ...],
                            "centroid_terms": [words that set the task's prompts apart]},
-                 "metrics": {key_metric: {"tuned", "base", "teacher"}}}],
-     "not_routed": [{"task", "reason"}]}
+                 "metrics": {key_metric: {"tuned", "base", "teacher"}},
+                 "threshold": answers less confident than this go to the LLM (null: none calibrated),
+                 "target", "coverage", "accuracy": the calibration (`slmtune.flywheel.loop._calibration`): the
+                 share of held-out calls the SLM answered at that target and how often those answers agreed
+                 with the teacher, counted on calls that did not set the threshold}],
+     "not_routed": [{"task", "reason"}]}  (e.g. "coverage 0.04 at accuracy 0.95 (needs 0.2; ...)")
 
 `route(request, router)` applies the rules in order: a request offering tools goes to the route with exactly
 that tool set; a request without tools goes to a tool-less route whose centroid terms it shares most (at least
@@ -35,13 +39,15 @@ def build_router(routes: list[dict], not_routed: list[dict], round_name: str) ->
             "not_routed": not_routed}
 
 
-def route_entry(task: dict, export_dir: Path, fmt: str, metrics: dict) -> dict:
+def route_entry(task: dict, export_dir: Path, fmt: str, metrics: dict, selective: dict | None = None) -> dict:
+    sel = selective or {}
     return {"task": task["name"], "category": task["category"], "schema_hash": task.get("schema_hash"),
             "checkpoint": str(export_dir.resolve()), "format": fmt,
             "match": {"tools": sorted(task.get("tools") or []), "output_kind": task.get("output_kind"),
                       "system_fingerprints": [h for h, _ in task.get("system_fingerprints") or []],
                       "centroid_terms": list(task.get("top_terms") or [])},
-            "metrics": metrics}
+            "metrics": metrics, "threshold": sel.get("threshold"), "target": sel.get("target"),
+            "coverage": sel.get("coverage"), "accuracy": sel.get("accuracy")}
 
 
 def write_router(path: Path, router: dict) -> None:

@@ -68,13 +68,20 @@ class FlywheelConfig:
     """Optimizer steps per task, overriding plan's estimate."""
     max_tasks: int | None = None
     """Train only the N largest tasks; the rest stay with the LLM."""
-    eval_limit: int | None = 24
-    """Score at most this many records of each task's eval set (the first N: the same ones every round)."""
+    eval_limit: int | None = 100
+    """Score at most this many records of each task's eval set (the first N: the same ones every round). The
+    confidence calibration wants many: certifying 0.95 takes 45 agreeing answers in a row."""
     eval_batch_size: int = 8
     """Records generated together during eval."""
     gate: Path | None = None
-    """Eval thresholds (JSON/YAML) a task must pass to be exported; default: tuned beats base on the key
-    metric."""
+    """Eval thresholds (JSON/YAML) a task must pass to be exported; default: it earns a route (--min-coverage)."""
+    target_accuracy: float = 0.95
+    """How often a routed task's SLM answers must agree with the teacher: its confidence threshold is the lowest
+    whose answered held-out calls reach this with a 90 % lower bound (`slmtune eval --target-accuracy`)."""
+    min_coverage: float = 0.2
+    """Route a task only when, at --target-accuracy, its SLM answers at least this share of held-out calls,
+    counted on calls that did not set the threshold (2-fold cross-fit). 0: route every exported task (answers
+    below a calibrated threshold still go to the LLM)."""
     adapter_only: bool = False
     """Export adapters instead of merged weights."""
     gguf: str | None = None
@@ -82,7 +89,7 @@ class FlywheelConfig:
     min_size: int = 20
     """Smallest task cluster keeps."""
     eval_fraction: float = 0.2
-    """Share of a new task held out for eval (its first round only)."""
+    """Share of a new task's records held out for eval and calibration (fixed in its first round)."""
     overrides: tuple[str, ...] = ()
     """Recipe override for every task, as `slmtune train --set` (e.g. train.lr=1e-3; repeatable)."""
 
@@ -102,6 +109,9 @@ class TaskOutcome:
     gate_passed: bool | None = None
     reason: str | None = None
     export: str | None = None
+    # the tuned model's calibration: {"target", "threshold" (all held-out calls), "lower_bound", "coverage",
+    # "accuracy", "answered", "n"} — coverage and accuracy cross-fit (`slmtune.eval.selective.cross_fit`)
+    selective: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +170,7 @@ def _round(logs: Sequence[str | Path], workdir: Path, config: FlywheelConfig, ti
         def step(s, d, t, i=i, name=task["name"]):
             tick(f"[{i + 1}/{len(tasks)}] {name}: {s}", d, t)
         outcomes.append(_isolated(task, round_dir, prev, workdir, config, step, plan_failed.get(task["name"])))
-    return _finish(workdir, round_dir, prev, registry, inputs, selection, outcomes)
+    return _finish(workdir, round_dir, prev, registry, inputs, selection, outcomes, config)
 
 
 def ran_through(outcome: TaskOutcome) -> bool:
@@ -249,12 +259,14 @@ def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | Non
     out.status, out.trained_in, out.run_dir = run["status"], run["trained_in"], run["run_dir"]
     eval_fp = fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
                               config.eval_limit, config.eval_batch_size, EVAL_DECODING,
-                              file_fingerprint(config.gate) if config.gate else None])
+                              file_fingerprint(config.gate) if config.gate else None, config.target_accuracy])
     out.stage = "eval"
-    report = _eval(round_dir / "eval" / name, prev and prev / "eval" / name, run, eval_fp, round_dir, name,
-                   config, tick)
+    report_dir = _eval(round_dir / "eval" / name, prev and prev / "eval" / name, run, eval_fp, round_dir, name,
+                       config, tick)
+    report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
     out.metrics = {row: report["models"][row]["metrics"][out.key_metric]["value"]
                    for row in ("base", "tuned", "teacher") if row in report["models"]}
+    out.selective = _calibration(report_dir, report, config)
     out.gate_passed, out.reason = _gate(report, out, config)
     if out.gate_passed:
         out.stage = "export"
@@ -314,31 +326,63 @@ def _train(stage_dir: Path, prev_dir: Path | None, recipe, fp: str, tick: Progre
 
 
 def _eval(stage_dir: Path, prev_dir: Path | None, run: dict, fp: str, round_dir: Path, name: str,
-          config: FlywheelConfig, tick: Progress) -> dict:
+          config: FlywheelConfig, tick: Progress) -> Path:
+    """The eval report dir (report.json, predictions.jsonl) of this task's run."""
     from slmtune.eval.evaluate import GenSettings, evaluate
 
     hit = _reuse(stage_dir, prev_dir, "eval", fp, lambda m: Path(m["report_dir"], "report.json").is_file(),
                  lambda m: {"report_dir": m["report_dir"]})
     if hit is not None:
-        return json.loads(Path(hit["report_dir"], "report.json").read_text(encoding="utf-8"))
-    result = evaluate(round_dir / "tasks" / name / "eval.jsonl", stage_dir, model=run["run_dir"], gate=config.gate,
-                      settings=GenSettings(batch_size=config.eval_batch_size, decoding=EVAL_DECODING),
-                      limit=config.eval_limit,
-                      progress=lambda s, d, t: tick(f"eval {s}", d, t))
+        return Path(hit["report_dir"])
+    evaluate(round_dir / "tasks" / name / "eval.jsonl", stage_dir, model=run["run_dir"], gate=config.gate,
+             settings=GenSettings(batch_size=config.eval_batch_size, decoding=EVAL_DECODING),
+             limit=config.eval_limit, target_accuracy=config.target_accuracy,
+             progress=lambda s, d, t: tick(f"eval {s}", d, t))
     st.mark_done(stage_dir, "eval", fp, report_dir=str(stage_dir))
-    return result.report
+    return stage_dir
+
+
+def _calibration(report_dir: Path, report: dict, config: FlywheelConfig) -> dict | None:
+    """The tuned row's calibration (threshold from every evaluated call) with its coverage and accuracy
+    cross-fit: measured only on calls that did not set the threshold they were judged by."""
+    from slmtune.eval.selective import cross_fit, record_scores
+    from slmtune.io import read_jsonl
+
+    sel = report["models"].get("tuned", {}).get("selective")
+    if not sel or "target" not in sel:
+        return None
+    outs = [line["outputs"]["tuned"] for line in read_jsonl(report_dir / "predictions.jsonl")]
+    scores = record_scores([o["verdicts"] for o in outs], key_metric(report["task"]["category"]))
+    fit = cross_fit([o["confidence"] for o in outs], scores, config.target_accuracy)
+    return {"target": sel["target"], "threshold": sel["threshold"], "lower_bound": sel["lower_bound"],
+            "coverage": fit["coverage"], "accuracy": fit["accuracy"], "answered": fit["answered"], "n": fit["n"],
+            **({"reason": sel["reason"]} if sel.get("reason") else {})}
+
+
+def earned(out: TaskOutcome, config: FlywheelConfig) -> tuple[bool, str | None]:
+    """Whether the task's SLM earns a route: a calibrated threshold whose cross-fit coverage reaches
+    `min_coverage` (always, with min_coverage 0); else the figures that fell short."""
+    sel = out.selective
+    if config.min_coverage == 0:
+        return True, None
+    if sel is None:
+        return False, "no confidence calibration (a text task, or an eval without confidences)"
+    if sel["threshold"] is not None and sel["coverage"] >= config.min_coverage:
+        return True, None
+    why = f"coverage {sel['coverage']:.2f} at accuracy {sel['target']:g} (needs {config.min_coverage:g}"
+    return False, why + (f"; {sel['reason']})" if sel.get("reason") else f"; {sel['answered']} of {sel['n']} "
+                         "held-out calls answered, cross-fit)")
 
 
 def _gate(report: dict, out: TaskOutcome, config: FlywheelConfig) -> tuple[bool, str | None]:
+    """Export a task when it passes --gate, or without one when it earns a route (beating the untuned base is
+    no reason to answer the agent: agreeing with the teacher is)."""
     if config.gate is not None:
         gate = report["gate"]
         why = "; ".join(f"{f['metric']} = {fmt(f['value'])} (needs {f['op']} {f['threshold']})"
                         for f in gate["failures"])
         return gate["passed"], why or None
-    tuned, base = out.metrics.get("tuned"), out.metrics.get("base")
-    if tuned is None or base is None or tuned <= base:
-        return False, f"tuned {out.key_metric} {fmt(tuned)} does not beat base {fmt(base)}"
-    return True, None
+    return earned(out, config)
 
 
 def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, workdir: Path, round_dir: Path,
@@ -361,12 +405,16 @@ def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, wor
 
 # ----------------------------------------------------------------------------- round end
 def _finish(workdir: Path, round_dir: Path, prev: Path | None, registry: dict, inputs: list[str], selection: dict,
-            outcomes: list[TaskOutcome]) -> FlywheelResult:
+            outcomes: list[TaskOutcome], config: FlywheelConfig) -> FlywheelResult:
     from slmtune.export.router import build_router, route_entry, write_router
 
     not_trained = selection["not_trained"]
     failed = [{"task": o.task, "reason": f"failed at {o.reason}"} for o in outcomes if not ran_through(o)]
-    gated = [{"task": o.task, "reason": f"gate: {o.reason}"} for o in outcomes if ran_through(o) and not o.gate_passed]
+    gate = "gate: " if config.gate is not None else ""
+    gated = [{"task": o.task, "reason": f"{gate}{o.reason}"} for o in outcomes if ran_through(o) and not o.gate_passed]
+    # exported through --gate, but the SLM's answers did not earn a route: the LLM keeps the task
+    unearned = [(o, earned(o, config)) for o in outcomes if o.export]
+    gated += [{"task": o.task, "reason": why} for o, (ok, why) in unearned if not ok]
     comparison = _compare(prev, outcomes)
     write_json(round_dir / "summary.json", {"round": round_dir.name, "tasks": [asdict(o) for o in outcomes],
                                             "not_trained": not_trained + failed})
@@ -380,7 +428,7 @@ def _finish(workdir: Path, round_dir: Path, prev: Path | None, registry: dict, i
                                                "previous": prev.name if prev else None, "tasks": comparison})
     by_name = {t["name"]: t for t in selection["tasks"]}
     routes = [route_entry(by_name[o.task], Path(o.export), "adapter" if _is_adapter(o.export) else "merged",
-                          {o.key_metric: o.metrics}) for o in outcomes if o.export]
+                          {o.key_metric: o.metrics}, o.selective) for o, (ok, _) in unearned if ok]
     router_path = workdir / "router.json"
     write_router(router_path, build_router(routes, not_trained + failed + gated, round_dir.name))
     registry["tasks"] = selection["registry_tasks"]

@@ -34,6 +34,16 @@ measures an option):
 * free         — (not run by default) the same model decoded free (`slmtune eval --compare-decodings` compares both in
                  one run): what training alone does.
 
+Answering only when confident (the slmtune arm, `--target-accuracy A`): each test answer's confidence
+candidates (`slmtune.infer.confidence`: min_prob, mean_prob, first_prob) are scored by their AUROC against BFCL's
+verdict (correct vs not) over every test record. Then the test records are dealt into two halves by position
+(sorted by id, alternating): the default candidate's threshold is calibrated on the calibration half
+(`slmtune.eval.selective.calibrate`: the lowest whose answered records' 90 % lower bound of BFCL accuracy reaches
+A), and applied to the other half, which reports the share the SLM answered (coverage) and those answers' BFCL
+accuracy, beside the raw accuracy of answering every call. Then the halves swap and both are reported. As
+serving does, only answers that call a tool count as answered: a text answer ("none of the offered functions
+fits") goes to the LLM whatever its confidence (`slmtune.eval.selective.servable`), even when it is right.
+
 Scoring: every prediction (an OpenAI assistant message) is decoded as BFCL decodes an OpenAI function-calling
 model's output (`[{name: arguments}]`) and checked by `bfcl_eval`'s `ast_checker` against the category's possible
 answers; an irrelevance entry is correct when the model makes no call (BFCL's relevance rule, `is_empty_output`).
@@ -192,6 +202,42 @@ def slmtune(*args: str, log: Path) -> None:
         sys.exit(f"slmtune {args[0]} failed (exit {rc}); see {log}")
 
 
+def confidences(report_dir: Path, row: str) -> dict[str, dict[str, float]]:
+    """{record id: {candidate: confidence}} of one row of an eval report's predictions.jsonl."""
+    out = {}
+    for line in (report_dir / "predictions.jsonl").read_text().splitlines():
+        p = json.loads(line)
+        out[p["id"]] = p["outputs"][row].get("confidences") or {}
+    return out
+
+
+def selective_figures(b, by_id: dict[str, dict], preds: dict[str, dict], conf: dict[str, dict], target: float
+                      ) -> dict:
+    """AUROC per confidence candidate against BFCL's verdict, and the calibrated threshold of the default
+    candidate judged on the half of the test records that did not set it (both ways round)."""
+    from slmtune.eval.selective import auroc, calibrate, servable
+    from slmtune.infer.confidence import CANDIDATES, DEFAULT
+
+    ids = sorted(rid for rid in by_id if rid in preds and conf.get(rid))
+    correct = {rid: float(score(b, by_id[rid], preds[rid])["correct"]) for rid in ids}
+    served = {rid: conf[rid][DEFAULT] if servable("tool_calling", preds[rid]) else None for rid in ids}
+    out = {"n": len(ids), "auroc": {k: auroc([conf[r][k] for r in ids], [correct[r] for r in ids])
+                                    for k in CANDIDATES},
+           "default": DEFAULT, "target": target, "halves": []}
+    halves = [ids[0::2], ids[1::2]]
+    for cal, held in (halves, halves[::-1]):
+        c = calibrate([served[r] for r in cal], [correct[r] for r in cal], target)
+        answered = [r for r in held if c["threshold"] is not None and served[r] is not None
+                    and served[r] >= c["threshold"]]
+        out["halves"].append({
+            "calibrated_on": len(cal), "threshold": c["threshold"], "lower_bound": c["lower_bound"],
+            "judged_on": len(held), "answered": len(answered), "coverage": round(len(answered) / len(held), 3),
+            "accuracy": round(sum(correct[r] for r in answered) / len(answered), 3) if answered else None,
+            "raw_accuracy": round(sum(correct[r] for r in held) / len(held), 3),
+            "by_category": dict(collections.Counter(by_id[r]["category"] for r in answered))})
+    return out
+
+
 def predictions(report_dir: Path) -> dict[str, dict[str, dict]]:
     """{row name: {record id: predicted message}} from an eval report's predictions.jsonl."""
     rows: dict[str, dict[str, dict]] = collections.defaultdict(dict)
@@ -293,6 +339,9 @@ def run(a) -> dict:
             rows["free"] = got["tuned"]
         if "slmtune" in a.arms:
             rows["slmtune"] = got["tuned+constrained" if how else "tuned"]
+            if a.target_accuracy is not None:
+                conf = confidences(work / "eval-slmtune", "tuned+constrained" if how else "tuned")
+                results["selective"] = selective_figures(b, by_id, rows["slmtune"], conf, a.target_accuracy)
         report = json.loads((work / "eval-slmtune" / "report.json").read_text())
         tuned = {"free": report["models"]["tuned"], "slmtune": report["constrained"]["tuned"]} if how else {
             "slmtune": report["models"]["tuned"]}
@@ -346,6 +395,17 @@ def print_table(results: dict) -> None:
         print(f"failure kinds ({arm}, {how} decoding; slmtune eval): {listed}")
 
 
+def print_selective(s: dict) -> None:
+    print(f"\nconfidence AUROC vs BFCL's verdict ({s['n']} test records): "
+          + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} —" for k, v in s["auroc"].items()))
+    for h in s["halves"]:
+        acc = "—" if h["accuracy"] is None else f"{h['accuracy']:.3f}"
+        thr = "none" if h["threshold"] is None else f"{h['threshold']:.4f}"
+        print(f"{s['default']} threshold {thr} (calibrated on {h['calibrated_on']} at {s['target']:g}, lower bound "
+              f"{h['lower_bound']}) on the other {h['judged_on']}: SLM answers {h['answered']} "
+              f"({h['coverage']:.0%}) at BFCL accuracy {acc}; answering every call: {h['raw_accuracy']:.3f}")
+
+
 def plot(results: dict, path: Path) -> None:
     from slmtune.plots import pyplot, save_png
 
@@ -375,6 +435,9 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="recipe override for the slmtune arm (key=value)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N test records")
     p.add_argument("--quick", action="store_true", help="16 train / 12 test logs, 4 training steps (~10 min)")
+    p.add_argument("--target-accuracy", type=float, default=None,
+                   help="slmtune arm: AUROC of each confidence candidate, and the calibrated threshold's coverage "
+                        "and BFCL accuracy on the test half that did not set it")
     p.add_argument("--out-dir", type=Path, default=Path("bench_quality"))
     p.add_argument("--_trl", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_trl-train", dest="trl_train", type=Path, help=argparse.SUPPRESS)
@@ -395,6 +458,8 @@ def main() -> None:
     results = run(a)
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     print_table(results)
+    if "selective" in results:
+        print_selective(results["selective"])
     from slmtune.io import write_json
 
     write_json(a.out_dir / "bench_quality.json", results)

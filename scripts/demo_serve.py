@@ -9,13 +9,16 @@ Starts two servers on 127.0.0.1 and stops both at the end, whatever happens:
 * `slmtune serve WORKDIR --upstream <stand-in>`: each routed call to its task's tuned small model, the rest
   (and any small-model answer the guard rejects) to the stand-in.
 
-Calls replayed, grouped by task, at most `--limit` per task: each routed task's pinned eval set (latest round's
-`tasks/<task>/eval.jsonl`, held out from training), then records of the tasks router.json does not route (their
-task or cluster dir) and the cluster's unassigned records, so the LLM route shows up. A call sends the record's
+Calls replayed, grouped by task, at most `--limit` per task: each task's pinned eval set (latest round's
+`tasks/<task>/eval.jsonl`, held out from training) *past the records the flywheel evaluated* (its `eval_limit`:
+those calibrated each route's confidence threshold, so the figures here come from calls that did not), then
+records of tasks without an eval set (their cluster dir) and the cluster's unassigned records, so the LLM route
+shows up. A call sends the record's
 prompt (the messages before its target, and its tools); the answer is scored against the target with slmtune's
 eval metrics by the task's key metric (exact_match: tool calls, extraction; label_accuracy; rouge_l: text).
 
-Prints per route: calls, share, key-metric mean, p50/p95 client-side latency; fallbacks by reason; totals.
+Prints per route: calls, share, key-metric mean, p50/p95 client-side latency; per task: the share of its calls
+the SLM answered and those answers' accuracy; fallbacks by reason; totals.
 Writes the same, plus one row per call, to WORKDIR/serve_demo.json; server output and the served-call log go
 to WORKDIR/serve_demo/.
 
@@ -68,8 +71,8 @@ def task_file(round_dir: Path, task: str) -> Path | None:
     return next((p / f for p in places for f in ("eval.jsonl", "train.jsonl") if (p / f).is_file()), None)
 
 
-def task_calls(path: Path, task: str, routed: bool, limit: int) -> list[dict]:
-    records = [rec for _, rec in read_records(path)][:limit]
+def task_calls(path: Path, task: str, routed: bool, limit: int, skip: int = 0) -> list[dict]:
+    records = [rec for _, rec in read_records(path)][skip:skip + limit]
     if task == "unassigned":  # no task.json: each record's category is inferred from its own answer
         kinds = [load_task(path, [rec]) for rec in records]
     else:
@@ -80,6 +83,8 @@ def task_calls(path: Path, task: str, routed: bool, limit: int) -> list[dict]:
 
 def gather_calls(workdir: Path, router: dict, limit: int) -> list[dict]:
     round_dir = latest_round(workdir, router)
+    # the first `eval_limit` records of an eval set set its route's threshold: replay the ones after them
+    calibrated = (json.loads((round_dir / "round.json").read_text()).get("config") or {}).get("eval_limit") or 0
     wanted = [(r["task"], True) for r in router["routes"]] + [(r["task"], False) for r in router["not_routed"]]
     calls = []
     for task, routed in wanted:
@@ -87,7 +92,11 @@ def gather_calls(workdir: Path, router: dict, limit: int) -> list[dict]:
         if path is None:
             print(f"(no records found for {task}; skipped)", file=sys.stderr)
             continue
-        calls += task_calls(path, task, routed, limit)
+        skip = calibrated if path.name == "eval.jsonl" else 0
+        found = task_calls(path, task, routed, limit, skip)
+        if not found:
+            print(f"({task}: no held-out call past the {calibrated} the flywheel evaluated; skipped)", file=sys.stderr)
+        calls += found
     unassigned = round_dir / "cluster" / "unassigned" / "records.jsonl"
     if unassigned.is_file() and unassigned.stat().st_size:
         calls += task_calls(unassigned, "unassigned", False, limit)
@@ -188,7 +197,16 @@ def summarize(rows: list[dict], routed: list[str]) -> dict:
 
     fallbacks = Counter(r["fallback"] for r in rows if r["fallback"])
     errors = on("error")
-    return {"routes": [group(t, on(t), n) for t in routed], "slm": group("all SLM routes", on(*routed), n),
+    tasks = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        slm = [r for r in mine if r["route"] == task]
+        scores = [r["score"] for r in slm if r["score"] is not None]
+        tasks.append({"task": task, "routed": task in routed, "calls": len(mine), "slm_calls": len(slm),
+                      "slm_share": len(slm) / len(mine), "slm_accuracy": sum(scores) / len(scores) if scores else None,
+                      "deferred": dict(Counter(r["fallback"] for r in mine if r["fallback"]))})
+    return {"routes": [group(t, on(t), n) for t in routed], "tasks": tasks,
+            "slm": group("all SLM routes", on(*routed), n),
             "llm": group("llm (stand-in)", on("llm"), n), **({"errors": group("errors", errors, n)} if errors else {}),
             "total": group("total", rows, n),
             "fallbacks": {reason: {"calls": c, "tasks": dict(Counter(r["task"] for r in rows
@@ -215,6 +233,17 @@ def route_table(summary: dict) -> Table:
     return t
 
 
+def task_table(summary: dict) -> Table:
+    t = Table(title="per task: what the SLM answered, and how well (the rest went to the LLM)")
+    for col in ("task", "routed", "calls", "SLM answered", "their accuracy", "deferred to the LLM"):
+        t.add_column(col, justify="left" if col in ("task", "deferred to the LLM") else "right")
+    for g in summary["tasks"]:
+        t.add_row(g["task"], "yes" if g["routed"] else "no", str(g["calls"]),
+                  f"{g['slm_calls']} ({g['slm_share']:.0%})", _num(g["slm_accuracy"], ".3f"),
+                  ", ".join(f"{k} ×{v}" for k, v in g["deferred"].items()) or "—")
+    return t
+
+
 def fallback_table(summary: dict) -> Table:
     t = Table(title="fallbacks to the LLM, by reason (x-slmtune-fallback)")
     for col in ("reason", "calls", "tasks"):
@@ -227,6 +256,7 @@ def fallback_table(summary: dict) -> Table:
 def print_summary(summary: dict, console: Console) -> None:
     slm, llm, total = summary["slm"], summary["llm"], summary["total"]
     console.print(route_table(summary))
+    console.print(task_table(summary))
     console.print(fallback_table(summary) if summary["fallbacks"] else "no fallbacks")
     console.print(f"SLMs served {slm['calls']} of {total['calls']} calls ({slm['share']:.0%}); p50 latency "
                   f"{_num(slm['p50_ms'], '.0f')} ms (SLM) vs {_num(llm['p50_ms'], '.0f')} ms (LLM stand-in).")

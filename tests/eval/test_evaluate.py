@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from slmtune.cli import app
 from slmtune.eval.metrics import aggregate
+from slmtune.infer.confidence import DEFAULT
 from slmtune.io import read_jsonl, write_json, write_jsonl
 from slmtune.synthetic.tiny import WEATHER_TOOL, build_tiny_model, weather_records
 from slmtune.tasks.schema import schema_hash, task_schema
@@ -167,8 +168,12 @@ def test_tiny_model_end_to_end_constrained(tiny, weather, tmp_path):
     report = json.loads((out / "report.json").read_text())
     lines = read_jsonl(out / "predictions.jsonl")
     # every generated row has its risk–coverage curve and calibration; 4 records cannot certify 0.9
-    for sel in (report["models"]["tuned"]["selective"], report["constrained"]["tuned"]["selective"]):
-        assert sel["curve"][-1]["coverage"] == 1.0 and sel["target"] == 0.9 and sel["n"] == len(lines)
+    for row, sel in (("tuned", report["models"]["tuned"]["selective"]),
+                     ("tuned+constrained", report["constrained"]["tuned"]["selective"])):
+        calls = sum(1 for line in lines if line["outputs"][row]["message"].get("tool_calls"))
+        # only answers that call a tool could be served: the curve ends at their share
+        assert max([p["answered"] for p in sel["curve"]], default=0) == calls
+        assert sel["target"] == 0.9 and sel["n"] == len(lines)
         assert sel["threshold"] is None and sel["coverage"] == 0.0 and "no threshold" in sel["reason"]
     assert "selective" not in report["models"]["teacher"]
     assert (out / "selective.png").read_bytes()[:4] == b"\x89PNG"
@@ -191,7 +196,7 @@ def test_tiny_model_end_to_end_constrained(tiny, weather, tmp_path):
     for line in lines:  # every generated answer carries its confidence, the default among the candidates
         for row in ("tuned", "tuned+constrained"):
             out = line["outputs"][row]
-            assert 0.0 <= out["confidence"] <= 1.0 and out["confidence"] == out["confidences"]["min_prob"]
+            assert 0.0 <= out["confidence"] <= 1.0 and out["confidence"] == out["confidences"][DEFAULT]
     assert "base" not in report["models"]  # a plain checkpoint has no implied baseline
     # --compare-decodings: the models rows decoded free, the constrained section under the grammar
     assert (perf["decoding"], cons["perf"]["decoding"]) == ("free", "constrained")

@@ -71,3 +71,19 @@ def test_cross_fitting_judges_each_part_by_the_other_parts_threshold():
     # 24; both defer their disagreeing record: 47 of 50 answered, all agreeing
     assert got == {"folds": 2, "coverage": 0.94, "accuracy": 1.0, "answered": 47, "n": 50}
     assert cross_fit(conf[:20], scores[:20], 0.9)["answered"] == 0  # 10 per part certify nothing
+
+
+def test_answers_serving_would_not_hand_the_agent_are_never_answered():
+    """On a tool-calling task a text answer goes to the LLM whatever its confidence: 30 right abstentions at
+    confidence 0.99 do not buy a route for the calls (here 5 of 10 right)."""
+    from slmtune.eval.selective import servable
+
+    text, call = {"role": "assistant", "content": "No tool fits."}, {"role": "assistant", "tool_calls": [{}]}
+    assert not servable("tool_calling", text) and servable("tool_calling", call) and servable("classification", text)
+    conf = [0.99] * 30 + [0.5 + i / 100 for i in range(10)]
+    scores = [1.0] * 30 + [1.0, 0.0] * 5
+    serves = [False] * 30 + [True] * 10
+    assert calibrate(conf, scores, 0.9)["threshold"] is not None  # counting the abstentions: 30 of 30 certify
+    sel = selective(conf, scores, 0.9, serves=serves)
+    assert sel["threshold"] is None and sel["coverage"] == 0.0 and sel["auroc"] == auroc(conf, scores)
+    assert sel["curve"][-1]["answered"] == 10 and sel["curve"][-1]["coverage"] == 0.25

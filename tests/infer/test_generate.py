@@ -99,7 +99,7 @@ def test_a_token_the_grammar_forces_has_probability_one(tiny_model):
     for g in gens:
         assert g.finished and g.text in ("positive", "negative")
         assert g.token_logprobs[-1] == 0.0  # the forced end of turn
-        assert confidence(g.token_logprobs) == pytest.approx(math.exp(min(g.token_logprobs[:-1])))
+        assert confidence(g.token_logprobs, "min_prob") == pytest.approx(math.exp(min(g.token_logprobs[:-1])))
 
 
 def test_confidence_candidates_on_known_log_probabilities():

@@ -3,6 +3,7 @@ real `openai` client and httpx. One flywheel round (`work`, tests/serve/conftest
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import httpx
@@ -446,7 +447,8 @@ def test_vllm_engine_sends_the_rendered_prompt_to_completions(work, upstream):
     async def completions(body: dict):
         seen.append(body)
         text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>'
-        return {"choices": [{"text": text, "finish_reason": "stop"}],
+        return {"choices": [{"text": text, "finish_reason": "stop",
+                             "logprobs": {"token_logprobs": [-0.1, -0.7, -0.05]}}],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 20}}
 
     vllm = serve_in_thread(fake_vllm)
@@ -461,6 +463,10 @@ def test_vllm_engine_sends_the_rendered_prompt_to_completions(work, upstream):
         assert resp.model == Path(work["weather"]["checkpoint"]).name
         assert json.loads(resp.choices[0].message.tool_calls[0].function.arguments)["city"] == "Oslo"
         assert seen[0]["model"] == resp.model and "get_weather" in seen[0]["prompt"] and seen[0]["temperature"] == 0
+        # the confidence comes from vLLM's token log-probabilities: the least likely pick, exp(-0.7)
+        assert seen[0]["logprobs"] == 1
+        line = next(x for x in served_lines(work["root"] / "served-vllm", resp.id) if x["response"]["id"] == resp.id)
+        assert line["metadata"]["slmtune_confidence"] == pytest.approx(math.exp(-0.7), abs=1e-6)
     finally:
         server.stop()
         vllm.stop()

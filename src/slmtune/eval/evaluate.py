@@ -73,7 +73,7 @@ from typing import Any
 from slmtune.errors import SlmtuneError
 from slmtune.eval.failures import failure_report
 from slmtune.eval.metrics import KEY_METRICS, TOOL_CALLING, aggregate, key_metric, score
-from slmtune.eval.selective import record_scores, selective
+from slmtune.eval.selective import record_scores, selective, servable
 from slmtune.infer.decoding import decoding_for
 from slmtune.infer.generate import MAX_BATCH_TOKENS
 from slmtune.io import file_fingerprint, iter_jsonl
@@ -353,7 +353,8 @@ def score_row(row: Row, records: list[dict], task: Task, target: float | None = 
         row.failures = failure_report(records, row.outputs, task.schema)
     verdicts = record_scores([o["verdicts"] for o in row.outputs], key_metric(task.category))
     row.selective = selective([o.get("confidence") for o in row.outputs], verdicts, target,
-                              text_task=task.category not in KEY_METRICS)
+                              text_task=task.category not in KEY_METRICS,
+                              serves=[servable(task.category, o["message"]) for o in row.outputs])
     return row
 
 

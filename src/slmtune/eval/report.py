@@ -143,6 +143,9 @@ def plot_selective(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for name, sel in _selective_rows(report):
         pts = sel["curve"]
+        if not pts:  # no answer serving would hand the agent (e.g. text answers to a tool-calling task)
+            ax.plot([], [], label=f"{name} (AUROC {fmt(sel['auroc'])}): nothing to answer")
+            continue
         ax.step([0.0] + [p["coverage"] for p in pts], [pts[0]["accuracy"]] + [p["accuracy"] for p in pts],
                 where="pre", label=f"{name} (AUROC {fmt(sel['auroc'])})")
         if sel.get("threshold") is not None:

@@ -16,6 +16,11 @@ the rest (to the LLM, when serving):
   of 22, and 0.95 takes 45 of 45. With too few records no threshold passes: coverage 0, threshold None — never
   a guess.
 
+Only answers serving would hand the agent count as answered: on a tool-calling task a text answer goes to the
+LLM whatever its confidence (the guard's rule, `slmtune.serve.guard`), so such records (`servable` False, given
+as confidence None to the functions below) are never answered at any threshold — an abstention the SLM got right
+does not buy the calls it gets wrong a route. The AUROC still reads every record's own confidence.
+
 Agreement for the bound is binary: a record counts as agreeing when its key metric is 1. Free-text tasks (key
 metric ROUGE-L) are never exactly 1 in practice, so they are not calibrated: their curve is reported, and
 `calibrate` says why it gives no threshold.
@@ -29,7 +34,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from slmtune.infer.calls import TOOL_CALLING
+
 LEVEL = 0.9  # one-sided confidence of the Clopper–Pearson bound
+
+
+def servable(category: str, message: dict | None) -> bool:
+    """Whether serving could hand the agent this answer: on a tool-calling task only one that calls a tool."""
+    return category != TOOL_CALLING or bool((message or {}).get("tool_calls"))
 
 
 def record_scores(verdicts: Sequence[dict[str, list[float]]], key: str) -> list[float]:
@@ -41,14 +53,16 @@ def record_scores(verdicts: Sequence[dict[str, list[float]]], key: str) -> list[
     return out
 
 
-def curve(conf: Sequence[float], scores: Sequence[float]) -> list[dict]:
+def curve(conf: Sequence[float | None], scores: Sequence[float]) -> list[dict]:
     """[{threshold, coverage, accuracy, answered, agree}] for every distinct confidence, highest threshold first
-    (`agree`: answered records whose key metric is 1)."""
-    pairs = sorted(zip(conf, scores, strict=True), key=lambda p: -p[0])
-    n, out, total, agree = len(pairs), [], 0.0, 0
+    (`agree`: answered records whose key metric is 1; a record with confidence None is never answered, but counts
+    in the coverage's denominator)."""
+    n = len(conf)
+    pairs = sorted(((c, s) for c, s in zip(conf, scores, strict=True) if c is not None), key=lambda p: -p[0])
+    out, total, agree = [], 0.0, 0
     for i, (c, s) in enumerate(pairs):
         total, agree = total + s, agree + (s >= 1.0)
-        if i + 1 < n and pairs[i + 1][0] == c:
+        if i + 1 < len(pairs) and pairs[i + 1][0] == c:
             continue  # a threshold answers every record of its confidence
         out.append({"threshold": round(c, 6), "coverage": round((i + 1) / n, 6),
                     "accuracy": round(total / (i + 1), 6), "answered": i + 1, "agree": agree})
@@ -74,7 +88,7 @@ def lower_bound(k: int, n: int, level: float = LEVEL) -> float:
     return float(beta.ppf(1 - level, k, n - k + 1))
 
 
-def calibrate(conf: Sequence[float], scores: Sequence[float], target: float, level: float = LEVEL,
+def calibrate(conf: Sequence[float | None], scores: Sequence[float], target: float, level: float = LEVEL,
               text_task: bool = False) -> dict:
     """`{target, level, threshold, coverage, accuracy, lower_bound, n, answered}`: the lowest threshold whose
     answered records' agreement has a lower bound ≥ `target`; threshold None and coverage 0 when none does
@@ -103,18 +117,20 @@ def calibrate(conf: Sequence[float], scores: Sequence[float], target: float, lev
 
 
 def selective(conf: Sequence[float | None], scores: Sequence[float], target: float | None = None,
-              text_task: bool = False) -> dict | None:
+              text_task: bool = False, serves: Sequence[bool] | None = None) -> dict | None:
     """report.json's `models.<row>.selective`: the AUROC, the curve and, with `target`, the calibration's keys
-    (`calibrate`). None for a row without confidences (predictions, teacher)."""
+    (`calibrate`); `serves[i]` False: record i is never answered (see module docstring). None for a row without
+    confidences (predictions, teacher)."""
     if not conf or any(c is None for c in conf):
         return None
-    out = {"auroc": auroc(conf, scores), "curve": curve(conf, scores)}
+    served = [c if ok else None for c, ok in zip(conf, serves or [True] * len(conf), strict=True)]
+    out = {"auroc": auroc(conf, scores), "curve": curve(served, scores)}
     if target is not None:
-        out |= calibrate(conf, scores, target, text_task=text_task)
+        out |= calibrate(served, scores, target, text_task=text_task)
     return out
 
 
-def cross_fit(conf: Sequence[float], scores: Sequence[float], target: float, folds: int = 2,
+def cross_fit(conf: Sequence[float | None], scores: Sequence[float], target: float, folds: int = 2,
               level: float = LEVEL) -> dict:
     """Coverage and accuracy measured only on records that did not set the threshold they are judged by: the
     records are dealt into `folds` parts by position (record i to part i mod folds); each part is answered with
@@ -127,7 +143,7 @@ def cross_fit(conf: Sequence[float], scores: Sequence[float], target: float, fol
         t = calibrate([conf[i] for i in rest], [scores[i] for i in rest], target, level)["threshold"]
         if t is None:
             continue
-        picked = [i for i in range(f, n, folds) if conf[i] >= t]
+        picked = [i for i in range(f, n, folds) if conf[i] is not None and conf[i] >= t]
         answered, total = answered + len(picked), total + sum(scores[i] for i in picked)
     return {"folds": folds, "coverage": round(answered / n, 6) if n else 0.0,
             "accuracy": round(total / answered, 6) if answered else None, "answered": answered, "n": n}

@@ -345,15 +345,17 @@ def _eval(stage_dir: Path, prev_dir: Path | None, run: dict, fp: str, round_dir:
 def _calibration(report_dir: Path, report: dict, config: FlywheelConfig) -> dict | None:
     """The tuned row's calibration (threshold from every evaluated call) with its coverage and accuracy
     cross-fit: measured only on calls that did not set the threshold they were judged by."""
-    from slmtune.eval.selective import cross_fit, record_scores
+    from slmtune.eval.selective import cross_fit, record_scores, servable
     from slmtune.io import read_jsonl
 
     sel = report["models"].get("tuned", {}).get("selective")
     if not sel or "target" not in sel:
         return None
     outs = [line["outputs"]["tuned"] for line in read_jsonl(report_dir / "predictions.jsonl")]
-    scores = record_scores([o["verdicts"] for o in outs], key_metric(report["task"]["category"]))
-    fit = cross_fit([o["confidence"] for o in outs], scores, config.target_accuracy)
+    category = report["task"]["category"]
+    scores = record_scores([o["verdicts"] for o in outs], key_metric(category))
+    conf = [o["confidence"] if servable(category, o.get("message")) else None for o in outs]
+    fit = cross_fit(conf, scores, config.target_accuracy)
     return {"target": sel["target"], "threshold": sel["threshold"], "lower_bound": sel["lower_bound"],
             "coverage": fit["coverage"], "accuracy": fit["accuracy"], "answered": fit["answered"], "n": fit["n"],
             **({"reason": sel["reason"]} if sel.get("reason") else {})}

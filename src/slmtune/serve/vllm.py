@@ -23,7 +23,9 @@ class VllmEngine:
         self._client = None
 
     async def complete(self, ckpt: Checkpoint, record: dict, params: Params = DEFAULT_PARAMS) -> Completion:
-        """`params.constrained` is not passed on: vLLM's own guided decoding would need its grammar dialect."""
+        """`params.constrained` is not passed on: vLLM's own guided decoding would need its grammar dialect. The
+        answer's confidence comes from the log-probabilities vLLM returns for the tokens it picked (`logprobs: 1`),
+        read as the embedded engine reads its own (`slmtune.infer.confidence`)."""
         import httpx
 
         from slmtune.infer.generate import stop_ids
@@ -34,7 +36,8 @@ class VllmEngine:
             raise SlmtuneError(f"no --engine-url for {ckpt.name}.")
         tok, renderer = self._tokenizer(ckpt)
         body = {"model": ckpt.name, "prompt": prompt_text(renderer, record), "max_tokens": params.max_tokens,
-                "temperature": params.temperature, "stop_token_ids": stop_ids(tok), "skip_special_tokens": False}
+                "temperature": params.temperature, "stop_token_ids": stop_ids(tok), "skip_special_tokens": False,
+                "logprobs": 1}
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.timeout_s)
         t0 = time.perf_counter()
@@ -44,7 +47,8 @@ class VllmEngine:
         choice = data["choices"][0]
         usage = data.get("usage") or {}
         return Completion(choice.get("text") or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                          choice.get("finish_reason") != "length", 1, round(time.perf_counter() - t0, 4))
+                          choice.get("finish_reason") != "length", 1, round(time.perf_counter() - t0, 4),
+                          _confidence(choice, params))
 
     def _tokenizer(self, ckpt: Checkpoint):
         if ckpt.name not in self._tokenizers:
@@ -63,6 +67,16 @@ class VllmEngine:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def _confidence(choice: dict, params: Params) -> float | None:
+    """The answer's confidence from vLLM's `logprobs.token_logprobs` (None when sampled or not returned)."""
+    from slmtune.infer.confidence import confidence
+
+    lps = (choice.get("logprobs") or {}).get("token_logprobs") if isinstance(choice.get("logprobs"), dict) else None
+    if params.temperature > 0 or not isinstance(lps, list):
+        return None
+    return confidence([float(x) for x in lps if isinstance(x, (int, float)) and not isinstance(x, bool)])
 
 
 def vllm_commands(checkpoints: list[Checkpoint], first_port: int = 8001) -> list[dict]:

@@ -3,7 +3,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
-. "$ROOT/scripts/setup_env.sh" test
+# bench: bfcl-eval's data, AST checker and multi-turn applications (tests/scripts/test_bench_agent.py runs them)
+. "$ROOT/scripts/setup_env.sh" test,bench
 cd "$ROOT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 ruff check .  # lint first: rules and exceptions in pyproject.toml [tool.ruff]

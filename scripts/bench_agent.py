@@ -4,8 +4,20 @@
     python scripts/bench_agent.py --out-dir runs/bench_agent                 # the development applications
     python scripts/bench_agent.py --apps TradingBot,VehicleControlAPI,TicketAPI,TravelAPI   # the reserved ones
 
-This first part writes the logs; serving them through `slmtune flywheel` + `slmtune serve` and scoring the
-replay is the next step of issue 30.
+**As a user would.** `slmtune flywheel` on the train logs (its defaults, `--min-coverage 0` so every task is
+exported; each route keeps its calibrated `threshold` and `coverage`), then `slmtune serve` on 127.0.0.1 in front
+of `slmtune.synthetic.upstream` (the stand-in LLM, answering from the same logs), and every held-out step
+replayed through the `openai` client, twice:
+
+* **calibrated** — the routes that earned coverage (`--min-coverage`, default 0.2: the flywheel's own rule) with
+  their thresholds: what `slmtune flywheel` with its defaults serves;
+* **every step** — every exported task routed, no threshold: today's system before confidence routing.
+
+Output `OUT/bench_agent.json` — per system: `overall`, `per_app`, `per_function`: `test_steps`, `slm_share` (held-
+out steps the SLM answered), `answered_accuracy` (of those), `slm_accuracy` (the SLM's accuracy had it answered
+every routed step: the "every step" replay), `system_accuracy` (all steps, the stand-in LLM counting as right),
+`p50_slm_s`, `p50_llm_s` — and `OUT/bench_agent.png` (share vs accuracy per application). `--rounds` (the
+flywheel's second round on served traffic) is not built yet.
 
 **Logs from the applications.** For each conversation of `multi_turn_base` whose involved classes all lie in
 `--apps`, the ground truth is replayed turn by turn with bfcl-eval's own executor
@@ -26,7 +38,8 @@ of a *train* conversation may join the training traffic (`--variants`), a test c
 AST checker (`ast_checker`, the `multiple` rule: one call among the offered functions; the call's arguments as
 the only acceptable values, an optional parameter the ground truth leaves out may be left out).
 
-Writes `OUT/logs/{train,test}.jsonl` and `OUT/split.json` (conversation ids per side, steps per application).
+Also writes `OUT/logs/{train,test}.jsonl` and `OUT/split.json` (conversation ids per side, steps per
+application); `--logs-only` stops there.
 """
 
 from __future__ import annotations
@@ -208,6 +221,136 @@ def write_logs(b, apps: set[str], seed: int, test_share: float, variants: bool, 
     return summary
 
 
+def replay(b, client, lines: list[dict], docs: dict[str, list[dict]], label: str) -> list[dict]:
+    """Every held-out step through `slmtune serve`: who answered, whether it is the step's call, how long."""
+    import time
+
+    import openai
+
+    rows = []
+    for i, x in enumerate(lines, 1):
+        req = x["request"]
+        t0 = time.perf_counter()
+        try:
+            raw = client.chat.completions.with_raw_response.create(model="agent", messages=req["messages"],
+                                                                   tools=req["tools"])
+            headers, answer = raw.headers, raw.parse().choices[0].message.model_dump(exclude_none=True)
+        except openai.APIStatusError as e:
+            headers, answer = e.response.headers, None
+        seconds = time.perf_counter() - t0
+        name, _ = parse_call(x["ground_truth"], docs[x["metadata"]["bfcl_id"]])
+        rows.append({"id": x["id"], "app": "+".join(sorted(x["metadata"]["apps"])), "function": name,
+                     "route": headers.get("x-slmtune-route", "error"), "fallback": headers.get("x-slmtune-fallback"),
+                     "correct": score_step(b, docs[x["metadata"]["bfcl_id"]], answer, x["ground_truth"]),
+                     "seconds": round(seconds, 3)})
+        r = rows[-1]
+        why = f" ({r['fallback']})" if r["fallback"] else ""
+        print(f"[{label} {i}/{len(lines)}] {r['app']}: {r['route']}{why}, {'right' if r['correct'] else 'wrong'}, "
+              f"{seconds:.1f} s", flush=True)
+    return rows
+
+
+def figures(rows: list[dict], every: list[dict] | None) -> dict:
+    """`overall`, `per_app`, `per_function` of one replay (`every`: the every-step replay, for slm_accuracy)."""
+    import statistics
+
+    def one(rs: list[dict], ev: list[dict]) -> dict:
+        slm = [r for r in rs if r["route"] not in ("llm", "error")]
+        llm = [r for r in rs if r["route"] == "llm"]
+        routed = [r for r in ev if r["route"] != "llm" or r["fallback"] != "no_route"]
+        return {"test_steps": len(rs), "slm_share": round(len(slm) / len(rs), 4) if rs else None,
+                "answered_accuracy": round(sum(r["correct"] for r in slm) / len(slm), 4) if slm else None,
+                "slm_accuracy": round(sum(r["correct"] and r["route"] != "llm" for r in routed) / len(routed), 4)
+                if routed else None,
+                "system_accuracy": round(sum(r["correct"] or r["route"] == "llm" for r in rs) / len(rs), 4)
+                if rs else None,
+                "p50_slm_s": statistics.median(r["seconds"] for r in slm) if slm else None,
+                "p50_llm_s": statistics.median(r["seconds"] for r in llm) if llm else None}
+
+    ev = every if every is not None else rows
+    out = {"overall": one(rows, ev)}
+    for key, name in (("app", "per_app"), ("function", "per_function")):
+        groups = sorted({r[key] for r in rows})
+        out[name] = {g: one([r for r in rows if r[key] == g], [r for r in ev if r[key] == g]) for g in groups}
+    return out
+
+
+def pipeline(a, b, out: Path) -> dict:
+    """flywheel on the train logs, then serve + replay of the test steps (calibrated, and every step)."""
+    import os
+    import secrets
+
+    import openai
+    from bench_quality import slmtune
+    from demo_serve import free_port, start, stop, wait_ready
+
+    log = out / "commands.log"
+    work = out / "work"
+    quick = ["--max-steps", "4", "--eval-limit", "8"] if a.quick else []
+    slmtune("flywheel", out / "logs" / "train.jsonl", "-w", work, "--gpu", "cpu", "--min-coverage", "0", *quick,
+            log=log)
+    router = json.loads((work / "router.json").read_text())
+    earned = dict(router, routes=[r for r in router["routes"] if r.get("threshold") is not None
+                                  and (r.get("coverage") or 0) >= a.min_coverage])
+    every = dict(router, routes=[dict(r, threshold=None) for r in router["routes"]])
+    lines = [json.loads(x) for x in (out / "logs" / "test.jsonl").open()][:a.limit]
+    convs = {e["id"]: e for e in load_conversations(b)}
+    docs = {bid: func_docs(b, convs[bid]["involved_classes"], convs[bid].get("excluded_function") or [])
+            for bid in {x["metadata"]["bfcl_id"] for x in lines}}
+    results = {"router": {"routes": [{k: r.get(k) for k in ("task", "threshold", "coverage", "accuracy")}
+                                     for r in router["routes"]], "not_routed": router["not_routed"]}}
+    up_port = free_port()
+    sources = [str(out / "logs" / "train.jsonl"), str(out / "logs" / "test.jsonl")]
+    upstream = start([sys.executable, "-m", "slmtune.synthetic.upstream", *sources, "--port", str(up_port)],
+                     out / "upstream.log")
+    rows = {}
+    try:
+        wait_ready(f"http://127.0.0.1:{up_port}/v1/models", upstream, out / "upstream.log", 300)
+        for name, r in (("every_step", every), ("calibrated", earned)):
+            folder = out / f"router-{name}"
+            folder.mkdir(exist_ok=True)
+            (folder / "router.json").write_text(json.dumps(r))
+            port, key = free_port(), secrets.token_hex(8)
+            serve = start([sys.executable, "-m", "slmtune.cli", "serve", "--router", str(folder / "router.json"),
+                           "--port", str(port), "--upstream", f"http://127.0.0.1:{up_port}/v1", "--api-key-env",
+                           "BENCH_AGENT_KEY", "--slm-timeout", "300", "--log-dir", str(out / f"served-{name}")],
+                          out / f"serve-{name}.log", env=os.environ | {"BENCH_AGENT_KEY": key})
+            try:
+                wait_ready(f"http://127.0.0.1:{port}/healthz", serve, out / f"serve-{name}.log", 300)
+                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0,
+                                       timeout=900)
+                rows[name] = replay(b, client, lines, docs, name)
+            finally:
+                stop(serve)
+    finally:
+        stop(upstream)
+    results["every_step"] = figures(rows["every_step"], None)
+    results["calibrated"] = figures(rows["calibrated"], rows["every_step"])
+    results["steps"] = rows
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    from slmtune.plots import pyplot, save_png
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    for name, marker in (("calibrated", "o"), ("every_step", "x")):
+        for app, f in results[name]["per_app"].items():
+            acc = f["answered_accuracy"]
+            ax.scatter([f["slm_share"]], [acc if acc is not None else 0.0], marker=marker, s=60,
+                       label=f"{name}: {app}")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("share of held-out steps the SLM answered")
+    ax.set_ylabel("accuracy of its answers (BFCL AST checker)")
+    ax.set_title("BFCL multi-turn as an agent's traffic, through slmtune serve")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--apps", default=",".join(DEV_APPS), help="conversations whose classes all lie in this set")
@@ -216,13 +359,35 @@ def main() -> None:
     p.add_argument("--variants", action="store_true", help="add the train conversations' long-context / "
                    "missing-parameter / missing-function variants to the training traffic")
     p.add_argument("--out-dir", type=Path, default=Path("bench_agent"))
+    p.add_argument("--logs-only", action="store_true", help="write the logs and the split, nothing else")
+    p.add_argument("--min-coverage", type=float, default=0.2, help="the calibrated system's routing rule")
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N held-out steps")
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 training steps, 8 eval records, 20 steps")
     a = p.parse_args()
     apps = {x.strip() for x in a.apps.split(",") if x.strip()}
     if unknown := apps - set(DOC_FILES):
         p.error(f"unknown application(s): {', '.join(sorted(unknown))} (known: {', '.join(DOC_FILES)})")
-    s = write_logs(bfcl(), apps, a.seed, a.test_share, a.variants, a.out_dir)
+    if a.quick and a.limit is None:
+        a.limit = 20
+    import time
+
+    start_s = time.perf_counter()
+    b = bfcl()
+    s = write_logs(b, apps, a.seed, a.test_share, a.variants, a.out_dir)
     print(f"{len(s['train_conversations'])} train / {len(s['test_conversations'])} test conversations; steps: "
-          f"{json.dumps(s['steps'])}; wrote {a.out_dir / 'logs'}")
+          f"{json.dumps(s['steps'])}; wrote {a.out_dir / 'logs'}", flush=True)
+    if a.logs_only:
+        return
+    results = {"apps": sorted(apps), "checker": "bfcl_eval ast_checker", "split": s, **pipeline(a, b, a.out_dir)}
+    results["wall_time_s"] = round(time.perf_counter() - start_s, 1)
+    from slmtune.io import write_json
+
+    write_json(a.out_dir / "bench_agent.json", results)
+    plot(results, a.out_dir / "bench_agent.png")
+    for name in ("every_step", "calibrated"):
+        print(f"{name}: {json.dumps(results[name]['overall'])}")
+    print(f"wall time {results['wall_time_s']:.0f} s; wrote {a.out_dir / 'bench_agent.json'} and "
+          f"{a.out_dir / 'bench_agent.png'}")
 
 
 if __name__ == "__main__":

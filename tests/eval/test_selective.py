@@ -58,6 +58,7 @@ def test_selective_needs_a_confidence_for_every_record():
     assert selective([0.5, None], [1.0, 0.0]) is None  # predictions and teacher rows have none
     sel = selective([0.9, 0.2], [1.0, 0.0], target=0.5)
     assert sel["auroc"] == 1.0 and sel["target"] == 0.5 and len(sel["curve"]) == 2
+    assert sel["cross_fit"] == cross_fit([0.9, 0.2], [1.0, 0.0], 0.5)  # the flywheel's coverage, from the report
 
 
 def test_cross_fitting_judges_each_part_by_the_other_parts_threshold():

@@ -51,8 +51,9 @@ Output directory::
               `selective` (generated rows): {"auroc", "curve": [{"threshold", "coverage", "accuracy",
               "answered", "agree"}]} of the row's confidences against its per-record key metric, and with
               --target-accuracy the calibration: "target", "level", "threshold" (null: none reached), "coverage",
-              "accuracy", "lower_bound", "n", "answered" (+ "reason" when no threshold) — see
-              `slmtune.eval.selective`.
+              "accuracy", "lower_bound", "n", "answered" (+ "reason" when no threshold), and "cross_fit":
+              {"folds", "coverage", "accuracy", "answered", "n"} — each half of the records judged by the
+              threshold the other half picks — see `slmtune.eval.selective`.
     decoding  {"requested": auto | free | constrained, "used": free | constrained}: how the model rows were
               decoded (used = free when nothing was generated, the task has no grammar, or auto found no
               llguidance; --compare-decodings decodes them free)

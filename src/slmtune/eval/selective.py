@@ -119,14 +119,15 @@ def calibrate(conf: Sequence[float | None], scores: Sequence[float], target: flo
 def selective(conf: Sequence[float | None], scores: Sequence[float], target: float | None = None,
               text_task: bool = False, serves: Sequence[bool] | None = None) -> dict | None:
     """report.json's `models.<row>.selective`: the AUROC, the curve and, with `target`, the calibration's keys
-    (`calibrate`); `serves[i]` False: record i is never answered (see module docstring). None for a row without
-    confidences (predictions, teacher)."""
+    (`calibrate`) and its `cross_fit` coverage and accuracy; `serves[i]` False: record i is never answered (see
+    module docstring). None for a row without confidences (predictions, teacher)."""
     if not conf or any(c is None for c in conf):
         return None
     served = [c if ok else None for c, ok in zip(conf, serves or [True] * len(conf), strict=True)]
     out = {"auroc": auroc(conf, scores), "curve": curve(served, scores)}
     if target is not None:
         out |= calibrate(served, scores, target, text_task=text_task)
+        out["cross_fit"] = cross_fit(served, scores, target)
     return out
 
 

@@ -259,14 +259,15 @@ def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | Non
     out.status, out.trained_in, out.run_dir = run["status"], run["trained_in"], run["run_dir"]
     eval_fp = fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
                               config.eval_limit, config.eval_batch_size, EVAL_DECODING,
-                              file_fingerprint(config.gate) if config.gate else None, config.target_accuracy])
+                              file_fingerprint(config.gate) if config.gate else None, config.target_accuracy,
+                              "cross_fit"])  # reports before eval wrote `selective.cross_fit` are redone
     out.stage = "eval"
     report_dir = _eval(round_dir / "eval" / name, prev and prev / "eval" / name, run, eval_fp, round_dir, name,
                        config, tick)
     report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
     out.metrics = {row: report["models"][row]["metrics"][out.key_metric]["value"]
                    for row in ("base", "tuned", "teacher") if row in report["models"]}
-    out.selective = _calibration(report_dir, report, config)
+    out.selective = _calibration(report)
     out.gate_passed, out.reason = _gate(report, out, config)
     if out.gate_passed:
         out.stage = "export"
@@ -342,20 +343,13 @@ def _eval(stage_dir: Path, prev_dir: Path | None, run: dict, fp: str, round_dir:
     return stage_dir
 
 
-def _calibration(report_dir: Path, report: dict, config: FlywheelConfig) -> dict | None:
+def _calibration(report: dict) -> dict | None:
     """The tuned row's calibration (threshold from every evaluated call) with its coverage and accuracy
-    cross-fit: measured only on calls that did not set the threshold they were judged by."""
-    from slmtune.eval.selective import cross_fit, record_scores, servable
-    from slmtune.io import read_jsonl
-
+    cross-fit: measured only on calls that did not set the threshold they were judged by (eval's report)."""
     sel = report["models"].get("tuned", {}).get("selective")
     if not sel or "target" not in sel:
         return None
-    outs = [line["outputs"]["tuned"] for line in read_jsonl(report_dir / "predictions.jsonl")]
-    category = report["task"]["category"]
-    scores = record_scores([o["verdicts"] for o in outs], key_metric(category))
-    conf = [o["confidence"] if servable(category, o.get("message")) else None for o in outs]
-    fit = cross_fit(conf, scores, config.target_accuracy)
+    fit = sel["cross_fit"]
     return {"target": sel["target"], "threshold": sel["threshold"], "lower_bound": sel["lower_bound"],
             "coverage": fit["coverage"], "accuracy": fit["accuracy"], "answered": fit["answered"], "n": fit["n"],
             **({"reason": sel["reason"]} if sel.get("reason") else {})}

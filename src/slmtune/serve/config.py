@@ -161,7 +161,6 @@ def disabled_routes(router: dict, min_score: tuple[tuple[str, float], ...]) -> d
     return out
 
 
-
 def vllm_command_text(router_path: Path) -> str:
     """The vLLM commands for a router's exports, and the `slmtune serve` line that uses them."""
     from slmtune.serve.vllm import vllm_commands

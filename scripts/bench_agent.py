@@ -173,18 +173,10 @@ def variant_of(variant_id: str) -> str:
 
 def score_step(b, entry_docs: list[dict], answer: dict | None, ground_truth: str) -> bool:
     """Whether `answer` (an OpenAI assistant message) makes exactly the step's ground-truth call (BFCL's checker)."""
-    calls = (answer or {}).get("tool_calls") or []
-    decoded = []
-    for c in calls:
-        fn = c.get("function") or {}
-        try:
-            args = json.loads(fn.get("arguments") or "{}")
-        except (json.JSONDecodeError, TypeError):
-            return False
-        if not isinstance(fn.get("name"), str) or not isinstance(args, dict):
-            return False
-        decoded.append({fn["name"]: args})
-    if len(decoded) != 1:
+    from bench_quality import decode_calls
+
+    decoded, parsed = decode_calls(answer)
+    if not parsed or len(decoded) != 1:
         return False
     name, args = parse_call(ground_truth, entry_docs)
     doc = next(d for d in entry_docs if d["name"] == name)

@@ -163,11 +163,11 @@ def teacher_log(b, e: dict) -> dict:
                          "choices": [{"index": 0, "message": answer, "finish_reason": finish}]}}
 
 
-def score(b, e: dict, message: dict | None) -> dict:
-    """{parsed, correct, calls} for one prediction, by BFCL's rules."""
-    calls = (message or {}).get("tool_calls") or []
+def decode_calls(message: dict | None) -> tuple[list[dict], bool]:
+    """An OpenAI assistant message's calls as BFCL reads a function-calling model's output: `[{name: arguments}]`,
+    and whether every call parsed (a string name, JSON-object arguments); unparsed calls are left out."""
     decoded, parsed = [], True
-    for c in calls:
+    for c in (message or {}).get("tool_calls") or []:
         fn = c.get("function") or {}
         try:
             args = json.loads(fn.get("arguments") or "{}")
@@ -177,6 +177,13 @@ def score(b, e: dict, message: dict | None) -> dict:
             parsed = False
             continue
         decoded.append({fn["name"]: args})
+    return decoded, parsed
+
+
+def score(b, e: dict, message: dict | None) -> dict:
+    """{parsed, correct, calls} for one prediction, by BFCL's rules."""
+    calls = (message or {}).get("tool_calls") or []
+    decoded, parsed = decode_calls(message)
     if e["category"] in IRRELEVANCE:
         made_call = bool(calls) and not (parsed and b.is_empty_output(decoded))
         return {"parsed": parsed, "correct": not made_call, "calls": len(calls)}

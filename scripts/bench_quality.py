@@ -228,8 +228,11 @@ def selective_figures(b, by_id: dict[str, dict], preds: dict[str, dict], conf: d
     ids = sorted(rid for rid in by_id if rid in preds and conf.get(rid))
     correct = {rid: float(score(b, by_id[rid], preds[rid])["correct"]) for rid in ids}
     served = {rid: conf[rid][DEFAULT] if servable("tool_calling", preds[rid]) else None for rid in ids}
+    calls = [r for r in ids if served[r] is not None]
     out = {"n": len(ids), "auroc": {k: auroc([conf[r][k] for r in ids], [correct[r] for r in ids])
                                     for k in CANDIDATES},
+           "calls": len(calls), "calls_right": int(sum(correct[r] for r in calls)),
+           "auroc_calls": auroc([served[r] for r in calls], [correct[r] for r in calls]),
            "default": DEFAULT, "target": target, "halves": []}
     halves = [ids[0::2], ids[1::2]]
     for cal, held in (halves, halves[::-1]):
@@ -405,6 +408,8 @@ def print_table(results: dict) -> None:
 def print_selective(s: dict) -> None:
     print(f"\nconfidence AUROC vs BFCL's verdict ({s['n']} test records): "
           + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} —" for k, v in s["auroc"].items()))
+    print(f"call answers: {s['calls_right']} of {s['calls']} right; {s['default']} AUROC over them "
+          + ("—" if s["auroc_calls"] is None else f"{s['auroc_calls']:.3f}"))
     for h in s["halves"]:
         acc = "—" if h["accuracy"] is None else f"{h['accuracy']:.3f}"
         thr = "none" if h["threshold"] is None else f"{h['threshold']:.4f}"

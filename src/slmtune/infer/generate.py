@@ -18,9 +18,9 @@ gives the same greedy tokens as prefilling every prompt whole.
 Every generated token's log-probability is kept (`Generation.token_logprobs`), read from the distribution the
 token was picked from: the scores after every logits processor, so under a grammar they are renormalized over
 the tokens it allows and a token the grammar forces has log-probability 0. It costs one log-softmax over the
-vocabulary per step: 0.05 ms for one row and 0.45 ms for 16 at SmolLM2's 49k vocabulary (2-core AVX512-BF16
-CPU), against ~90 ms for one row's decode step (11 tokens/s above): about 0.05 %. `slmtune.infer.confidence`
-turns them into an answer's confidence.
+vocabulary per step: 0.05 ms for one row and 0.44 ms for 16 at SmolLM2's 49k vocabulary, against 56.5 ms for
+one SmolLM2-135M decode step of one row in the same run (`scripts/bench_confidence.py --cost`, 2-core
+AVX512-BF16 CPU): about 0.1 %. `slmtune.infer.confidence` turns them into an answer's confidence.
 
 Timing: a batch's wall time is every one of its records' latency (they wait together); throughput is the
 generated tokens of all batches over their summed wall time.

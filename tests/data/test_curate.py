@@ -177,7 +177,8 @@ def test_every_filter_and_dedupe_has_its_reason_and_counts_reconcile(tmp_path):
         record("keep me", id="copy"),                    # exact duplicate of the first
         record("KEEP   me", id="copy2"),                 # the same once normalized
         record(LONG, "a"),
-        record(LONG + " thanks", "b", id="near"),      # near duplicate of the prompt above
+        record(LONG + " thanks", "a", id="near"),      # near duplicate of the prompt and answer above
+        record(LONG + " please", "b", id="next"),      # the same prompt answered differently: kept
         record("keep tool", target=call("w", '{"note": "fine", "count": 2}'), tools=[w]),
     ]
     path = tmp_path / "records.jsonl"
@@ -188,14 +189,14 @@ def test_every_filter_and_dedupe_has_its_reason_and_counts_reconcile(tmp_path):
         "--max-chars", "500")
     kept = read_jsonl(tmp_path / "out.jsonl")
     rejected = read_jsonl(tmp_path / "out.rejected.jsonl")
-    assert [r["id"] for r in kept] == ["keep me", LONG[:20], "keep tool"]
+    assert [r["id"] for r in kept] == ["keep me", LONG[:20], "next", "keep tool"]
     assert [(r["line"], r["reason"]) for r in rejected] == [
         (2, "empty_completion"), (3, "truncated"), (4, "errored"), (5, "tool_args_not_json"), (6, "unknown_tool"),
         (7, "tool_args_schema"), (8, "too_long"), (9, "duplicate"), (10, "duplicate"), (12, "near_duplicate"),
-        (14, "invalid_json"), (15, "invalid_record"), (16, "blank_line")]
+        (15, "invalid_json"), (16, "invalid_record"), (17, "blank_line")]
     assert rejected[7]["duplicate_of"] == "keep me" and "note" in rejected[5]["detail"]
     rep = json.loads((tmp_path / "rep.json").read_text())
-    assert rep["records_in"] == 16 == rep["kept"] + rep["rejected"] == len(kept) + len(rejected)
+    assert rep["records_in"] == 17 == rep["kept"] + rep["rejected"] == len(kept) + len(rejected)
     assert sum(rep["rejected_by_reason"].values()) == rep["rejected"]
     assert rep["duplicates_removed"] == {"exact": 2, "near": 1}
 

@@ -53,15 +53,15 @@ def planted() -> dict[float, list[tuple[str, str]]]:
     return pairs
 
 
-def _record(rid: str, text: str) -> dict:
+def _record(rid: str, text: str, answer: str | None = None) -> dict:
     return {"id": rid, "messages": [{"role": "system", "content": "You are terse."},
                                     {"role": "user", "content": text},
-                                    {"role": "assistant", "content": f"answer {rid}"}]}
+                                    {"role": "assistant", "content": answer or f"answer {rid}"}]}
 
 
 def _interleaved(planted) -> list[dict]:
-    """Each pair's first record, then its second: a pair's two halves meet in input order."""
-    return [_record(f"{level}-{i}-{half}", text) for level, ps in planted.items()
+    """Each pair's first record, then its second, both given the same answer: a pair's halves meet in input order."""
+    return [_record(f"{level}-{i}-{half}", text, f"the answer to pair {level}-{i}") for level, ps in planted.items()
             for i, pair in enumerate(ps) for half, text in zip("ab", pair, strict=True)]
 
 
@@ -81,7 +81,22 @@ def test_seen_catches_pairs_at_and_above_the_threshold_and_keeps_distinct_ones(p
     assert caught[0.75] <= 0.02 and caught[0.85] < caught[0.9], caught
     assert seen.near_removed == sum(round(c * PAIRS) for c in caught.values())
     reason, detail, _ = found["0.95-0-b"]
-    assert reason == "near_duplicate" and detail.startswith("prompt Jaccard >= 0.9 with an earlier record (0.95-0-a, ")
+    assert reason == "near_duplicate" and detail.startswith(
+        "prompt and answer Jaccard >= 0.9 with an earlier record (0.95-0-a, ")
+
+
+def test_a_near_identical_prompt_answered_differently_is_kept(planted):
+    """An agent's next step: the prompt is the previous one plus a tool result, the answer is a different call.
+    Same prompts, same answers: dropped; same prompts, other answers: kept."""
+    pairs = planted[0.95][:100]
+    keyer, seen = Keyer(0.9), Seen(0.9)
+    for i, (a, b) in enumerate(pairs):
+        recs = [_record(f"{i}-a", a, f"cd folder {i}"), _record(f"{i}-b", b, f"ls {i} hidden"),
+                _record(f"{i}-c", b + " x", f"cd folder {i}")]
+        verdicts = [seen.check(*keys, r["id"]) for r, keys in zip(recs, keyer.keys(recs), strict=True)]
+        assert verdicts[0] is None and verdicts[1] is None, verdicts  # another answer: a step of its own
+        assert verdicts[2] is not None and verdicts[2][0] == "near_duplicate", verdicts
+    assert seen.near_removed == len(pairs)
 
 
 def test_curate_drops_planted_near_duplicates_and_keeps_distinct_records(planted, tmp_path):
@@ -101,8 +116,8 @@ def test_curate_drops_planted_near_duplicates_and_keeps_distinct_records(planted
 
 def test_near_dup_zero_turns_near_dedupe_off(planted, tmp_path):
     src = tmp_path / "records.jsonl"
-    write_jsonl(src, [_record(f"{i}-{h}", t) for i, p in enumerate(planted[0.95][:20]) for h, t in zip("ab", p,
-                                                                                                        strict=True)])
+    write_jsonl(src, [_record(f"{i}-{h}", t, "same") for i, p in enumerate(planted[0.95][:20])
+                      for h, t in zip("ab", p, strict=True)])
     rep = curate(src, tmp_path / "out.jsonl", config=CurateConfig(near_dup=0))
     assert rep.kept == 40 and rep.report["duplicates_removed"] == {"exact": 0, "near": 0}
 

@@ -14,7 +14,9 @@ finish_reason / stop_reason, as when an upstream stream broke off: the answer ma
 records never carry one and are kept), `tool_args_not_json`, `unknown_tool` (not in the record's `tools`),
 `tool_args_schema` (arguments violate the tool's JSON Schema), `too_long` (more than `max_chars` characters of
 content and arguments), `duplicate` (same normalized messages and tools), `near_duplicate` (prompt MinHash-LSH
-Jaccard >= `near_dup`; the prompt is every non-system message before the target).
+Jaccard >= `near_dup` with a kept record whose answer is also that similar; the prompt is every non-system message
+before the target, the answer the target's content and calls: a near-identical prompt answered differently, like
+the next step of an agent's conversation, is kept).
 
 Rejected lines (`<out>.rejected.jsonl`): `{"file", "line", "reason", "reasons", "detail", "id", "record"}`
 (`record` is the scrubbed record, absent for blank_line / invalid_json / invalid_record; `duplicate_of`
@@ -64,7 +66,7 @@ class CurateConfig:
     on_secret: str = "redact"
     """redact: replace secrets with placeholders like all PII; drop: reject records that held one."""
     near_dup: float = 0.9
-    """Prompt similarity (Jaccard) at which a record is a near duplicate; 0 = off."""
+    """Similarity (Jaccard) of prompt and of answer at which a record is a near duplicate of a kept one; 0 = off."""
     max_chars: int = 32_000
     """Drop records longer than this, in characters of content + arguments (~8k tokens at ~4 chars/token)."""
     scrubber: str = "regex"

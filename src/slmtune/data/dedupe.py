@@ -5,7 +5,8 @@ Split in two so the costly half runs in curate's worker processes: `Keyer.keys(r
 exact key, MinHash signature and band keys (pure, picklable results); `Seen.check(...)` is the order-dependent
 membership test run once, in input order, in the main process — the first record seen is the one kept.
 
-Near duplicates, step by step:
+Near duplicates, step by step (curate: a record is a near duplicate when its prompt and its answer both match a
+kept record's at the threshold; the prompt finds candidates, the answer signatures are compared after):
 1. Shingles: the text, lower-cased, cut into word 3-grams (under three words: one shingle), each hashed to 32 bits
    from its words' crc32s.
 2. Signature: the minimum of each of NUM_PERM = 128 hash functions over the shingles. Two signatures agree at a
@@ -269,8 +270,8 @@ class NearIndex:
 
 # ----------------------------------------------------------------------------- curate's two halves
 class Keyer:
-    """Computes (exact key, near keys) for records; near keys are (signature, band keys), None when near-dedupe
-    is off (threshold 0)."""
+    """Computes (exact key, near keys) for records; near keys are (prompt signature, its band keys, answer
+    signature), None when near-dedupe is off (threshold 0)."""
 
     def __init__(self, threshold: float):
         self.lsh = Lsh.for_threshold(threshold) if threshold > 0 else None
@@ -282,7 +283,9 @@ class Keyer:
         if self.lsh is None or not recs:
             return [(e, None) for e in exact]
         sigs = signatures([prompt_text(r) for r in recs])
-        near = zip(map(bytes, sigs.astype(np.uint16)), map(bytes, self.lsh.band_keys(sigs)), strict=True)
+        answers = signatures([answer_text(r) for r in recs])
+        near = zip(map(bytes, sigs.astype(np.uint16)), map(bytes, self.lsh.band_keys(sigs)),
+                   map(bytes, answers.astype(np.uint16)), strict=True)
         return list(zip(exact, near, strict=True))
 
 
@@ -297,32 +300,51 @@ def _exact_key(rec: dict) -> bytes:
 
 
 class Seen:
-    """The records kept so far: an 8-byte digest + id each, and their signatures and band keys (`NearIndex`)."""
+    """The records kept so far: an 8-byte digest + id each, their prompt signatures and band keys (`NearIndex`)
+    and their answer signatures.
+
+    A near duplicate repeats a kept record's prompt *and* its answer (both Jaccard ≥ the threshold): it teaches
+    nothing new. A near-identical prompt with a different answer is kept — in an agent's multi-step traffic each
+    step's prompt holds the one before it plus a tool result, and the answer (the next call) is what differs."""
 
     def __init__(self, threshold: float):
         self.exact: dict[bytes, str] = {}
         self.near = NearIndex(Lsh.for_threshold(threshold)) if threshold > 0 else None
         self.near_ids: list[str] = []
+        self.answers: list[np.ndarray] = []
         self.exact_removed = self.near_removed = 0
 
-    def check(self, exact: bytes, near: tuple[bytes, bytes] | None, rec_id: object) -> tuple[str, str, str] | None:
+    def check(self, exact: bytes, near: tuple[bytes, bytes, bytes] | None,
+              rec_id: object) -> tuple[str, str, str] | None:
         """(reason, detail, duplicate_of) when a kept record already has these keys; else remember them."""
         if exact in self.exact:
             self.exact_removed += 1
             return "duplicate", "same normalized messages and tools", self.exact[exact]
         if near is not None and self.near is not None:
-            near = np.frombuffer(near[0], dtype=np.uint16), np.frombuffer(near[1], dtype=np.uint64)
-            rows, agree = self.near.matches(*near)
+            sig, bands = np.frombuffer(near[0], dtype=np.uint16), np.frombuffer(near[1], dtype=np.uint64)
+            answer = np.frombuffer(near[2], dtype=np.uint16)
+            rows, agree = self.near.matches(sig, bands)
+            if len(rows):
+                same = agreement(np.stack([self.answers[r] for r in rows]), answer) >= self.near.lsh.min_agree
+                rows, agree = rows[same], agree[same]
             if len(rows):
                 self.near_removed += 1
-                best = int(np.argmax(agree))  # the most similar; ties go to the earliest
-                return "near_duplicate", (f"prompt Jaccard >= {self.near.lsh.threshold} with an earlier record "
-                                          f"({self.near_ids[rows[best]]}, MinHash estimate "
+                best = int(np.argmax(agree))  # the most similar prompt; ties go to the earliest
+                return "near_duplicate", (f"prompt and answer Jaccard >= {self.near.lsh.threshold} with an earlier "
+                                          f"record ({self.near_ids[rows[best]]}, prompt MinHash estimate "
                                           f"{agree[best] / NUM_PERM:.2f})"), ""
-            self.near.add(*near)
+            self.near.add(sig, bands)
             self.near_ids.append(str(rec_id))
+            self.answers.append(answer)
         self.exact[exact] = str(rec_id)
         return None
+
+
+def answer_text(rec: dict) -> str:
+    """The target: its content and tool calls (name + arguments)."""
+    target = rec["messages"][target_index(rec["messages"])]
+    calls = [c["function"]["name"] + " " + c["function"]["arguments"] for c in target.get("tool_calls") or []]
+    return "\n".join([target.get("content") or "", *calls])
 
 
 def prompt_text(rec: dict) -> str:

@@ -92,3 +92,34 @@ def test_development_and_reserved_apps_and_the_train_test_split(b, tmp_path):
     assert {x["metadata"]["bfcl_id"] for x in tests} <= test
     reserved = ba.write_logs(b, set(ba.RESERVED_APPS), 0, 0.3, False, tmp_path / "reserved")
     assert not set(reserved["train_conversations"] + reserved["test_conversations"]) & (train | test)
+
+
+def test_one_applications_traffic_is_one_task_that_every_held_out_step_routes_to(b, tmp_path):
+    """The application's steps offer its tools in several subsets (file system alone, beside messaging...) and
+    each step's prompt holds the one before: curate keeps every step, cluster finds one task over the tool
+    family, and the router sends every held-out request (some with tool subsets no train step offered) to it."""
+    from typer.testing import CliRunner
+
+    from slmtune.cli import app
+    from slmtune.export.router import route
+
+    ba.write_logs(b, set(ba.DEV_APPS), 0, 0.3, False, tmp_path)
+    runner = CliRunner()
+    for args in (["ingest", str(tmp_path / "logs" / "train.jsonl"), "-o", str(tmp_path / "r.jsonl")],
+                 ["curate", str(tmp_path / "r.jsonl"), "-o", str(tmp_path / "c.jsonl")],
+                 ["cluster", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "tasks")]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    train = [json.loads(x) for x in (tmp_path / "logs" / "train.jsonl").open()]
+    tool_sets = {tuple(sorted(t["function"]["name"] for t in x["request"]["tools"])) for x in train}
+    assert len(tool_sets) > 3  # several subsets of the one application's tools
+    index = json.loads((tmp_path / "tasks" / "index.json").read_text())
+    assert index["n_records"] == len(train) and index["n_unassigned"] == 0 and len(index["tasks"]) == 1
+    task = index["tasks"][0]
+    assert task["category"] == "tool_calling" and set(task["tools"]) == {t for s in tool_sets for t in s}
+    router = {"routes": [{"task": task["name"], "match": {"tools": task["tools"], "centroid_terms": []}}]}
+    held_out = [json.loads(x)["request"] for x in (tmp_path / "logs" / "test.jsonl").open()]
+    assert any(tuple(sorted(t["function"]["name"] for t in r["tools"])) not in tool_sets for r in held_out)
+    assert all(route(r, router)["task"] == task["name"] for r in held_out)
+    other = {"messages": [], "tools": [{"type": "function", "function": {"name": "get_weather"}}]}
+    assert route(other, router) is None  # a tool outside the family: the LLM's

@@ -212,3 +212,18 @@ def test_minilm_embedder_without_a_local_model_is_a_clear_error(tmp_path):
         assert res.exit_code == 0 or "not available locally" in res.output
     res = runner.invoke(app, ["cluster", str(recs), "-o", str(tmp_path / "t"), "--embedder", "bert"])
     assert res.exit_code == 2 and "--embedder" in res.output and "'bert'" in res.output  # a usage error
+
+
+def test_tool_sets_sharing_half_the_smaller_one_join_one_family_transitively():
+    from slmtune.tasks.features import View, join_tool_families
+
+    def v(*tools: str) -> View:
+        return View("", "", "", "tool_call", tuple(sorted(tools)), (), "")
+
+    views = join_tool_families([v("cd", "ls"), v("cd", "ls", "post", "tweet"), v("post", "tweet", "follow"),
+                                v("get_weather"), v("alert", "get_weather"), v("a", "b", "c"), v("a", "d", "e"), v()])
+    fam = [x.family for x in views]
+    assert fam[0] == fam[1] == fam[2] == "cd|follow|ls|post|tweet"  # 2 of 2 shared, then 2 of 3: joined
+    assert fam[3] == fam[4] == "alert|get_weather"  # all of the smaller set
+    assert (fam[5], fam[6]) == ("a|b|c", "a|d|e")  # 1 of 3: under half, two applications
+    assert fam[7] == ""

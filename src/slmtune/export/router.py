@@ -15,8 +15,11 @@ Format (version 1)::
      "not_routed": [{"task", "reason"}]}  (e.g. "coverage 0.04 at accuracy 0.95 (needs 0.2; ...)")
 
 `route(request, router)` applies the rules in order: a request offering tools goes to the route with exactly
-that tool set; a request without tools goes to a tool-less route whose centroid terms it shares most (at least
-`MIN_TERMS`); anything else returns None — the LLM keeps it. (System fingerprints are computed by `slmtune
+that tool set, else to the route with the fewest tools among those offering all of the request's (a task's
+tools are the union over its tool family, as `slmtune cluster` groups them: an agent that offers its file-system
+tools alone in one step and beside its messaging tools in the next); a request without tools goes to a
+tool-less route whose centroid terms it shares most (at least `MIN_TERMS`); anything else returns None — the LLM
+keeps it. (System fingerprints are computed by `slmtune
 cluster` on the system prompt with boilerplate shared across errands removed, so they identify a task in the
 logs; serving code matches on tools and terms, which need no corpus.)
 """
@@ -59,7 +62,9 @@ def route(request: dict, router: dict) -> dict | None:
     tools = sorted({(t.get("function") or t).get("name") or "" for t in request.get("tools") or []})
     routes = router.get("routes", [])
     if tools:
-        return next((r for r in routes if r["match"]["tools"] == tools), None)
+        exact = next((r for r in routes if r["match"]["tools"] == tools), None)
+        covering = [r for r in routes if r["match"]["tools"] and set(tools) <= set(r["match"]["tools"])]
+        return exact or min(covering, key=lambda r: len(r["match"]["tools"]), default=None)
     words = set(_WORD.findall(" ".join(str(m.get("content") or "") for m in request.get("messages", [])).lower()))
     scored = [(len(words & set(r["match"]["centroid_terms"])), r) for r in routes if not r["match"]["tools"]]
     best = max(scored, key=lambda x: x[0], default=(0, None))

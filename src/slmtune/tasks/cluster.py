@@ -91,7 +91,7 @@ def cluster(input_path: str | Path, out_dir: str | Path, min_size: int = 20, eva
 def group_records(recs: list[dict], min_size: int, embedder: str, tick: Progress
                   ) -> tuple[list[cf.View], cf.Features, np.ndarray]:
     """Views, features and a task label per record (-1 = unassigned)."""
-    views = cf.strip_boilerplate([cf.view(r) for r in recs])
+    views = cf.strip_boilerplate(cf.join_tool_families([cf.view(r) for r in recs]))
     tick("vectorizing", 0, 1)
     feats = cf.vectorize(views, _embedder(embedder))
     done = [0]

@@ -1,10 +1,15 @@
 """What clustering sees of a record, and how records are grouped into tasks.
 
-Records whose answers are of a different kind (tool call / JSON / label / code / text) or that offer different
-tools belong to different errands and are never grouped together (`block_key`). Inside a block a record is
-three texts (`View`): its system-prompt template, the rest of its prompt (user turns, tool results), and
-*structure tokens* (tools called, JSON keys of the answer, the role sequence). Each is TF-IDF vectorized
-(numbers masked), L2-normalized and weighted, so the cosine similarity of two records is
+Records whose answers are of a different kind (tool call / JSON / label / code / text) or that offer tools of
+different applications belong to different errands and are never grouped together (`block_key`). An
+application is a *tool family*: tool sets sharing at least half of the smaller set's tools, joined transitively
+(`join_tool_families`) — an agent offers its file-system tools alone in one step and beside its messaging tools
+in the next, and both steps are one errand's. Inside a block a record is three texts (`View`): its
+system-prompt template, the rest of its prompt (user turns, tool results), and *structure tokens* (the JSON keys
+of the answer, the shape of the last turn: answering the user directly or after tool results, with or without
+earlier turns). The functions called are not structure: like a label's value they are the answer's content,
+and one errand calls many. Each text is TF-IDF vectorized (numbers masked), L2-normalized and weighted, so the
+cosine similarity of two records is
 
     sim = 0.4·sim(system template) + 0.4·sim(prompt) + 0.2·sim(structure)
 
@@ -56,6 +61,7 @@ class View:
     tools: tuple[str, ...]
     called: tuple[str, ...]
     target_text: str
+    family: str = ""  # the tool family's key (`join_tool_families`); "" until joined
 
 
 def view(rec: dict) -> View:
@@ -66,29 +72,69 @@ def view(rec: dict) -> View:
     tools = tuple(sorted({(t.get("function") or {}).get("name") or "" for t in rec.get("tools") or []}))
     called = tuple(sorted({(c.get("function") or {}).get("name") or "" for c in target.get("tool_calls") or []}))
     kind = output_kind(target)
-    toks = ["roles_" + "_".join(m.get("role", "") for m in prompt if m.get("role") != "system")]
-    toks += [f"call_{c}" for c in called]
+    toks = _turn_shape(prompt)
     if kind == "json":
         value = parse_json_output(target.get("content"))
         keys = value.keys() if isinstance(value, dict) else []
         toks += [f"key_{k}" for k in keys]
-    return View(system, rest, " ".join(toks), kind, tools, called, target.get("content") or "")
+    return View(system, rest, " ".join(toks), kind, tools, called, target.get("content") or "", "|".join(tools))
+
+
+def _turn_shape(prompt: list[dict]) -> list[str]:
+    """`turn_after_user` or `turn_after_tool` (what the answer follows in its turn), and `turn_history` when
+    earlier turns precede it: a bounded set, where the whole role sequence would make each step of a long
+    conversation a structure of its own."""
+    roles = [m.get("role") for m in prompt if m.get("role") != "system"]
+    last_user = max((i for i, r in enumerate(roles) if r == "user"), default=-1)
+    toks = ["turn_after_tool" if roles and roles[-1] == "tool" else "turn_after_user"]
+    return toks + (["turn_history"] if last_user > 0 else [])
 
 
 def block_key(v: View) -> str:
-    """Records with different offered tools or a different output kind never share a task."""
-    return v.kind + ":" + "|".join(v.tools)
+    """Records of a different output kind or tool family never share a task."""
+    return v.kind + ":" + v.family
+
+
+def join_tool_families(views: list[View], overlap: float = 0.5) -> list[View]:
+    """Each view's `family`: the sorted union of the tool sets joined with its own. Two tool sets join when they
+    share at least `overlap` of the smaller one's tools; joins are transitive (union-find over the distinct sets,
+    candidate pairs found through a tool-name index, so traffic where every call brings new functions stays
+    near-linear)."""
+    sets = sorted({v.tools for v in views if v.tools})
+    parent = list(range(len(sets)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    holders: dict[str, list[int]] = {}
+    for i, ts in enumerate(sets):
+        shared: dict[int, int] = {}
+        for t in ts:
+            for j in holders.get(t, []):
+                shared[j] = shared.get(j, 0) + 1
+            holders.setdefault(t, []).append(i)
+        for j, n in shared.items():
+            if n >= overlap * min(len(ts), len(sets[j])):
+                parent[find(i)] = find(j)
+    union: dict[int, set[str]] = {}
+    for i, ts in enumerate(sets):
+        union.setdefault(find(i), set()).update(ts)
+    key = {ts: "|".join(sorted(union[find(i)])) for i, ts in enumerate(sets)}
+    return [replace(v, family=key.get(v.tools, "")) for v in views]
 
 
 def strip_boilerplate(views: list[View]) -> list[View]:
     """Drop system-prompt sentences shared across output structures (policy preambles every errand carries).
 
-    A sentence found under ≥ half of the distinct (output kind, tools offered, tools called) signatures, when
+    A sentence found under ≥ half of the distinct (output kind, tool family) signatures, when
     there are at least 3, says nothing about which errand a record is; what remains is the errand's template.
     """
-    # Output kind + tools offered + tools called; not the JSON keys, whose optional fields would make one
-    # extraction errand look like many structures and its own template like boilerplate.
-    sigs = [f"{block_key(v)}#{'|'.join(v.called)}" for v in views]
+    # Output kind + tool family; not the tools called (one agent errand calls many) nor the JSON keys, whose
+    # optional fields would make one extraction errand look like many structures and its template boilerplate.
+    sigs = [block_key(v) for v in views]
     n_sigs = len(set(sigs))
     if n_sigs < 3:
         return views

@@ -76,6 +76,11 @@ class DataSection(_Strict):
         "auto", description="Encode each batch's common prompt prefix (system prompt, tool specs) once per batch; "
         "`auto` = when it saves >= 20% of the work, on one process, without gradient checkpointing."
     )
+    tool_docs: Literal["full", "compact"] = Field(
+        "full", description="How offered tools are written into the prompt: `full` = each tool's JSON spec; "
+        "`compact` = one signature line per tool, descriptions dropped (`slmtune.render.tool_signature`; for "
+        "templates that leave tools to slmtune). `plan` picks compact when full specs push records over the cap."
+    )
     train_on: Literal["last", "all_assistant"] = Field(
         "last", description="Which tokens carry the loss: `last` = the last assistant turn (what the model is asked "
         "in use); `all_assistant` = every assistant turn of the conversation."

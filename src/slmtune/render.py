@@ -25,6 +25,13 @@ documented format, the Hermes/Qwen convention most open models are already famil
       {"name": "<function-name>", "arguments": <arguments-json-object>}
       </tool_call>
 
+* with `data.tool_docs: compact` each tool is one signature line instead of its JSON spec (`tool_signature`):
+  ``post_tweet(content: string, tags?: array<string>, unit?: "c"|"f" = "c")`` — parameters in schema order,
+  `?` when not required, enums, array items, nested objects and defaults kept, every description dropped. An
+  agent's tool docs are most of its prompt (BFCL's file-system and messaging tools: ~5,000 of ~5,700 tokens); a
+  model tuned on one application's traffic learns its tools from the calls. The choice travels with the
+  tokenizer saved beside the weights (`TOOL_DOCS_MARK`, a Jinja comment at the head of its chat template), so
+  eval, export and serve render what training rendered;
 * an assistant tool call becomes
   ``<tool_call>\\n{"name": "get_weather", "arguments": {"city": "Paris"}}\\n</tool_call>`` (one block per call,
   after any text; JSON with `json.dumps` default separators);
@@ -57,6 +64,9 @@ TOOLS_PREAMBLE = (
     "To call a function, reply with one JSON object per call inside <tool_call></tool_call> tags:\n"
     '<tool_call>\n{{"name": "<function-name>", "arguments": <arguments-json-object>}}\n</tool_call>'
 )
+# A Jinja comment: renders nothing and strips nothing; in a tokenizer's chat template it means `tool_docs: compact`.
+TOOL_DOCS_MARK = "{# slmtune tool_docs: compact #}"
+TOOL_DOCS = ("full", "compact")
 _CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
@@ -67,19 +77,61 @@ class Renderer:
     tokenizer: Any
     native_tools: bool
     native_tool_calls: bool
+    tool_docs: str = "full"  # "compact": one signature line per tool (slmtune-hermes mode only)
 
     @property
     def mode(self) -> str:
         return "native" if self.native_tools and self.native_tool_calls else "slmtune-hermes"
 
 
-def make_renderer(tokenizer) -> Renderer:
+def make_renderer(tokenizer, tool_docs: str | None = None) -> Renderer:
+    """The renderer of `tokenizer`; `tool_docs` None = as its chat template is marked (`TOOL_DOCS_MARK`)."""
     template = tokenizer.chat_template
     if not template or not isinstance(template, str):
         raise SlmtuneError(
             "The tokenizer has no chat template.", "Use an instruct/chat model or add `chat_template` to its tokenizer."
         )
-    return Renderer(tokenizer, native_tools="tools" in template, native_tool_calls="tool_calls" in template)
+    docs = tool_docs or ("compact" if TOOL_DOCS_MARK in template else "full")
+    return Renderer(tokenizer, native_tools="tools" in template, native_tool_calls="tool_calls" in template,
+                    tool_docs=docs)
+
+
+def mark_tool_docs(tokenizer, tool_docs: str) -> None:
+    """Mark (or unmark) `tokenizer`'s chat template with `tool_docs`, so whoever loads it renders tools alike."""
+    template = (tokenizer.chat_template or "").replace(TOOL_DOCS_MARK, "")
+    tokenizer.chat_template = TOOL_DOCS_MARK + template if tool_docs == "compact" else template
+
+
+def tool_signature(tool: dict) -> str:
+    """One line per tool for `tool_docs: compact`: ``name(a: string, b?: array<integer> = [])``."""
+    fn = tool.get("function") or tool
+    params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
+    return f"{fn.get('name', '')}({_sig_fields(params)})"
+
+
+def _sig_fields(schema: dict) -> str:
+    props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    return ", ".join(f"{k}{'' if k in required else '?'}: {_sig_type(v)}" for k, v in props.items())
+
+
+def _sig_type(s: Any) -> str:
+    if not isinstance(s, dict):
+        return "any"
+    t = s.get("type")
+    if isinstance(s.get("enum"), list):
+        out = "|".join(json.dumps(v, ensure_ascii=False) for v in s["enum"])
+    elif t == "array":
+        out = f"array<{_sig_type(s.get('items'))}>"
+    elif t == "object" and isinstance(s.get("properties"), dict):
+        out = "{" + _sig_fields(s) + "}"
+    elif isinstance(t, str):
+        out = t
+    elif isinstance(t, list):
+        out = "|".join(str(x) for x in t)
+    else:
+        out = "any"
+    return out + (" = " + json.dumps(s["default"], ensure_ascii=False) if "default" in s else "")
 
 
 def format_call(call: dict) -> str:
@@ -155,7 +207,8 @@ def chat_messages(r: Renderer, messages: list[dict], tools: list[dict] | None) -
         return [_native_message(m) for m in messages], tools or None
     msgs = [_fallback_message(m) for m in messages]
     if tools:
-        block = TOOLS_PREAMBLE.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        line = tool_signature if r.tool_docs == "compact" else (lambda t: json.dumps(t, ensure_ascii=False))
+        block = TOOLS_PREAMBLE.format(tools="\n".join(map(line, tools)))
         if msgs and msgs[0]["role"] == "system":
             msgs[0] = {"role": "system", "content": f"{msgs[0]['content']}\n\n{block}"}
         else:

@@ -91,7 +91,7 @@ def exports(tiny_model, tmp_path_factory):
     merged = cli("export", root / "run", "-o", root / "merged")
     adapter = cli("export", root / "run", "-o", root / "adapter", "--adapter-only")
     r = make_renderer(AutoTokenizer.from_pretrained(root / "run" / "adapter"))
-    return {"merged": merged, "adapter": adapter, "renderer": r}
+    return {"merged": merged, "adapter": adapter, "renderer": r, "run": root / "run"}
 
 
 @pytest.mark.parametrize("kind", ["merged", "adapter"])
@@ -202,3 +202,44 @@ def test_the_prelude_leaves_the_base_template_lexed_as_alone():
         alone = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
         tok.chat_template = export_template(r)
         assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == alone
+
+
+NESTED_TOOL = {"type": "function", "function": {
+    "name": "book", "description": "Book a trip.", "parameters": {"type": "object", "properties": {
+        "legs": {"type": "array", "items": {"type": "object", "properties": {
+            "from": {"type": "string", "description": "IATA code"}, "when": {"type": ["string", "null"]}},
+            "required": ["from"]}},
+        "class": {"type": "string", "enum": ["economy", "business", "ünïcode \"q\""], "default": "economy"},
+        "seats": {"type": "integer", "default": 1}, "note": {}, "meta": {"type": "object"}},
+        "required": ["legs"]}}}
+
+
+def test_compact_tool_docs_are_signature_lines_that_the_export_template_writes_alike(exports, tmp_path):
+    """`data.tool_docs: compact`: a signature line per tool, descriptions dropped; the marked tokenizer and the
+    export's Jinja prelude render every record byte for byte alike, nested and odd schemas included."""
+    from slmtune.render import mark_tool_docs, tool_signature
+
+    assert tool_signature(NESTED_TOOL) == ('book(legs: array<{from: string, when?: string|null}>, class?: "economy"|'
+                                           '"business"|"ünïcode \\"q\\"" = "economy", seats?: integer = 1, note?: '
+                                           'any, meta?: object)')
+    r = exports["renderer"]
+    tok = AutoTokenizer.from_pretrained(exports["run"] / "adapter")
+    mark_tool_docs(tok, "compact")
+    compact = make_renderer(tok)
+    assert compact.tool_docs == "compact" and compact.mode == "slmtune-hermes"
+    recs = [*records(), {"messages": [{"role": "user", "content": "Fly me to Rome"}, {"role": "assistant",
+            "content": None, "tool_calls": [call(9, "book", '{"legs": [{"from": "OSL"}]}')]}],
+            "tools": [NESTED_TOOL, WEATHER_TOOL, SEARCH_TOOL]}]
+    text = prompt_text(compact, recs[-1])
+    assert "book(legs: array<" in text and "Book a trip" not in text and "IATA" not in text
+    assert len(text) < len(prompt_text(r, recs[-1])) / 2
+    (tmp_path / "t").mkdir()
+    tok.chat_template = export_template(compact)
+    tok.save_pretrained(tmp_path / "t")
+    exported = AutoTokenizer.from_pretrained(tmp_path / "t")
+    assert make_renderer(exported).tool_docs == "compact"  # the marker travels inside the export template
+    for rec in recs:
+        assert_renders_as_training(compact, exported, rec)
+        assert prompt_text(make_renderer(exported), rec) == prompt_text(compact, rec)
+    mark_tool_docs(tok, "full")
+    assert make_renderer(tok).tool_docs == "full"

@@ -209,3 +209,47 @@ def test_plan_writes_what_train_resolves_auto_to(tasks_dir, tmp_path, base, meth
         n_train = json.loads((tasks_dir / path.stem / "task.json").read_text())["n_train"]
         assert n_train < 1000 and (recipe.method, recipe.train.epochs, recipe.train.lr) == (method, 2.0, lr)
         assert ("optimizer" in text and "Full fine-tune" in text) == (method == "full")
+
+
+def test_long_tool_docs_get_compact_signatures_that_training_and_its_outputs_keep(tasks_dir, tmp_path):
+    """An agent's tool docs over the CPU cap: plan measures the records again with `data.tool_docs: compact` and
+    writes it; training renders with it and saves a tokenizer marked so, which eval, export and serve load."""
+    pytest.importorskip("torch")
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from slmtune.render import make_renderer
+    from slmtune.synthetic.tiny import build_tiny_model
+    from slmtune.train.trainer import prepare
+
+    model = build_tiny_model(tmp_path / "tiny")
+    tasks = tmp_path / "tasks"
+    shutil.copytree(tasks_dir, tasks)
+    name = next(t["name"] for t in json.loads((tasks / "index.json").read_text())["tasks"] if t["tools"])
+    rows = read_jsonl(tasks / name / "train.jsonl")[:24]
+    for r in rows:  # the same tools, documented at length: ~9k characters of descriptions per record
+        for t in r["tools"]:
+            t["function"]["description"] = "Looks the value up in the live system and returns it. " * 80
+    write_jsonl(tasks / name / "train.jsonl", rows)
+    res = runner.invoke(app, ["plan", str(tasks), "-o", str(tmp_path / "r"), "--gpu", "cpu", "--base-model",
+                              str(model)])
+    assert res.exit_code == 0, res.output
+    planned = {p["task"]: p for p in json.loads((tmp_path / "r" / "plan.json").read_text())["planned"]}
+    assert planned[name]["lengths"]["tool_docs"] == "compact" and planned[name]["lengths"]["dropped"] == []
+    assert all(p["lengths"]["tool_docs"] == "full" for t, p in planned.items() if t != name)
+    recipe = load_recipe(tmp_path / "r" / f"{name}.yaml")
+    assert recipe.data.tool_docs == "compact"
+    full = record_lengths(tokenizer_for(str(model)), recipe.data.train)
+    assert min(x.total for x in full) > 2048  # every record was over the cap with full specs
+    prep = prepare(recipe)
+    assert prep.renderer.tool_docs == "compact"
+    assert [len(e.enc.input_ids) for e in prep.train] == [
+        x.total for x in record_lengths(tokenizer_for(str(model)), recipe.data.train, "compact")]
+    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": 1}),
+                                       "output": recipe.output.model_copy(update={"dir": tmp_path / "run"})})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(recipe.model_dump_json())))
+    res = runner.invoke(app, ["train", str(tmp_path / "run.yaml")])
+    assert res.exit_code == 0, res.output
+    saved = next(p.parent for p in (tmp_path / "run").rglob("tokenizer_config.json"))
+    assert make_renderer(AutoTokenizer.from_pretrained(saved)).tool_docs == "compact"

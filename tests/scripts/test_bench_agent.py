@@ -123,3 +123,17 @@ def test_one_applications_traffic_is_one_task_that_every_held_out_step_routes_to
     assert all(route(r, router)["task"] == task["name"] for r in held_out)
     other = {"messages": [], "tools": [{"type": "function", "function": {"name": "get_weather"}}]}
     assert route(other, router) is None  # a tool outside the family: the LLM's
+
+
+def test_the_second_rounds_feedback_half_shares_no_conversation_with_round_one(b, tmp_path):
+    ba.write_logs(b, set(ba.DEV_APPS), 0, 0.3, True, tmp_path)
+    first, feedback = ba.feedback_split(tmp_path, 0)
+
+    def base_ids(path):
+        ids = [json.loads(x)["metadata"]["bfcl_id"] for x in path.open()]
+        return [i if i.startswith("multi_turn_base") else ba.variant_of(i) for i in ids]
+
+    a, f = base_ids(first), base_ids(feedback)
+    assert a and f and not set(a) & set(f)  # a conversation and its variants stay on one side
+    train = (tmp_path / "logs" / "train.jsonl").read_text().splitlines()
+    assert sorted(train) == sorted(first.read_text().splitlines() + feedback.read_text().splitlines())

@@ -145,6 +145,7 @@ def render_info(r: Renderer) -> dict:
         "mode": r.mode,
         "tools": "native chat template" if r.mode == "native" else "appended to the system turn",
         "tools_preamble": None if r.mode == "native" else TOOLS_PREAMBLE,
+        "tool_docs": r.tool_docs,  # compact: a signature line per tool (slmtune.render.tool_signature)
         "tool_call_format": None if r.mode == "native" else
         '<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>',
         "tool_result_format": None if r.mode == "native" else "user turn: <tool_response>\n...\n</tool_response>",

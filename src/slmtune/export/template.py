@@ -7,7 +7,9 @@ followed by the original template text. The prelude rebuilds `messages` the way 
 tool specs appended to the system turn inside `<tools></tools>` (`TOOLS_PREAMBLE`, a system turn added when there
 is none), each assistant tool call as a ``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`` block
 after any text, each `tool` message as a user turn ``<tool_response>\\n...\\n</tool_response>`` — then rebinds
-`messages` to that list and `tools` to none, and the original template (its ``{% generation %}`` markers
+`messages` to that list and `tools` to none (with `data.tool_docs: compact`, the training tokenizer's template
+marked so, each tool is its signature line — `slmtune_sig`, as `render.tool_signature` writes it), and the
+original template (its ``{% generation %}`` markers
 included) renders them. So transformers' ``apply_chat_template(messages, tools=tools,
 add_generation_prompt=True)`` on the export gives `render.prompt_text` byte for byte, and with the target turn
 the prompt + target of `render.render_pair`. vLLM renders with the same transformers Jinja environment
@@ -106,6 +108,33 @@ _PRELUDE = """\
   {%- endfor -%}
   {%- if st.ok and not st.instr and st.depth == 0 and st.out -%}{{ st.out }}{%- else -%}{{ s | tojson }}{%- endif -%}
 {%- endmacro -%}
+{%- macro slmtune_type(s) -%}
+  {%- if s is not mapping -%}{{ 'any' }}
+  {%- else -%}
+    {%- if s['enum'] is defined and s['enum'] is iterable and s['enum'] is not string and s['enum'] is not mapping -%}
+      {{- s['enum'] | map('tojson') | join('|') -}}
+    {%- elif s['type'] == 'array' -%}{{ 'array<' ~ slmtune_type(s['items']) ~ '>' }}
+    {%- elif s['type'] == 'object' and s['properties'] is mapping -%}{{ '{' ~ slmtune_fields(s) ~ '}' }}
+    {%- elif s['type'] is string -%}{{ s['type'] }}
+    {%- elif s['type'] is defined and s['type'] is iterable and s['type'] is not mapping -%}{{ s['type'] | join('|') }}
+    {%- else -%}{{ 'any' }}
+    {%- endif -%}
+    {%- if s['default'] is defined -%}{{ ' = ' ~ (s['default'] | tojson) }}{%- endif -%}
+  {%- endif -%}
+{%- endmacro -%}
+{%- macro slmtune_fields(s) -%}
+  {%- set req = s['required'] if s['required'] is defined and s['required'] is iterable and s['required'] is not string
+      and s['required'] is not mapping else [] -%}
+  {%- set props = s['properties'] if s['properties'] is mapping else {} -%}
+  {%- for k, v in props.items() -%}
+    {{- k ~ ('' if k in req else '?') ~ ': ' ~ slmtune_type(v) ~ (', ' if not loop.last else '') -}}
+  {%- endfor -%}
+{%- endmacro -%}
+{%- macro slmtune_sig(t) -%}
+  {%- set fn = t['function'] if t['function'] is defined and t['function'] else t -%}
+  {{- (fn['name'] if fn['name'] is defined else '') ~ '(' ~ slmtune_fields(fn['parameters'] if fn['parameters'] is
+      mapping else {}) ~ ')' -}}
+{%- endmacro -%}
 {%- macro slmtune_call(c) -%}
   {%- set fn = c['function'] if c['function'] is defined else c -%}
   {%- set a = fn['arguments'] -%}
@@ -134,7 +163,11 @@ _PRELUDE = """\
   {%- set slmtune.messages = slmtune.messages + [msg] -%}
 {%- endfor -%}
 {%- if tools -%}
-  {%- set block = SLMTUNE_HEAD ~ (tools | map('tojson') | join('\\n')) ~ SLMTUNE_TAIL -%}
+  {%- set lines = namespace(items=[]) -%}
+  {%- for t in tools -%}
+    {%- set lines.items = lines.items + [SLMTUNE_TOOL_LINE] -%}
+  {%- endfor -%}
+  {%- set block = SLMTUNE_HEAD ~ (lines.items | join('\\n')) ~ SLMTUNE_TAIL -%}
   {%- if slmtune.messages and slmtune.messages[0]['role'] == 'system' -%}
     {%- set first = {'role': 'system', 'content': slmtune.messages[0]['content'] ~ '\\n\\n' ~ block} -%}
     {%- set slmtune.messages = [first] + slmtune.messages[1:] -%}
@@ -153,6 +186,8 @@ def export_template(r: Renderer) -> str:
     if r.mode == "native":
         return original
     prelude = _PRELUDE.replace("SLMTUNE_HEAD", json.dumps(_HEAD)).replace("SLMTUNE_TAIL", json.dumps(_TAIL))
+    # `data.tool_docs`: a signature line per tool (as `render.tool_signature` writes it) or its JSON spec
+    prelude = prelude.replace("SLMTUNE_TOOL_LINE", "slmtune_sig(t)" if r.tool_docs == "compact" else "t | tojson")
     return prelude + original
 
 

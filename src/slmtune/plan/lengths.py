@@ -112,11 +112,12 @@ class RecordLength:
         return self.prompt + self.target
 
 
-def record_lengths(tokenizer: TemplateTokenizer, path: Path) -> list[RecordLength]:
-    """Prompt and target tokens of every record in `path`, rendered exactly as `slmtune train` renders them."""
+def record_lengths(tokenizer: TemplateTokenizer, path: Path, tool_docs: str = "full") -> list[RecordLength]:
+    """Prompt and target tokens of every record in `path`, rendered exactly as `slmtune train` renders them with
+    `data.tool_docs: <tool_docs>`."""
     from slmtune.render import make_renderer, render_pair
 
-    r = make_renderer(tokenizer)
+    r = make_renderer(tokenizer, tool_docs)
     out = []
     for lineno, rec in iter_jsonl(path):
         head, tail = render_pair(r, rec)

@@ -11,9 +11,11 @@ Epochs and learning rate are what `train` gives `auto` (2 epochs below 1,000 rec
 `slmtune train` will render it (`slmtune.plan.lengths`: tokenizers + the chat template, no torch), rounded up to a
 multiple of 64, within [128, 2048] on the CPU and [128, 4096] on a GPU. A record longer than that cap is not
 truncated: it is left out of the recipe's training file (`RECIPES_DIR/data/<task>.train.jsonl`) and counted in
-the header and `plan.json`. When the model's tokenizer is not on this machine, lengths are estimated from
-characters (cluster's chars / 3.5) and the header says so. On `--gpu cpu` the model is SmolLM2-135M in fp32 and
-`max_steps` is set so a run takes about five minutes on two cores.
+the header and `plan.json`. When records of a tool-calling task go over the cap, they are measured again with
+`data.tool_docs: compact` (a signature line per tool instead of its JSON spec: an agent's tool docs are most of
+its prompt), and the recipe gets it when that keeps more of them. When the model's tokenizer is not on this
+machine, lengths are estimated from characters (cluster's chars / 3.5) and the header says so. On `--gpu cpu`
+the model is SmolLM2-135M in fp32 and `max_steps` is set so a run takes about five minutes on two cores.
 
 `--gpu` is cpu, auto (CUDA device 0's memory, else cpu) or any card size such as 12gb or 7.5gb.
 
@@ -81,6 +83,7 @@ class Lengths:
     p95: int
     n_records: int
     dropped: tuple[int, ...] = ()  # line numbers of records over the cap (left out of training)
+    tool_docs: str = "full"  # `data.tool_docs`: compact when full tool specs put records over the cap
 
 
 @dataclass(frozen=True)
@@ -155,21 +158,27 @@ def _first_fit(specs: list[ModelSpec], length_of, gpu: str, asked: bool) -> Fit:
 def measure(spec: ModelSpec, train: Path, task: dict, gpu: str) -> Lengths:
     """The task's record lengths in `spec`'s tokens and the max_length that covers them (see module docstring)."""
     from slmtune.plan.lengths import record_lengths, tokenizer_for
+    from slmtune.render import make_renderer
 
     cap = min(MAX_LENGTH_CAP["cpu" if gpu == "cpu" else "gpu"], spec.context)
     tokenizer = tokenizer_for(spec.base)
     if tokenizer is None:
         est = task["tokens"]
         return Lengths("estimate", auto_max_length(est["max"], cap), min(est["max"], cap), est["p95"], task["n_train"])
-    lengths = record_lengths(tokenizer, train)
+    lengths, tool_docs = record_lengths(tokenizer, train), "full"
     kept = sorted(x.total for x in lengths if x.total <= cap)
+    if len(kept) < len(lengths) and task.get("tools") and make_renderer(tokenizer).mode != "native":
+        compact = record_lengths(tokenizer, train, "compact")
+        fit = sorted(x.total for x in compact if x.total <= cap)
+        if len(fit) > len(kept):
+            lengths, kept, tool_docs = compact, fit, "compact"
     if not kept:
         raise SlmtuneError(f"{train}: all {len(lengths)} records are longer than {cap} tokens of {spec.key} "
                            f"(shortest {min((x.total for x in lengths), default=0)}).",
                            "Use a GPU plan (longer cap) or shorten the prompts.")
     p95 = kept[math.ceil(0.95 * len(kept)) - 1]
     dropped = tuple(x.line for x in lengths if x.total > cap)
-    return Lengths("tokenizer", auto_max_length(kept[-1], cap), kept[-1], p95, len(lengths), dropped)
+    return Lengths("tokenizer", auto_max_length(kept[-1], cap), kept[-1], p95, len(lengths), dropped, tool_docs)
 
 
 def plan(tasks_dir: str | Path, out_dir: str | Path, gpu: str = "24gb", base_model: str | None = None) -> PlanResult:
@@ -211,7 +220,7 @@ def plan_task(task_dir: Path, task: dict, out_dir: Path, gpu: str, base_model: s
         train = out_dir / "data" / f"{task['name']}.train.jsonl"
         skip = set(lengths.dropped)
         write_jsonl(train, (rec for line, rec in iter_jsonl(task_dir / "train.jsonl") if line not in skip))
-    recipe = build_recipe(task_dir, task, out_dir, fit, gpu, train)
+    recipe = build_recipe(task_dir, task, out_dir, fit, gpu, train, lengths)
     path = out_dir / f"{task['name']}.yaml"
     header = recipe_header(path, task, fit, gpu, lengths)
     with atomic_open(path) as f:
@@ -222,7 +231,8 @@ def plan_task(task_dir: Path, task: dict, out_dir: Path, gpu: str, base_model: s
                    s.max_length, fit.est.total / GiB, fit.budget / GiB, lengths)
 
 
-def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str, train_file: Path) -> Recipe:
+def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str, train_file: Path,
+                 lengths: Lengths) -> Recipe:
     s = fit.setup
     n_train = max(1, task["n_train"])
     method = "full" if s.full else "lora"
@@ -233,6 +243,8 @@ def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str, 
         train |= {"epochs": 1, "max_steps": cpu_steps(s.batch_size, s.max_length), "grad_accum": 1,
                   "precision": "fp32"}
     data = {"train": _rel(train_file, out_dir), "max_length": s.max_length}
+    if lengths.tool_docs != "full":
+        data["tool_docs"] = lengths.tool_docs
     if task.get("n_eval"):
         data["eval"] = _rel(task_dir / "eval.jsonl", out_dir)
     raw = {
@@ -275,6 +287,9 @@ def recipe_header(path: Path, task: dict, fit: Fit, gpu: str, lengths: Lengths) 
         f"({_length_source(lengths, fit.spec)}; p95 {lengths.p95}), rounded up to 64, within [128, "
         f"{min(MAX_LENGTH_CAP['cpu' if gpu == 'cpu' else 'gpu'], fit.spec.context)}].",
     ]
+    if lengths.tool_docs == "compact":
+        lines.append("data.tool_docs: compact — the offered tools as signature lines, not JSON specs: with full "
+                     "specs records went over the cap.")
     if lengths.dropped:
         shown = ", ".join(map(str, lengths.dropped[:10])) + (" ..." if len(lengths.dropped) > 10 else "")
         lines.append(f"Left out: {len(lengths.dropped)} of {lengths.n_records} records longer than that (lines "

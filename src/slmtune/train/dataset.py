@@ -11,7 +11,7 @@ from slmtune.errors import SlmtuneError
 from slmtune.models import BaseRef, load_tokenizer, resolve_base
 from slmtune.recipe import Recipe, auto_max_length
 from slmtune.records import read_records
-from slmtune.render import Encoded, Renderer, check_mask, encode, make_renderer
+from slmtune.render import Encoded, Renderer, check_mask, encode, make_renderer, mark_tool_docs
 from slmtune.train.augment import AugmentStats, augment
 
 NO_LIMIT = 1 << 30
@@ -92,8 +92,13 @@ def prepare(recipe: Recipe) -> Prepared:
     """Resolve the base model, load its tokenizer, augment the training records (`augment:`; never eval's), render
     and mask every example (fails on a bad one). The augmented set is made once: every epoch sees the same one."""
     ref = resolve_base(recipe.model.base, recipe.model.gguf_file)
-    renderer = make_renderer(load_tokenizer(ref, recipe.model.trust_remote_code))
     d, a = recipe.data, recipe.augment
+    tokenizer = load_tokenizer(ref, recipe.model.trust_remote_code)
+    if d.tool_docs == "compact" and make_renderer(tokenizer).mode == "native":
+        raise SlmtuneError("data.tool_docs: compact needs a chat template that leaves tools to slmtune; this "
+                           "model's template renders them itself.", "Set data.tool_docs: full for this model.")
+    mark_tool_docs(tokenizer, d.tool_docs)  # saved beside the weights: eval, export and serve render alike
+    renderer = make_renderer(tokenizer)
     items, stats = augment(read_items(d.train), a, recipe.train.seed if a.seed is None else a.seed)
     if d.max_length != "auto":
         train = encode_items(renderer, items, d.max_length, d.train_on)

@@ -16,8 +16,13 @@ replayed through the `openai` client, twice:
 Output `OUT/bench_agent.json` — per system: `overall`, `per_app`, `per_function`: `test_steps`, `slm_share` (held-
 out steps the SLM answered), `answered_accuracy` (of those), `slm_accuracy` (the SLM's accuracy had it answered
 every routed step: the "every step" replay), `system_accuracy` (all steps, the stand-in LLM counting as right),
-`p50_slm_s`, `p50_llm_s` — and `OUT/bench_agent.png` (share vs accuracy per application). `--rounds` (the
-flywheel's second round on served traffic) is not built yet.
+`p50_slm_s`, `p50_llm_s` — `rounds` (per round: its logs, router, both systems' `overall`, and the feedback
+replay's) and `OUT/bench_agent.png` (share vs accuracy per application, last round).
+
+**The flywheel's second round** (`--rounds 2`, the default): the train conversations are split in seeded halves;
+round 1 trains on one (`logs/round1.jsonl`), the other (`logs/feedback.jsonl`) is replayed through the calibrated
+serve, and its served log (SLM answers marked, so curate drops them; the LLM's kept) joins round 2's logs, as an
+agent's served traffic would. Both rounds replay the same held-out steps: the LLM's share should shrink.
 
 **Logs from the applications.** For each conversation of `multi_turn_base` whose involved classes all lie in
 `--apps`, the ground truth is replayed turn by turn with bfcl-eval's own executor
@@ -267,8 +272,28 @@ def figures(rows: list[dict], every: list[dict] | None) -> dict:
     return out
 
 
+def feedback_split(out: Path, seed: int) -> tuple[Path, Path]:
+    """`--rounds` > 1: the train conversations in two seeded halves, `logs/round1.jsonl` (round 1 trains on it)
+    and `logs/feedback.jsonl` (replayed through serve after round 1: its served log is round 2's new traffic)."""
+    lines = [json.loads(x) for x in (out / "logs" / "train.jsonl").open()]
+    convs = sorted({x["metadata"]["bfcl_id"] if x["metadata"]["bfcl_id"].startswith("multi_turn_base")
+                    else variant_of(x["metadata"]["bfcl_id"]) for x in lines})
+    first, _ = split(convs, seed + 1, 0.5)
+    keep = set(first)
+    sides = {"round1": [], "feedback": []}
+    for x in lines:
+        bid = x["metadata"]["bfcl_id"]
+        sides["round1" if (bid if bid.startswith("multi_turn_base") else variant_of(bid)) in keep
+              else "feedback"].append(x)
+    for side, xs in sides.items():
+        (out / "logs" / f"{side}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in xs))
+    return out / "logs" / "round1.jsonl", out / "logs" / "feedback.jsonl"
+
+
 def pipeline(a, b, out: Path) -> dict:
-    """flywheel on the train logs, then serve + replay of the test steps (calibrated, and every step)."""
+    """Per round: flywheel on the traffic so far, then the held-out steps replayed through serve (every exported
+    task routed; the calibrated routes). Between rounds the feedback half of the train traffic goes through the
+    calibrated serve and its served log joins the next round's logs."""
     import os
     import secrets
 
@@ -279,47 +304,69 @@ def pipeline(a, b, out: Path) -> dict:
     log = out / "commands.log"
     work = out / "work"
     quick = ["--max-steps", "4", "--eval-limit", "8"] if a.quick else []
-    slmtune("flywheel", out / "logs" / "train.jsonl", "-w", work, "--gpu", "cpu", "--min-coverage", "0", *quick,
-            log=log)
-    router = json.loads((work / "router.json").read_text())
-    earned = dict(router, routes=[r for r in router["routes"] if r.get("threshold") is not None
-                                  and (r.get("coverage") or 0) >= a.min_coverage])
-    every = dict(router, routes=[dict(r, threshold=None) for r in router["routes"]])
-    lines = [json.loads(x) for x in (out / "logs" / "test.jsonl").open()][:a.limit]
+    test = [json.loads(x) for x in (out / "logs" / "test.jsonl").open()][:a.limit]
+    logs, feedback = [out / "logs" / "train.jsonl"], []
+    if a.rounds > 1:
+        first, fb = feedback_split(out, a.seed)
+        logs, feedback = [first], [json.loads(x) for x in fb.open()][:a.limit]
     convs = {e["id"]: e for e in load_conversations(b)}
     docs = {bid: func_docs(b, convs[bid]["involved_classes"], convs[bid].get("excluded_function") or [])
-            for bid in {x["metadata"]["bfcl_id"] for x in lines}}
-    results = {"router": {"routes": [{k: r.get(k) for k in ("task", "threshold", "coverage", "accuracy")}
-                                     for r in router["routes"]], "not_routed": router["not_routed"]}}
+            for bid in {x["metadata"]["bfcl_id"] for x in test + feedback}
+            if bid in convs}
+    for x in feedback:  # variants carry their base conversation's classes, less what they hold back
+        bid = x["metadata"]["bfcl_id"]
+        if bid not in docs:
+            e = next(v for v in load_conversations(b, bid.rsplit("_", 1)[0]) if v["id"] == bid)
+            docs[bid] = func_docs(b, e["involved_classes"], e.get("excluded_function") or [])
     up_port = free_port()
     sources = [str(out / "logs" / "train.jsonl"), str(out / "logs" / "test.jsonl")]
     upstream = start([sys.executable, "-m", "slmtune.synthetic.upstream", *sources, "--port", str(up_port)],
                      out / "upstream.log")
-    rows = {}
+
+    def served(router: dict, name: str, lines: list[dict], label: str) -> list[dict]:
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        (folder / "router.json").write_text(json.dumps(router))
+        port, key = free_port(), secrets.token_hex(8)
+        serve = start([sys.executable, "-m", "slmtune.cli", "serve", "--router", str(folder / "router.json"),
+                       "--port", str(port), "--upstream", f"http://127.0.0.1:{up_port}/v1", "--api-key-env",
+                       "BENCH_AGENT_KEY", "--slm-timeout", "300", "--log-dir", str(folder / "served")],
+                      folder / "serve.log", env=os.environ | {"BENCH_AGENT_KEY": key})
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/healthz", serve, folder / "serve.log", 300)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=900)
+            return replay(b, client, lines, docs, label)
+        finally:
+            stop(serve)
+
+    rounds, results = [], {}
     try:
         wait_ready(f"http://127.0.0.1:{up_port}/v1/models", upstream, out / "upstream.log", 300)
-        for name, r in (("every_step", every), ("calibrated", earned)):
-            folder = out / f"router-{name}"
-            folder.mkdir(exist_ok=True)
-            (folder / "router.json").write_text(json.dumps(r))
-            port, key = free_port(), secrets.token_hex(8)
-            serve = start([sys.executable, "-m", "slmtune.cli", "serve", "--router", str(folder / "router.json"),
-                           "--port", str(port), "--upstream", f"http://127.0.0.1:{up_port}/v1", "--api-key-env",
-                           "BENCH_AGENT_KEY", "--slm-timeout", "300", "--log-dir", str(out / f"served-{name}")],
-                          out / f"serve-{name}.log", env=os.environ | {"BENCH_AGENT_KEY": key})
-            try:
-                wait_ready(f"http://127.0.0.1:{port}/healthz", serve, out / f"serve-{name}.log", 300)
-                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0,
-                                       timeout=900)
-                rows[name] = replay(b, client, lines, docs, name)
-            finally:
-                stop(serve)
+        for k in range(1, a.rounds + 1):
+            print(f"== round {k}: slmtune flywheel on {', '.join(p.name for p in logs)}", flush=True)
+            slmtune("flywheel", *logs, "-w", work, "--gpu", "cpu", "--min-coverage", "0", *quick, log=log)
+            router = json.loads((work / "router.json").read_text())
+            earned = dict(router, routes=[r for r in router["routes"] if r.get("threshold") is not None
+                                          and (r.get("coverage") or 0) >= a.min_coverage])
+            every = dict(router, routes=[dict(r, threshold=None) for r in router["routes"]])
+            rows = {"every_step": served(every, f"round{k}-every_step", test, f"r{k} every step"),
+                    "calibrated": served(earned, f"round{k}-calibrated", test, f"r{k} calibrated")}
+            figs = {"every_step": figures(rows["every_step"], None),
+                    "calibrated": figures(rows["calibrated"], rows["every_step"])}
+            rounds.append({"round": k, "logs": [p.name for p in logs], "round_dir": router.get("round"),
+                           "router": {"routes": [{x: r.get(x) for x in ("task", "threshold", "coverage", "accuracy")}
+                                                 for r in router["routes"]], "not_routed": router["not_routed"]},
+                           **{n: f["overall"] for n, f in figs.items()}})
+            results = {**figs, "router": rounds[-1]["router"], "steps": rows}
+            if k < a.rounds:
+                print(f"== feedback: {len(feedback)} steps of the other train conversations through serve "
+                      "(calibrated routes); its served log joins the next round", flush=True)
+                fb_rows = served(earned, f"round{k}-feedback", feedback, f"r{k} feedback")
+                rounds[-1]["feedback"] = figures(fb_rows, None)["overall"]
+                logs = [*logs, *sorted((out / f"round{k}-feedback" / "served").glob("*.jsonl"))]
     finally:
         stop(upstream)
-    results["every_step"] = figures(rows["every_step"], None)
-    results["calibrated"] = figures(rows["calibrated"], rows["every_step"])
-    results["steps"] = rows
-    return results
+    return {**results, "rounds": rounds}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -354,6 +401,8 @@ def main() -> None:
     p.add_argument("--logs-only", action="store_true", help="write the logs and the split, nothing else")
     p.add_argument("--min-coverage", type=float, default=0.2, help="the calibrated system's routing rule")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N held-out steps")
+    p.add_argument("--rounds", type=int, default=2, help="flywheel rounds; between two, the feedback half of the "
+                   "train traffic is served and its served log feeds the next round")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 training steps, 8 eval records, 20 steps")
     a = p.parse_args()
     apps = {x.strip() for x in a.apps.split(",") if x.strip()}
@@ -376,8 +425,9 @@ def main() -> None:
 
     write_json(a.out_dir / "bench_agent.json", results)
     plot(results, a.out_dir / "bench_agent.png")
-    for name in ("every_step", "calibrated"):
-        print(f"{name}: {json.dumps(results[name]['overall'])}")
+    for r in results["rounds"]:
+        for name in ("every_step", "calibrated"):
+            print(f"round {r['round']} {name}: {json.dumps(r[name])}")
     print(f"wall time {results['wall_time_s']:.0f} s; wrote {a.out_dir / 'bench_agent.json'} and "
           f"{a.out_dir / 'bench_agent.png'}")
 

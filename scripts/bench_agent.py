@@ -356,7 +356,8 @@ def pipeline(a, b, out: Path) -> dict:
             rounds.append({"round": k, "logs": [p.name for p in logs], "round_dir": router.get("round"),
                            "router": {"routes": [{x: r.get(x) for x in ("task", "threshold", "coverage", "accuracy")}
                                                  for r in router["routes"]], "not_routed": router["not_routed"]},
-                           **{n: f["overall"] for n, f in figs.items()}})
+                           **{n: f["overall"] for n, f in figs.items()},
+                           "per_app": {n: f["per_app"] for n, f in figs.items()}})
             results = {**figs, "router": rounds[-1]["router"], "steps": rows}
             if k < a.rounds:
                 print(f"== feedback: {len(feedback)} steps of the other train conversations through serve "
@@ -370,22 +371,35 @@ def pipeline(a, b, out: Path) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Left: share vs accuracy per application (last round; a system that answered nothing sits at share 0,
+    accuracy 0, marked so). Right: per round, the SLM's share (calibrated) and its accuracy (every step)."""
     from slmtune.plots import pyplot, save_png
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
     for name, marker in (("calibrated", "o"), ("every_step", "x")):
         for app, f in results[name]["per_app"].items():
             acc = f["answered_accuracy"]
             ax.scatter([f["slm_share"]], [acc if acc is not None else 0.0], marker=marker, s=60,
-                       label=f"{name}: {app}")
+                       label=f"{name}: {app}" + (" (answered none)" if acc is None else ""))
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("share of held-out steps the SLM answered")
     ax.set_ylabel("accuracy of its answers (BFCL AST checker)")
-    ax.set_title("BFCL multi-turn as an agent's traffic, through slmtune serve")
+    ax.set_title("BFCL multi-turn as an agent's traffic, through slmtune serve", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower left")
+    ax.legend(fontsize=6, loc="center left")
+    ks = [r["round"] for r in results["rounds"]]
+    rx.plot(ks, [r["calibrated"]["slm_share"] for r in results["rounds"]], "o-", label="SLM share (calibrated)")
+    rx.plot(ks, [1 - r["calibrated"]["slm_share"] for r in results["rounds"]], "s--", label="LLM share (calibrated)")
+    rx.plot(ks, [r["every_step"]["slm_accuracy"] for r in results["rounds"]], "x-",
+            label="SLM accuracy, every step routed")
+    rx.set_xticks(ks)
+    rx.set_ylim(-0.02, 1.02)
+    rx.set_xlabel("flywheel round")
+    rx.set_title("rounds", fontsize=9)
+    rx.grid(alpha=0.3)
+    rx.legend(fontsize=7)
     fig.tight_layout()
     save_png(fig, path)
 

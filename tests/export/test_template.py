@@ -243,3 +243,27 @@ def test_compact_tool_docs_are_signature_lines_that_the_export_template_writes_a
         assert prompt_text(make_renderer(exported), rec) == prompt_text(compact, rec)
     mark_tool_docs(tok, "full")
     assert make_renderer(tok).tool_docs == "full"
+
+
+def test_gemmas_turn_format_renders_tools_calls_and_results_and_exports_alike(exports, tmp_path):
+    """`gemma3-270m`'s GGUF has no chat template; slmtune's (`GEMMA_TEMPLATE`) folds the system turn into the first
+    user turn, calls the assistant `model`, and accepts two user turns in a row (parallel tool results). Tools go
+    through slmtune's rendering, and the export template gives the training bytes, as for SmolLM2."""
+    from slmtune.models import GEMMA_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(exports["run"] / "adapter")
+    tok.chat_template = GEMMA_TEMPLATE
+    r = make_renderer(tok)
+    assert r.mode == "slmtune-hermes"
+    rec = records()[2]  # system, parallel calls, two tool results in a row, text + calls as the target
+    head, tail = render_pair(r, rec)
+    first = head.split("<end_of_turn>")[0]
+    assert first.startswith("<start_of_turn>user\nBe brief.\n\n# Tools\n") and "<tools>\n{" in first
+    assert head.endswith("<start_of_turn>model\n") and "<start_of_turn>system" not in head
+    assert head.count("<start_of_turn>user\n<tool_response>") == 2
+    assert tail.startswith("Let me check.\n<tool_call>\n") and tail.endswith("</tool_call><end_of_turn>\n")
+    tok.chat_template = export_template(r)
+    tok.save_pretrained(tmp_path)
+    exported = AutoTokenizer.from_pretrained(tmp_path)
+    for rec in records():
+        assert_renders_as_training(r, exported, rec)

@@ -43,6 +43,7 @@ from slmtune.errors import SlmtuneError
 from slmtune.eval.metrics import key_metric
 from slmtune.export.gguf_export import card_lines, check_gguf_type, gguf_filename, write_gguf, write_modelfile
 from slmtune.io import atomic_dir, atomic_open, file_fingerprint, write_json
+from slmtune.models import bundled
 
 MANIFEST = "slmtune.json"
 MANIFEST_VERSION = 1
@@ -220,10 +221,34 @@ def model_card(manifest: dict, render_mode: str = "slmtune-hermes") -> str:
             f"A {manifest['base_model']['name']} fine-tune by slmtune for one agent errand: "
             f"task `{task['name']}` ({task['category']}), output schema hash `{task['schema_hash'] or '-'}`. "
             f"Format: **{manifest['format']}**.", ""]
+    base = bundled(manifest["base_model"]["name"])
+    if base:
+        body += [f"**Licence of the base model:** {base.licence}.", ""]
+        body += [base.template_note, ""] if base.template_note else []
     body += _transformers_lines(manifest, render_mode) + _vllm_lines(manifest, render_mode)
     body += card_lines(manifest["gguf"], manifest["name"]) if manifest.get("gguf") else []
-    body += _eval_lines(ev) + _data_lines(manifest)
+    body += _eval_lines(ev) + _bake_off_lines(manifest) + _data_lines(manifest)
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body) + "\n"
+
+
+def _bake_off_lines(manifest: dict) -> list[str]:
+    """The flywheel's `--candidates` table: every candidate trained on this task, scored on the same held-out calls."""
+    rows = manifest.get("bake_off")
+    if not rows:
+        return []
+    metric = next((k for k in rows[0] if k not in ("model", "recipe", "status", "coverage", "threshold", "winner")),
+                  "key metric")
+    lines = ["## Candidates", "", "Each candidate was trained on the same records and evaluated on the same held-out "
+             f"calls; the winner has the largest coverage at the target accuracy, then the best {metric}.", "",
+             f"| model | {metric} | coverage at target | threshold | |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {_fmt(r.get(metric))} | {_fmt(r.get('coverage'))} | "
+                     f"{_fmt(r.get('threshold'))} | {'**exported**' if r.get('winner') else ''} |")
+    return [*lines, ""]
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def _load_snippet(manifest: dict) -> list[str]:

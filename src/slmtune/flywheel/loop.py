@@ -64,6 +64,10 @@ class FlywheelConfig:
     (8gb, 12gb, 24gb, 7.5gb, …). Default cpu: runs anywhere."""
     base_model: str | None = None
     """One base model for every task (catalog key, hub id or folder); unset: plan's choice per task."""
+    candidates: str | None = None
+    """Bake-off: train every task on each candidate that fits (auto: on the CPU the offline models installed here,
+    on a GPU the category's top two; or catalog keys / folders, comma-separated), evaluate all on the same
+    held-out calls and export the winner (coverage at --target-accuracy, then the key metric)."""
     max_steps: int | None = None
     """Optimizer steps per task, overriding plan's estimate."""
     max_tasks: int | None = None
@@ -112,6 +116,8 @@ class TaskOutcome:
     # the tuned model's calibration: {"target", "threshold" (all held-out calls), "lower_bound", "coverage",
     # "accuracy", "answered", "n"} — coverage and accuracy cross-fit (`slmtune.eval.selective.cross_fit`)
     selective: dict | None = None
+    # --candidates: [{"model", "recipe", "status", <key metric>, "coverage", "threshold", "winner"}] per candidate
+    candidates: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -200,8 +206,11 @@ def _data_stages(files: list[Path], round_dir: Path, registry: dict, config: Fly
     _stage(d["tasks"], "tasks", [file_fingerprint(d["cluster"] / "index.json"), known, config.max_tasks], tick,
            lambda: build_tasks(d["cluster"], d["tasks"], known, round_dir.parent, round_dir.name, config.max_tasks,
                                d["curate"] / "report.json"))
-    _stage(d["plan"], "plan", [file_fingerprint(d["tasks"] / "index.json"), config.gpu, config.base_model], tick,
-           lambda: plan(d["tasks"], d["plan"], gpu=config.gpu, base_model=config.base_model))
+    # (candidates join the fingerprint only when set, so plans made before --candidates existed stay reusable)
+    _stage(d["plan"], "plan", [file_fingerprint(d["tasks"] / "index.json"), config.gpu, config.base_model,
+                               *([config.candidates] if config.candidates else [])], tick,
+           lambda: plan(d["tasks"], d["plan"], gpu=config.gpu, base_model=config.base_model,
+                        candidates=config.candidates))
     return json.loads((d["tasks"] / "selection.json").read_text(encoding="utf-8"))
 
 
@@ -253,26 +262,56 @@ def _isolated(task: dict, round_dir: Path, prev: Path | None, workdir: Path, con
 def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | None, workdir: Path,
                  config: FlywheelConfig, tick: Progress) -> None:
     name = task["name"]
-    recipe, train_fp = _recipe(round_dir, name, config)
-    out.stage = "train"
-    run = _train(round_dir / "train" / name, prev and prev / "train" / name, recipe, train_fp, tick)
+    tried = []
+    for stem in _candidate_recipes(round_dir, name):  # [name] without a bake-off
+        recipe, train_fp = _recipe(round_dir, stem, config)
+        out.stage = "train"
+        label = _labelled(tick, stem.partition("@")[2]) if stem != name else tick
+        run = _train(round_dir / "train" / stem, prev and prev / "train" / stem, recipe, train_fp, label)
+        eval_fp = fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
+                               config.eval_limit, config.eval_batch_size, EVAL_DECODING,
+                               file_fingerprint(config.gate) if config.gate else None, config.target_accuracy,
+                               "cross_fit"])  # reports before eval wrote `selective.cross_fit` are redone
+        out.stage = "eval"
+        report_dir = _eval(round_dir / "eval" / stem, prev and prev / "eval" / stem, run, eval_fp, round_dir,
+                           name, config, label)
+        report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+        tried.append({"stem": stem, "run": run, "eval_fp": eval_fp, "report": report, "model": recipe.model.base,
+                      "metrics": {row: report["models"][row]["metrics"][out.key_metric]["value"]
+                                  for row in ("base", "tuned", "teacher") if row in report["models"]},
+                      "selective": _calibration(report)})
+    best = max(tried, key=_bake_off_score)  # ties: the first listed (plan's order: the cheaper model first)
+    if len(tried) > 1:
+        out.candidates = [{"model": t["model"], "recipe": t["stem"], "status": t["run"]["status"],
+                           out.key_metric: t["metrics"].get("tuned"),
+                           "coverage": (t["selective"] or {}).get("coverage"),
+                           "threshold": (t["selective"] or {}).get("threshold"), "winner": t is best} for t in tried]
+    run, report = best["run"], best["report"]
     out.status, out.trained_in, out.run_dir = run["status"], run["trained_in"], run["run_dir"]
-    eval_fp = fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
-                              config.eval_limit, config.eval_batch_size, EVAL_DECODING,
-                              file_fingerprint(config.gate) if config.gate else None, config.target_accuracy,
-                              "cross_fit"])  # reports before eval wrote `selective.cross_fit` are redone
-    out.stage = "eval"
-    report_dir = _eval(round_dir / "eval" / name, prev and prev / "eval" / name, run, eval_fp, round_dir, name,
-                       config, tick)
-    report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
-    out.metrics = {row: report["models"][row]["metrics"][out.key_metric]["value"]
-                   for row in ("base", "tuned", "teacher") if row in report["models"]}
-    out.selective = _calibration(report)
+    out.metrics, out.selective = best["metrics"], best["selective"]
     out.gate_passed, out.reason = _gate(report, out, config)
     if out.gate_passed:
         out.stage = "export"
-        out.export = _export(round_dir / "export" / name, prev and prev / "export" / name, run, eval_fp, workdir,
-                             round_dir, config, tick)
+        out.export = _export(round_dir / "export" / name, prev and prev / "export" / name, run, best["eval_fp"],
+                             workdir, round_dir, config, tick, eval_stage=best["stem"], bake_off=out.candidates)
+
+
+def _labelled(tick: Progress, model: str) -> Progress:
+    return lambda s, d, t: tick(f"{model}: {s}", d, t)
+
+
+def _candidate_recipes(round_dir: Path, name: str) -> list[str]:
+    """The recipe stems plan wrote for this task's bake-off (`<task>@<model>`), or [name] without one."""
+    plan_json = read_json_or_none(round_dir / "plan" / "plan.json") or {}
+    entry = next((p for p in plan_json.get("planned", []) if p["task"] == name), {})
+    stems = [Path(c["recipe"]).stem for c in entry.get("candidates") or []]
+    return stems if len(stems) > 1 else [name]
+
+
+def _bake_off_score(t: dict) -> tuple[float, float]:
+    """A candidate's rank: coverage at the target accuracy (cross-fit), then the tuned key metric."""
+    sel = t["selective"] or {}
+    return (sel.get("coverage") or 0.0, t["metrics"].get("tuned") or 0.0)
 
 
 def _recipe(round_dir: Path, name: str, config: FlywheelConfig):
@@ -382,7 +421,8 @@ def _gate(report: dict, out: TaskOutcome, config: FlywheelConfig) -> tuple[bool,
 
 
 def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, workdir: Path, round_dir: Path,
-            config: FlywheelConfig, tick: Progress) -> str:
+            config: FlywheelConfig, tick: Progress, eval_stage: str | None = None,
+            bake_off: list[dict] | None = None) -> str:
     # (gguf joins the fingerprint only when set, so exports made before --gguf existed stay reusable)
     fp = fingerprint(["export", eval_fp, config.adapter_only, *([config.gguf] if config.gguf else [])])
     hit = _reuse(stage_dir, prev_dir, "export", fp, lambda m: Path(m["export_dir"], "slmtune.json").is_file(),
@@ -390,11 +430,12 @@ def _export(stage_dir: Path, prev_dir: Path | None, run: dict, eval_fp: str, wor
     if hit is not None:
         return hit["export_dir"]
     tick("export", 0, 0)
-    eval_marker = st.read_marker(round_dir / "eval" / stage_dir.name) or {}
+    eval_marker = st.read_marker(round_dir / "eval" / (eval_stage or stage_dir.name)) or {}
     path = export_run(run["run_dir"], workdir / "exports", adapter_only=config.adapter_only, gguf=config.gguf,
                       report=eval_marker.get("report_dir"),
                       extra={"flywheel": {"workdir": str(workdir), "round": round_dir.name,
-                                          "trained_in": run["trained_in"]}})
+                                          "trained_in": run["trained_in"]},
+                             **({"bake_off": bake_off} if bake_off else {})})
     st.mark_done(stage_dir, "export", fp, export_dir=str(path))
     return str(path)
 
@@ -419,7 +460,8 @@ def _finish(workdir: Path, round_dir: Path, prev: Path | None, registry: dict, i
         "ran_through": [o.task for o in outcomes if ran_through(o)],
         "exported": [o.task for o in outcomes if o.export],
         "failed": [{"task": o.task, "stage": o.stage, "reason": o.reason} for o in outcomes if not ran_through(o)],
-        "not_trained": not_trained}})
+        "not_trained": not_trained,
+        **({"bake_off": {o.task: o.candidates for o in outcomes if o.candidates}} if config.candidates else {})}})
     write_json(round_dir / "comparison.json", {"round": round_dir.name,
                                                "previous": prev.name if prev else None, "tasks": comparison})
     by_name = {t["name"]: t for t in selection["tasks"]}

@@ -13,6 +13,7 @@ and `plan` falls back to an estimate it labels as such.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import subprocess
 import sys
@@ -79,6 +80,8 @@ def _tokenizer_folder(base: str) -> Path | None:
     if base in BUILTIN:
         target = converted_dir(base)
         if not (target / "tokenizer.json").is_file():
+            if any(importlib.util.find_spec(p.replace("-", "_")) is None for p in BUILTIN[base].packages):
+                return None  # not installed here: lengths are estimated (train says what to install)
             _convert_builtin(base)
         return target
     if Path(base).is_dir():

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from slmtune.device import MAX_LENGTH_CAP, gpu_gib, gpu_spec
@@ -98,6 +99,8 @@ class Planned:
     memory_gib: float
     budget_gib: float
     lengths: Lengths
+    candidates: tuple[Planned, ...] = ()  # --candidates: one recipe per candidate that fits (`<task>@<key>.yaml`)
+    unfit: tuple[dict, ...] = ()  # --candidates that do not fit: {"model", "reason"}
 
 
 @dataclass(frozen=True)
@@ -181,31 +184,42 @@ def measure(spec: ModelSpec, train: Path, task: dict, gpu: str) -> Lengths:
     return Lengths("tokenizer", auto_max_length(kept[-1], cap), kept[-1], p95, len(lengths), dropped, tool_docs)
 
 
-def plan(tasks_dir: str | Path, out_dir: str | Path, gpu: str = "24gb", base_model: str | None = None) -> PlanResult:
+def plan(tasks_dir: str | Path, out_dir: str | Path, gpu: str = "24gb", base_model: str | None = None,
+         candidates: str | None = None) -> PlanResult:
     """Write `<out_dir>/<task>.yaml` for every task in `tasks_dir/index.json` (each validated on write) and
     `<out_dir>/plan.json`; a task that cannot be planned is listed as failed and the others go on."""
     tasks_dir, out_dir = Path(tasks_dir), Path(out_dir)
     gpu = gpu_spec(gpu)  # "24GB" → "24gb", auto → this machine's; a bad --gpu fails before anything is read
+    if base_model and candidates:
+        raise SlmtuneError("--base-model and --candidates: give one (a single model, or several to compare).")
     if base_model:
         lookup(base_model)  # an unknown model is the user's mistake, not one task's
+    if candidates and candidates != "auto":
+        _keys(candidates)  # likewise
     index = read_json(tasks_dir / "index.json", hint="Run `slmtune cluster CURATED.jsonl -o TASKS_DIR` first.")
     planned, failed = [], []
     for entry in index.get("tasks", []):
         task = read_json(tasks_dir / entry["dir"] / "task.json", hint="The tasks dir is incomplete: re-run cluster.")
         try:
-            planned.append(plan_task(tasks_dir / entry["dir"], task, out_dir, gpu, base_model))
+            planned.append(plan_task(tasks_dir / entry["dir"], task, out_dir, gpu, base_model, candidates))
         except SlmtuneError as e:
             failed.append({"task": task["name"], "reason": e.message})
     if failed and not planned:
         raise SlmtuneError(f"no task could be planned; {failed[0]['task']}: {failed[0]['reason']}")
     write_json(out_dir / "plan.json", {
         "gpu": gpu, "budget_gib": round(budget_bytes(gpu) / GiB, 2), "failed": failed,
-        "planned": [{"task": p.task, "recipe": p.path.name, "model": p.model, "max_length": p.max_length,
-                     "lengths": asdict(p.lengths)} for p in planned]})
+        "planned": [_plan_entry(p) | ({"candidates": [_plan_entry(c) for c in p.candidates], "unfit": list(p.unfit)}
+                                      if candidates else {}) for p in planned]})
     return PlanResult(planned, failed)
 
 
-def plan_task(task_dir: Path, task: dict, out_dir: Path, gpu: str, base_model: str | None) -> Planned:
+def _plan_entry(p: Planned) -> dict:
+    return {"task": p.task, "recipe": p.path.name, "model": p.model, "max_length": p.max_length,
+            "lengths": asdict(p.lengths)}
+
+
+def plan_task(task_dir: Path, task: dict, out_dir: Path, gpu: str, base_model: str | None,
+              candidates: str | None = None) -> Planned:
     measured: dict[str, Lengths] = {}
 
     def length_of(spec: ModelSpec) -> int:
@@ -213,15 +227,43 @@ def plan_task(task_dir: Path, task: dict, out_dir: Path, gpu: str, base_model: s
             measured[spec.key] = measure(spec, task_dir / "train.jsonl", task, gpu)
         return measured[spec.key].max_length
 
-    fit = _first_fit(_candidates(task["category"], gpu, base_model), length_of, gpu, bool(base_model))
-    lengths = measured[fit.spec.key]
+    if not candidates:
+        fit = _first_fit(_candidates(task["category"], gpu, base_model), length_of, gpu, bool(base_model))
+        return _write_recipe(task_dir, task, out_dir, gpu, fit, measured[fit.spec.key], task["name"])
+    fits, unfit = [], []
+    for spec in candidate_specs(candidates, task["category"], gpu):
+        try:
+            fit = fit_model(spec, length_of(spec), gpu, lora_r=8 if gpu == "cpu" else 16)
+        except SlmtuneError as e:  # e.g. every record over the cap in this model's tokens
+            fit, why = None, e.message
+        else:
+            why = f"does not fit --gpu {gpu} at {length_of(spec)} tokens"
+        if fit:
+            fits.append(fit)
+        else:
+            unfit.append({"model": spec.key, "reason": why})
+        if candidates == "auto" and gpu != "cpu" and len(fits) == 2:
+            break  # on a GPU, `auto` = the category's top two that fit
+    if not fits:
+        why = "; ".join(f"{u['model']}: {u['reason']}" for u in unfit)
+        raise SlmtuneError(f"no --candidates model fits: {why}")
+    names = _candidate_names([f.spec.key for f in fits])
+    each = tuple(_write_recipe(task_dir, task, out_dir, gpu, f, measured[f.spec.key], f"{task['name']}@{n}")
+                 for f, n in zip(fits, names, strict=True))
+    primary = _write_recipe(task_dir, task, out_dir, gpu, fits[0], measured[fits[0].spec.key], task["name"])
+    return replace(primary, candidates=each, unfit=tuple(unfit))
+
+
+def _write_recipe(task_dir: Path, task: dict, out_dir: Path, gpu: str, fit: Fit, lengths: Lengths,
+                  name: str) -> Planned:
+    """`<out_dir>/<name>.yaml` for `fit` (records over the cap left out into `data/<name>.train.jsonl`)."""
     train = task_dir / "train.jsonl"
     if lengths.dropped:
-        train = out_dir / "data" / f"{task['name']}.train.jsonl"
+        train = out_dir / "data" / f"{name}.train.jsonl"
         skip = set(lengths.dropped)
         write_jsonl(train, (rec for line, rec in iter_jsonl(task_dir / "train.jsonl") if line not in skip))
-    recipe = build_recipe(task_dir, task, out_dir, fit, gpu, train, lengths)
-    path = out_dir / f"{task['name']}.yaml"
+    recipe = build_recipe(task_dir, task, out_dir, fit, gpu, train, lengths, run_name=name)
+    path = out_dir / f"{name}.yaml"
     header = recipe_header(path, task, fit, gpu, lengths)
     with atomic_open(path) as f:
         f.write(dump_recipe_yaml(recipe, header))
@@ -231,8 +273,41 @@ def plan_task(task_dir: Path, task: dict, out_dir: Path, gpu: str, base_model: s
                    s.max_length, fit.est.total / GiB, fit.budget / GiB, lengths)
 
 
+def candidate_specs(candidates: str, category: str, gpu: str) -> list[ModelSpec]:
+    """`--candidates`: `auto` = on the CPU the offline models installed here (`slmtune.models.BUILTIN`), on a GPU
+    the category's preference list (the caller keeps the first two that fit); else the listed keys/folders."""
+    if candidates != "auto":
+        return [lookup(k) for k in _keys(candidates)]
+    if gpu == "cpu":
+        from slmtune.models import installed_builtins
+
+        return [lookup(k) for k in installed_builtins()] or [CATALOG["smollm2-135m"]]
+    return [CATALOG[n] for n in PREFERENCE.get(category, PREFERENCE["generation"])]
+
+
+def _keys(candidates: str) -> list[str]:
+    keys = list(dict.fromkeys(k.strip() for k in candidates.split(",") if k.strip()))
+    if not keys:
+        raise SlmtuneError("--candidates: give auto or a comma-separated list of catalog keys or model folders.")
+    for k in keys:
+        lookup(k)
+    return keys
+
+
+def _candidate_names(keys: list[str]) -> list[str]:
+    """File-safe, unique names for the candidates' recipes and stage folders."""
+    out: list[str] = []
+    for k in keys:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", k).strip("-") or "model"
+        name, i = base, 2
+        while name in out:
+            name, i = f"{base}-{i}", i + 1
+        out.append(name)
+    return out
+
+
 def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str, train_file: Path,
-                 lengths: Lengths) -> Recipe:
+                 lengths: Lengths, run_name: str | None = None) -> Recipe:
     s = fit.setup
     n_train = max(1, task["n_train"])
     method = "full" if s.full else "lora"
@@ -257,7 +332,7 @@ def build_recipe(task_dir: Path, task: dict, out_dir: Path, fit: Fit, gpu: str, 
         "method": method,
         **({"lora": {"r": s.lora_r, "alpha": 2 * s.lora_r}} if method == "lora" else {}),
         "train": train,
-        "output": {"dir": f"runs/{task['name']}"},
+        "output": {"dir": f"runs/{run_name or task['name']}"},
     }
     return Recipe.model_validate(raw)
 

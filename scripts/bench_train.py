@@ -166,8 +166,8 @@ def arm_slmtune(a) -> dict:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(result.adapter_dir)
-    tok = AutoTokenizer.from_pretrained(result.adapter_dir)
+    model = AutoPeftModelForCausalLM.from_pretrained(result.weights_dir)
+    tok = AutoTokenizer.from_pretrained(result.weights_dir)
     out = _result(a, m["wall_time_s"], m["tokens_seen"], [h["loss"] for h in m["train_loss"]], model, tok)
     out["batching"] = m["batching"]
     return out

@@ -344,7 +344,8 @@ def pipeline(a, b, out: Path) -> dict:
         wait_ready(f"http://127.0.0.1:{up_port}/v1/models", upstream, out / "upstream.log", 300)
         for k in range(1, a.rounds + 1):
             print(f"== round {k}: slmtune flywheel on {', '.join(p.name for p in logs)}", flush=True)
-            slmtune("flywheel", *logs, "-w", work, "--gpu", "cpu", "--min-coverage", "0", *quick, log=log)
+            cands = ["--candidates", a.candidates] if a.candidates else []
+            slmtune("flywheel", *logs, "-w", work, "--gpu", "cpu", "--min-coverage", "0", *cands, *quick, log=log)
             router = json.loads((work / "router.json").read_text())
             earned = dict(router, routes=[r for r in router["routes"] if r.get("threshold") is not None
                                           and (r.get("coverage") or 0) >= a.min_coverage])
@@ -353,7 +354,9 @@ def pipeline(a, b, out: Path) -> dict:
                     "calibrated": served(earned, f"round{k}-calibrated", test, f"r{k} calibrated")}
             figs = {"every_step": figures(rows["every_step"], None),
                     "calibrated": figures(rows["calibrated"], rows["every_step"])}
+            summary = json.loads((work / router["round"] / "summary.json").read_text())
             rounds.append({"round": k, "logs": [p.name for p in logs], "round_dir": router.get("round"),
+                           "candidates": {t["task"]: t.get("candidates") for t in summary["tasks"]},
                            "router": {"routes": [{x: r.get(x) for x in ("task", "threshold", "coverage", "accuracy")}
                                                  for r in router["routes"]], "not_routed": router["not_routed"]},
                            **{n: f["overall"] for n, f in figs.items()},
@@ -417,6 +420,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="replay only the first N held-out steps")
     p.add_argument("--rounds", type=int, default=2, help="flywheel rounds; between two, the feedback half of the "
                    "train traffic is served and its served log feeds the next round")
+    p.add_argument("--candidates", default=None, help="the flywheel's bake-off: auto or catalog keys, comma-"
+                   "separated (default: none, plan's one model)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 training steps, 8 eval records, 20 steps")
     a = p.parse_args()
     apps = {x.strip() for x in a.apps.split(",") if x.strip()}

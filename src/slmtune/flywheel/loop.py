@@ -359,10 +359,22 @@ def _train(stage_dir: Path, prev_dir: Path | None, recipe, fp: str, tick: Progre
         write_json(stage_dir / STARTED, {"fingerprint": fp, "started": now()})
     tick(f"train ({recipe.train.max_steps} steps{', resuming' if resume else ''})", 0, 0)
     train(recipe, resume=resume)
+    _prune_checkpoints(stage_dir / "checkpoints")
     status = "resumed" if resume else "trained"
     st.mark_done(stage_dir, "train", fp, run_dir=str(stage_dir), trained_in=stage_dir.parent.parent.name,
                  status=status)
     return {"status": status, "run_dir": str(stage_dir), "trained_in": stage_dir.parent.parent.name}
+
+
+def _prune_checkpoints(root: Path) -> None:
+    """A finished run keeps only its newest checkpoint: the weights are saved, and each checkpoint of a full
+    fine-tune holds the model and its Adam state (~1.6 GB for SmolLM2-135M in fp32; four a run filled a disk)."""
+    from slmtune.train.runfiles import last_checkpoint
+
+    keep = last_checkpoint(root)
+    for p in root.glob("checkpoint-*") if root.is_dir() else []:
+        if p != keep:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _eval(stage_dir: Path, prev_dir: Path | None, run: dict, fp: str, round_dir: Path, name: str,

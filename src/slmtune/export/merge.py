@@ -145,7 +145,11 @@ def render_info(r: Renderer) -> dict:
         "mode": r.mode,
         "tools": "native chat template" if r.mode == "native" else "appended to the system turn",
         "tools_preamble": None if r.mode == "native" else TOOLS_PREAMBLE,
-        "tool_docs": r.tool_docs,  # compact: a signature line per tool (slmtune.render.tool_signature)
+        "tool_docs": r.tool_docs,
+        "tool_line": None if r.mode == "native" else "the tool's JSON spec" if r.tool_docs == "full" else
+        'a signature (slmtune.render.tool_signature): name(a: string, b?: array<integer> = 1, c?: "x"|"y") — '
+        "parameters in schema order, ? when optional, enums, array items, nested objects and defaults; "
+        "no descriptions",
         "tool_call_format": None if r.mode == "native" else
         '<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>',
         "tool_result_format": None if r.mode == "native" else "user turn: <tool_response>\n...\n</tool_response>",

@@ -49,7 +49,9 @@ CATALOG: dict[str, ModelSpec] = {s.key: s for s in (
     _spec("smollm2-1.7b", "HuggingFaceTB/SmolLM2-1.7B-Instruct", 1_711_376_384, 24, 2048, 8192, 32, 32, 64, 49152,
           True, 8192, "Apache-2.0", False),
     _spec("gemma3-270m", "google/gemma-3-270m", 268_098_176, 18, 640, 2048, 4, 1, 256, 262144,
-          True, 32768, "Gemma", False, base="gemma3-270m", gguf=True),
+          True, 32768, "Gemma", False, base="gemma3-270m", gguf=True),  # offline: the pretrained GGUF (extra gemma)
+    _spec("gemma3-270m-it", "google/gemma-3-270m-it", 268_098_176, 18, 640, 2048, 4, 1, 256, 262144,
+          True, 32768, "Gemma", False),  # from the hub: the instruction-tuned one
     _spec("gemma3-1b", "google/gemma-3-1b-it", 999_885_952, 26, 1152, 6912, 4, 1, 256, 262144,
           True, 32768, "Gemma", False),
     _spec("qwen3-0.6b", "Qwen/Qwen3-0.6B", 596_049_920, 28, 1024, 3072, 16, 8, 128, 151936,

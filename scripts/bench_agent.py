@@ -172,7 +172,8 @@ def split(ids: list[str], seed: int, test_share: float) -> tuple[list[str], list
 
 
 def variant_of(variant_id: str) -> str:
-    """`multi_turn_miss_param_12` → `multi_turn_base_12`: the conversation a variant rewrites."""
+    """`multi_turn_miss_param_12` → `multi_turn_base_12`: the conversation a variant rewrites (a base id is its
+    own)."""
     return "multi_turn_base_" + variant_id.rsplit("_", 1)[1]
 
 
@@ -276,15 +277,12 @@ def feedback_split(out: Path, seed: int) -> tuple[Path, Path]:
     """`--rounds` > 1: the train conversations in two seeded halves, `logs/round1.jsonl` (round 1 trains on it)
     and `logs/feedback.jsonl` (replayed through serve after round 1: its served log is round 2's new traffic)."""
     lines = [json.loads(x) for x in (out / "logs" / "train.jsonl").open()]
-    convs = sorted({x["metadata"]["bfcl_id"] if x["metadata"]["bfcl_id"].startswith("multi_turn_base")
-                    else variant_of(x["metadata"]["bfcl_id"]) for x in lines})
+    convs = sorted({variant_of(x["metadata"]["bfcl_id"]) for x in lines})
     first, _ = split(convs, seed + 1, 0.5)
     keep = set(first)
     sides = {"round1": [], "feedback": []}
     for x in lines:
-        bid = x["metadata"]["bfcl_id"]
-        sides["round1" if (bid if bid.startswith("multi_turn_base") else variant_of(bid)) in keep
-              else "feedback"].append(x)
+        sides["round1" if variant_of(x["metadata"]["bfcl_id"]) in keep else "feedback"].append(x)
     for side, xs in sides.items():
         (out / "logs" / f"{side}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in xs))
     return out / "logs" / "round1.jsonl", out / "logs" / "feedback.jsonl"

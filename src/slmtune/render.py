@@ -66,7 +66,6 @@ TOOLS_PREAMBLE = (
 )
 # A Jinja comment: renders nothing and strips nothing; in a tokenizer's chat template it means `tool_docs: compact`.
 TOOL_DOCS_MARK = "{# slmtune tool_docs: compact #}"
-TOOL_DOCS = ("full", "compact")
 _CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 

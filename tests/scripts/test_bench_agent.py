@@ -86,7 +86,7 @@ def test_development_and_reserved_apps_and_the_train_test_split(b, tmp_path):
     assert any(x["metadata"]["bfcl_id"].startswith("multi_turn_miss_param") for x in lines)
     for x in lines:  # variants only of train conversations; every step's apps within the development set
         bid = x["metadata"]["bfcl_id"]
-        assert (bid if bid.startswith("multi_turn_base") else ba.variant_of(bid)) in train
+        assert ba.variant_of(bid) in train
         assert set(x["metadata"]["apps"]) <= set(ba.DEV_APPS)
     tests = [json.loads(x) for x in (tmp_path / "dev" / "logs" / "test.jsonl").open()]
     assert {x["metadata"]["bfcl_id"] for x in tests} <= test
@@ -131,7 +131,7 @@ def test_the_second_rounds_feedback_half_shares_no_conversation_with_round_one(b
 
     def base_ids(path):
         ids = [json.loads(x)["metadata"]["bfcl_id"] for x in path.open()]
-        return [i if i.startswith("multi_turn_base") else ba.variant_of(i) for i in ids]
+        return [ba.variant_of(i) for i in ids]
 
     a, f = base_ids(first), base_ids(feedback)
     assert a and f and not set(a) & set(f)  # a conversation and its variants stay on one side

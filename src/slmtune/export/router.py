@@ -19,9 +19,9 @@ that tool set, else to the route with the fewest tools among those offering all 
 tools are the union over its tool family, as `slmtune cluster` groups them: an agent that offers its file-system
 tools alone in one step and beside its messaging tools in the next); a request without tools goes to a
 tool-less route whose centroid terms it shares most (at least `MIN_TERMS`); anything else returns None — the LLM
-keeps it. (System fingerprints are computed by `slmtune
-cluster` on the system prompt with boilerplate shared across errands removed, so they identify a task in the
-logs; serving code matches on tools and terms, which need no corpus.)
+keeps it. (System fingerprints are computed by `slmtune cluster` on the system prompt with boilerplate shared
+across errands removed, so they identify a task in the logs; serving code matches on tools and terms, which need
+no corpus.)
 """
 
 from __future__ import annotations

@@ -171,11 +171,15 @@ def _round(logs: Sequence[str | Path], workdir: Path, config: FlywheelConfig, ti
     # A plan stage finished by an older slmtune (marker, no plan.json) counts as no task failed.
     plan_json = read_json_or_none(round_dir / "plan" / "plan.json") or {}
     plan_failed = {f["task"]: f["reason"] for f in plan_json.get("failed", [])}
+    # --candidates: the recipe stems plan wrote per task (`<task>@<model>`); a task without a bake-off trains its own
+    bake_offs = {p["task"]: [Path(c["recipe"]).stem for c in p["candidates"]]
+                 for p in plan_json.get("planned", []) if len(p.get("candidates") or []) > 1}
     outcomes = []
     for i, task in enumerate(tasks):
         def step(s, d, t, i=i, name=task["name"]):
             tick(f"[{i + 1}/{len(tasks)}] {name}: {s}", d, t)
-        outcomes.append(_isolated(task, round_dir, prev, workdir, config, step, plan_failed.get(task["name"])))
+        outcomes.append(_isolated(task, round_dir, prev, workdir, config, step, plan_failed.get(task["name"]),
+                                  bake_offs.get(task["name"], [task["name"]])))
     return _finish(workdir, round_dir, prev, registry, inputs, selection, outcomes, config)
 
 
@@ -234,15 +238,16 @@ def _stage(stage_dir: Path, name: str, inputs: list, tick: Progress, run: Callab
 
 # ----------------------------------------------------------------------------- per-task stages
 def _isolated(task: dict, round_dir: Path, prev: Path | None, workdir: Path, config: FlywheelConfig,
-              tick: Progress, plan_failure: str | None) -> TaskOutcome:
-    """One task's stages; whatever fails is this task's outcome, never the round's."""
+              tick: Progress, plan_failure: str | None, recipes: list[str]) -> TaskOutcome:
+    """One task's stages (trained from each of `recipes`, plan's recipe stems: more than one is a bake-off);
+    whatever fails is this task's outcome, never the round's."""
     out = TaskOutcome(task["name"], task["category"], task["n_train"], task["n_eval"],
                       key_metric=key_metric(task["category"]))
     if plan_failure:
         out.status, out.reason = "failed", f"plan: {plan_failure}"
         return out
     try:
-        _task_stages(task, out, round_dir, prev, workdir, config, tick)
+        _task_stages(task, out, round_dir, prev, workdir, config, tick, recipes)
     except Exception as e:  # noqa: BLE001 - one task's crash (bad data, OOM, a library bug) must not sink the round
         import traceback
 
@@ -260,10 +265,10 @@ def _isolated(task: dict, round_dir: Path, prev: Path | None, workdir: Path, con
 
 
 def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | None, workdir: Path,
-                 config: FlywheelConfig, tick: Progress) -> None:
+                 config: FlywheelConfig, tick: Progress, recipes: list[str]) -> None:
     name = task["name"]
     tried = []
-    for stem in _candidate_recipes(round_dir, name):  # [name] without a bake-off
+    for stem in recipes:  # [name] without a bake-off
         recipe, train_fp = _recipe(round_dir, stem, config)
         out.stage = "train"
         label = _labelled(tick, stem.partition("@")[2]) if stem != name else tick
@@ -298,14 +303,6 @@ def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | Non
 
 def _labelled(tick: Progress, model: str) -> Progress:
     return lambda s, d, t: tick(f"{model}: {s}", d, t)
-
-
-def _candidate_recipes(round_dir: Path, name: str) -> list[str]:
-    """The recipe stems plan wrote for this task's bake-off (`<task>@<model>`), or [name] without one."""
-    plan_json = read_json_or_none(round_dir / "plan" / "plan.json") or {}
-    entry = next((p for p in plan_json.get("planned", []) if p["task"] == name), {})
-    stems = [Path(c["recipe"]).stem for c in entry.get("candidates") or []]
-    return stems if len(stems) > 1 else [name]
 
 
 def _bake_off_score(t: dict) -> tuple[float, float]:

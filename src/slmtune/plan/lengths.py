@@ -13,7 +13,6 @@ and `plan` falls back to an estimate it labels as such.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import subprocess
 import sys
@@ -80,7 +79,7 @@ def _tokenizer_folder(base: str) -> Path | None:
     if base in BUILTIN:
         target = converted_dir(base)
         if not (target / "tokenizer.json").is_file():
-            if any(importlib.util.find_spec(p.replace("-", "_")) is None for p in BUILTIN[base].packages):
+            if BUILTIN[base].missing():
                 return None  # not installed here: lengths are estimated (train says what to install)
             _convert_builtin(base)
         return target

@@ -235,13 +235,12 @@ def plan_task(task_dir: Path, task: dict, out_dir: Path, gpu: str, base_model: s
         try:
             fit = fit_model(spec, length_of(spec), gpu, lora_r=8 if gpu == "cpu" else 16)
         except SlmtuneError as e:  # e.g. every record over the cap in this model's tokens
-            fit, why = None, e.message
-        else:
-            why = f"does not fit --gpu {gpu} at {length_of(spec)} tokens"
-        if fit:
-            fits.append(fit)
-        else:
-            unfit.append({"model": spec.key, "reason": why})
+            unfit.append({"model": spec.key, "reason": e.message})
+            continue
+        if not fit:
+            unfit.append({"model": spec.key, "reason": f"does not fit --gpu {gpu} at {length_of(spec)} tokens"})
+            continue
+        fits.append(fit)
         if candidates == "auto" and gpu != "cpu" and len(fits) == 2:
             break  # on a GPU, `auto` = the category's top two that fit
     if not fits:

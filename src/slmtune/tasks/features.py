@@ -61,7 +61,7 @@ class View:
     tools: tuple[str, ...]
     called: tuple[str, ...]
     target_text: str
-    family: str = ""  # the tool family's key (`join_tool_families`); "" until joined
+    family: str = ""  # the tool family's key: its own tool set, until `join_tool_families` widens it
 
 
 def view(rec: dict) -> View:

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "slmtune"
 # Down the pipeline: a module may import its own package, the shared top-level modules, and stages before it.
 # synthetic (demo logs, the tiny model) sits beside the pipeline: it reads ingest's ids; only the CLI, tests and
 # scripts use it.
-ORDER = ["data", "tasks", "plan", "train", "infer", "eval", "export", "serve", "flywheel"]
+ORDER = ["data", "tasks", "plan", "train", "infer", "eval", "rl", "export", "serve", "flywheel"]
 TOP = "top"  # errors, io, ui, device, plots, records, recipe, render, models
 
 

@@ -369,10 +369,14 @@ def train(
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in output.dir.")] = False,
 ) -> None:
-    """Train a LoRA / QLoRA adapter from a recipe."""
+    """Train a LoRA / QLoRA adapter (or a full fine-tune) from a recipe; `method: grpo` runs RL after SFT."""
     from slmtune.recipe import load_recipe
 
     rec = load_recipe(recipe, set_ or [])
+    if rec.method == "grpo":
+        from slmtune.rl import from_start
+
+        rec, _ = from_start(rec)  # model.base: the SFT run → its trained model
     if dry_run:
         from slmtune.train.trainer import dry_run as do_dry_run
 
@@ -382,7 +386,10 @@ def train(
 
     if rec.distributed.strategy != "none" and not distributed.launched():
         raise typer.Exit(distributed.relaunch(rec, recipe, set_ or [], resume))
-    from slmtune.train.trainer import train as do_train
+    if rec.method == "grpo":
+        from slmtune.rl import train_grpo as do_train
+    else:
+        from slmtune.train.trainer import train as do_train
 
     result = do_train(rec, resume=resume)
     if result.metrics:  # only rank 0 reports (and writes the run files)

@@ -124,11 +124,12 @@ class LoraSection(_Strict):
 class TrainSection(_Strict):
     epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="Passes over the training data (ignored when max_steps > 0). `auto`: 2 below 1,000 "
-        "training records, else 1 (`auto_epochs`), resolved at train time into the run's recipe.yaml.")
+        "training records, else 1 (`auto_epochs`; `method: grpo`: 1), resolved at train time into the run's "
+        "recipe.yaml.")
     max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs`.")
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
-        "auto", description="Peak learning rate. `auto`: 1e-4 for full fine-tuning, 2e-4 for LoRA (`AUTO_LR`), "
-        "resolved at train time.")
+        "auto", description="Peak learning rate. `auto`: 1e-4 for full fine-tuning, 2e-4 for LoRA, 2e-5 for "
+        "`method: grpo` (`AUTO_LR`), resolved at train time.")
     batch_size: int = Field(4, gt=0, description="Examples per device per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up the LR.")
@@ -146,6 +147,23 @@ class TrainSection(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Compute precision; `auto` = bf16 autocast where the CPU/GPU supports it, else fp32."
     )
+
+
+class RLSection(_Strict):
+    """`method: grpo`: reinforcement learning after SFT (TRL's GRPOTrainer, `slmtune.rl`). Each training prompt is
+    answered `num_generations` times by sampling; every answer is scored against the teacher's by eval's own
+    comparison (`slmtune.rl.reward`), and the policy moves toward the answers that beat their group's mean."""
+
+    num_generations: int = Field(4, ge=2, description="Answers sampled per prompt (a group); advantages are each "
+                                 "answer's reward minus its group's mean, over the group's standard deviation.")
+    beta: float = Field(0.04, ge=0, description="Weight of the KL term to the SFT model (`model.base`, the adapter "
+                        "disabled); 0 drops it.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    max_completion_length: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Tokens per sampled answer; `auto` = 1.5 × the longest teacher answer + 16 (as eval).")
+    collapse_patience: int = Field(
+        4, ge=0, description="Stop when this many logged steps in a row had no group with any reward variance "
+        "(nothing left to learn from: every rollout of every group scored alike); 0 = never stop for it.")
 
 
 class OutputSection(_Strict):
@@ -234,15 +252,17 @@ class Recipe(_Strict):
     name: str = Field(description="Run name.")
     task: TaskTags | None = Field(None, description="Optional task tags, carried into the run manifest.")
     model: ModelSection
-    method: Literal["auto", "lora", "full"] = Field(
+    method: Literal["auto", "lora", "full", "grpo"] = Field(
         "auto", description="`lora`: train a LoRA adapter (`lora:`; with model.quantization 4bit, QLoRA) and save "
         "it in `adapter/`; `full`: train every weight and save the whole model in `model/`; `auto`: lora when "
         "the recipe has a `lora:` section, else full below 0.5 B parameters (unquantized), else lora (`auto_method`); "
-        "resolved at train time.")
+        "resolved at train time. `grpo`: RL after SFT (`rl:`): `model.base` is the SFT run (or its merged "
+        "model), a LoRA adapter (`lora:`) is trained on it with rewards from eval's comparison with the teacher.")
     data: DataSection
     augment: AugmentSection = Field(default_factory=AugmentSection, description="Tool-set augmentation of the "
                                     "training records; all off by default.")
     lora: LoraSection = Field(default_factory=LoraSection)
+    rl: RLSection = Field(default_factory=RLSection, description="`method: grpo` only: the RL stage's settings.")
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection
     distributed: DistributedSection = Field(default_factory=DistributedSection)
@@ -260,6 +280,10 @@ class Recipe(_Strict):
         if self.method == "full" and self.model.quantization != "none":
             raise ValueError("method: full trains every weight, which a quantized base cannot hold (set "
                              "model.quantization: none, or method: lora for QLoRA)")
+        if self.method == "grpo" and self.distributed.strategy != "none":
+            raise ValueError("method: grpo runs on one process (set distributed.strategy: none)")
+        if "rl" in self.model_fields_set and self.method != "grpo":
+            raise ValueError("rl: configures `method: grpo` only (set method: grpo, or drop rl:)")
         return self
 
 
@@ -268,7 +292,7 @@ class Recipe(_Strict):
 # ~100 training records, full fine-tuning for 2 epochs at 1e-4 beat LoRA r=16 (1 epoch at 2e-4, 2 epochs at
 # 5e-4). Below FULL_FT_MAX_PARAMS a whole model and its Adam state fit where a LoRA run fits anyway.
 FULL_FT_MAX_PARAMS = 500_000_000
-AUTO_LR = {"full": 1.0e-4, "lora": 2.0e-4}
+AUTO_LR = {"full": 1.0e-4, "lora": 2.0e-4, "grpo": 2.0e-5}
 FEW_RECORDS = 1000  # below this many training records: 2 epochs, else 1
 
 
@@ -300,7 +324,8 @@ def resolve_auto(recipe: Recipe, n_records: int, n_params: int, longest: int | N
     if method == "auto":  # a recipe that configures `lora:` asks for LoRA
         method = "lora" if "lora" in recipe.model_fields_set else auto_method(n_params, recipe.model.quantization)
     t = recipe.train
-    train = t.model_copy(update={"epochs": auto_epochs(n_records) if t.epochs == "auto" else t.epochs,
+    epochs = (1.0 if method == "grpo" else auto_epochs(n_records)) if t.epochs == "auto" else t.epochs
+    train = t.model_copy(update={"epochs": epochs,
                                  "lr": AUTO_LR[method] if t.lr == "auto" else t.lr})
     return recipe.model_copy(update={"method": method, "train": train, "data": data})
 

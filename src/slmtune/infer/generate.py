@@ -211,11 +211,17 @@ def _logprob_recorder():
     return Recorder()
 
 
+def completion_text(tokenizer, row: list[int], stops: list[int]) -> str:
+    """Generated tokens → the answer's text: everything before the first end-of-turn token, special tokens kept
+    (a template's `<tool_call>` may be one)."""
+    end = next((k for k, t in enumerate(row) if t in stops), None)
+    return tokenizer.decode(row if end is None else row[:end], skip_special_tokens=False)
+
+
 def _decode(tokenizer, row: list[int], stops: list[int], dt: float, batch: int,
             logprobs: list[float] = ()) -> Generation:
     end = next((k for k, t in enumerate(row) if t in stops), None)
-    body = row if end is None else row[:end]
-    text = tokenizer.decode(body, skip_special_tokens=False)
+    text = completion_text(tokenizer, row, stops)
     n = len(row) if end is None else end + 1
     return Generation(text=text, n_tokens=n, finished=end is not None, latency_s=round(dt, 4), batch=batch,
                       token_logprobs=tuple(min(0.0, round(x, 6)) for x in logprobs[:n]))

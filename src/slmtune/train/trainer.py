@@ -84,7 +84,7 @@ def _masked_text(r: Renderer, ex: Example) -> Text:
 
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     """Train `recipe` into its run directory (see module docstring): four steps, each timed with its peak memory."""
-    ckpt = _checkpoint_to_resume(recipe, resume)
+    ckpt = checkpoint_to_resume(recipe, resume)
     options.check(recipe)
     with _Phase() as load:
         prep = prepare(recipe)
@@ -127,7 +127,7 @@ class _Phase(PeakSampler):
         return super().__exit__(*exc)
 
 
-def _checkpoint_to_resume(recipe: Recipe, resume: bool) -> Path | None:
+def checkpoint_to_resume(recipe: Recipe, resume: bool) -> Path | None:
     """The checkpoint `--resume` continues from; a run dir that holds one needs `--resume`."""
     ckpt_root = recipe.output.dir / "checkpoints"
     ckpt = last_checkpoint(ckpt_root)

@@ -33,6 +33,9 @@ measures an option):
                  answer allowed, as `slmtune serve` decodes them);
 * free         — (not run by default) the same model decoded free (`slmtune eval --compare-decodings` compares both in
                  one run): what training alone does.
+* rl           — (not run by default) RL after the slmtune arm's SFT: `slmtune train` on a recipe with
+                 `method: grpo`, `model.base` the SFT run and the same training records (the rest `auto`, or
+                 `--rl-set`), then `slmtune eval` as the slmtune arm; train time is the RL stage's alone.
 
 Answering only when confident (the slmtune arm, `--target-accuracy A`): each test answer's confidence
 candidates (`slmtune.infer.confidence`: min_prob, mean_prob, first_prob) are scored by their AUROC against BFCL's
@@ -68,7 +71,7 @@ CATEGORIES = ("live_multiple", "parallel_multiple", "live_parallel", "live_paral
               "live_irrelevance")
 IRRELEVANCE = ("irrelevance", "live_irrelevance")
 NO_CALL = "None of the offered functions fits this request, so I cannot call one."
-ARMS = ("base", "trl", "slmtune", "free")
+ARMS = ("base", "trl", "slmtune", "free", "rl")
 DEFAULT_ARMS = ("base", "trl", "slmtune")
 # The untuned model rarely stops on its own: it would fill the whole budget (1.5 × the longest test target + 16,
 # ~330 tokens) on most records. Its answers are cut at 160 tokens, which only a few parallel calls need more than.
@@ -328,7 +331,7 @@ def run(a) -> dict:
         slmtune("eval", "--data", test_data, "--model", trl_out / "model", "--baseline", "none", "-o",
                 work / "eval-trl", "--decoding", "free", *extra_eval, log=log)
         rows["trl"] = predictions(work / "eval-trl")["tuned"]
-    if "slmtune" in a.arms or "free" in a.arms:
+    if {"slmtune", "free", "rl"} & set(a.arms):
         import yaml
 
         recipe = {"name": "bfcl", "model": {"base": a.model}, "data": {"train": str(data / "train.jsonl")},
@@ -360,6 +363,9 @@ def run(a) -> dict:
         results["decoding"] = {arm: m["perf"]["decoding"] for arm, m in tuned.items() if arm in a.arms}
         results["slmtune_metrics"] = json.loads((work / "run" / "metrics.json").read_text())
         results["slmtune_metrics"].pop("train_loss", None)
+    if "rl" in a.arms:
+        results.update(arm_rl(a, b, by_id, work, data / "train.jsonl", test_data, extra_eval, log, rows))
+        results["train_time_s"]["rl"] = results.pop("rl_train_time_s")
 
     # Teacher answers as scored by the checker: how faithful the logs are to BFCL's ground truth.
     teacher = {e["id"]: teacher_log(b, e)["response"]["choices"][0]["message"] for e in test_e}
@@ -367,6 +373,29 @@ def run(a) -> dict:
         results["arms"][name] = table(b, by_id, preds)
     results["curate"] = json.loads((data / "curate.json").read_text()) if (data / "curate.json").is_file() else None
     return results
+
+
+def arm_rl(a, b, by_id: dict, work: Path, train: Path, test_data: Path, extra_eval: list, log: Path,
+           rows: dict) -> dict:
+    """GRPO on the SFT run (`method: grpo`), evaluated as the slmtune arm; its figures for the results."""
+    import yaml
+
+    recipe = {"name": "bfcl-rl", "method": "grpo", "model": {"base": str(work / "run")},
+              "data": {"train": str(train)}, "output": {"dir": str(work / "run-rl")}}
+    (work / "recipe-rl.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    sets = [x for s in a.rl_set for x in ("--set", s)]
+    t0 = time.perf_counter()
+    slmtune("train", work / "recipe-rl.yaml", *sets, log=log)
+    wall = round(time.perf_counter() - t0, 1)
+    slmtune("eval", "--data", test_data, "--model", work / "run-rl", "--baseline", "none", "-o", work / "eval-rl",
+            *extra_eval, log=log)
+    rows["rl"] = predictions(work / "eval-rl")["tuned"]
+    metrics = json.loads((work / "run-rl" / "metrics.json").read_text())
+    out = {"rl_metrics": {k: v for k, v in metrics.items() if k != "train_loss"}, "rl_train_time_s": wall}
+    if a.target_accuracy is not None:
+        out["selective_rl"] = selective_figures(b, by_id, rows["rl"], confidences(work / "eval-rl", "tuned"),
+                                                a.target_accuracy)
+    return out
 
 
 def table(b, by_id: dict[str, dict], preds: dict[str, dict]) -> dict:
@@ -445,6 +474,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--set", action="append", default=[], help="recipe override for the slmtune arm (key=value)")
+    p.add_argument("--rl-set", action="append", default=[], help="recipe override for the rl arm (key=value)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N test records")
     p.add_argument("--quick", action="store_true", help="16 train / 12 test logs, 4 training steps (~10 min)")
     p.add_argument("--target-accuracy", type=float, default=None,
@@ -466,12 +496,20 @@ def main() -> None:
     if a.quick:
         a.train, a.test = 16, 12
         a.set = ["train.max_steps=4", *a.set]
+        a.rl_set = ["train.max_steps=2", *a.rl_set]
     start = time.perf_counter()
     results = run(a)
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
     print_table(results)
-    if "selective" in results:
-        print_selective(results["selective"])
+    for key, arm in (("selective", "slmtune"), ("selective_rl", "rl")):
+        if key in results:
+            print(f"\n[{arm}]", end="")
+            print_selective(results[key])
+    if "rl_metrics" in results:
+        m = results["rl_metrics"]
+        print(f"\nRL: reward {m['reward_first_quarter']} (first quarter of steps) → {m['reward_last_quarter']} (last), "
+              f"{m['global_step']} steps, {m['prompts_seen']} prompts, {m['minutes_per_100_records']} min per 100 "
+              f"records, peak {m.get('peak_anon_memory_mb') or 0:.0f} MB, stopped early: {m['stopped_early']}")
     from slmtune.io import write_json
 
     write_json(a.out_dir / "bench_quality.json", results)

@@ -475,6 +475,7 @@ def flywheel(
                                      help=FLYWHEEL["gpu"])] = "cpu",
     base_model: Annotated[Optional[str], typer.Option("--base-model", help=FLYWHEEL["base_model"])] = None,
     candidates: Annotated[Optional[str], typer.Option("--candidates", help=FLYWHEEL["candidates"])] = None,
+    rl: Annotated[bool, typer.Option("--rl", help=FLYWHEEL["rl"])] = False,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help=FLYWHEEL["max_steps"])] = None,
     gate: Annotated[Optional[Path], typer.Option("--gate", help=FLYWHEEL["gate"])] = None,
     max_tasks: Annotated[Optional[int], typer.Option("--max-tasks", min=1, help=FLYWHEEL["max_tasks"])
@@ -503,7 +504,7 @@ def flywheel(
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # one progress view: the trainer's own bars would tear it
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's business
-    config = FlywheelConfig(gpu=gpu, base_model=base_model, candidates=candidates, max_steps=max_steps,
+    config = FlywheelConfig(gpu=gpu, base_model=base_model, candidates=candidates, rl=rl, max_steps=max_steps,
                             max_tasks=max_tasks,
                             eval_limit=eval_limit, gate=gate, adapter_only=adapter_only, min_size=min_size,
                             eval_fraction=eval_fraction, target_accuracy=target_accuracy, min_coverage=min_coverage,

@@ -282,7 +282,7 @@ class Recipe(_Strict):
                              "model.quantization: none, or method: lora for QLoRA)")
         if self.method == "grpo" and self.distributed.strategy != "none":
             raise ValueError("method: grpo runs on one process (set distributed.strategy: none)")
-        if "rl" in self.model_fields_set and self.method != "grpo":
+        if self.rl != RLSection() and self.method != "grpo":  # (a dumped recipe carries the defaults)
             raise ValueError("rl: configures `method: grpo` only (set method: grpo, or drop rl:)")
         return self
 

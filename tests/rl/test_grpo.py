@@ -60,7 +60,8 @@ def grpo_recipe(w: Path, sft: Path, label: str, precision: str, steps: int, name
               "data": {"train": str(data_dir(w, name, mood_records(64, 2, label)))},
               "lora": {"r": 8, "alpha": 16},
               "train": {"max_steps": steps, "lr": 1e-2, "batch_size": 4, "precision": precision},
-              "rl": {"num_generations": 4, "temperature": temperature}, "output": {"dir": str(w / f"{name}-run")}, "logging": {"report_to": []}}
+              "rl": {"num_generations": 4, "temperature": temperature}, "output": {"dir": str(w / f"{name}-run")},
+              "logging": {"report_to": []}}
     (w / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
     return w / f"{name}.yaml"
 
@@ -160,3 +161,71 @@ def test_argument_names_pairs_calls_as_eval_does():
     ref = {"tool_calls": [_call("a", x=1, y=2)["tool_calls"][0], _call("b", z=3)["tool_calls"][0]]}
     pred = {"tool_calls": [_call("b", z=9)["tool_calls"][0], _call("a", x=5)["tool_calls"][0]]}
     assert argument_names(pred, ref) == [pytest.approx(2 / 3), 1.0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_shared_prompt_scoring_equals_trls(tiny_model, tmp_path, precision):
+    """A group's prompt run once (slmtune) gives TRL's log-probabilities, entropies and gradients (prompt run per
+    answer), on left-padded prompts of two lengths and right-padded answers."""
+    import torch
+    from trl import GRPOTrainer
+
+    from slmtune.recipe import load_recipe, resolve_auto
+    from slmtune.rl.grpo import _build_trainer, from_start
+    from slmtune.train import prepare
+
+    path = grpo_recipe(tmp_path, tiny_model, "positive", precision, 1, "eq")
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]  # not `auto`: the weights in this precision too
+    recipe, _ = from_start(load_recipe(path, [f"model.dtype={dtype}"]))
+    prep = prepare(recipe)
+    recipe = resolve_auto(recipe, len(prep.train), 0, prep.longest, prep.cap)
+    trainer, _ = _build_trainer(recipe, prep, "classification", TASK["schema"])
+    torch.manual_seed(0)
+    for name, p in trainer.model.named_parameters():  # a non-zero adapter, so the LoRA path counts too
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    pad = trainer.processing_class.pad_token_id
+    prompts = [[5, 9, 14, 3, 7, 22], [8, 4, 30]]
+    answers = [[40, 41, 2], [43], [50, 51, 52, 53], [60, 61]]
+    width = max(map(len, prompts))
+    rows = [(prompts[i // 2], a) for i, a in enumerate(answers)]  # two answers per prompt
+    ids = torch.tensor([[pad] * (width - len(p)) + p + a + [pad] * (4 - len(a)) for p, a in rows])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + len(a)) + [0] * (4 - len(a)) for p, a in rows])
+    got, want = [], []
+    for fn, out in ((trainer._get_per_token_logps_and_entropies, got),
+                    (lambda *a, **k: GRPOTrainer._get_per_token_logps_and_entropies(trainer, *a, **k), want)):
+        trainer.model.zero_grad()
+        logps, entropy, _ = fn(trainer.model, ids, mask, 4, compute_entropy=True)
+        (logps * mask[:, -4:]).sum().backward()
+        grads = [p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad]
+        out += [logps * mask[:, -4:], entropy * mask[:, -4:], grads]
+    tol = 1e-4 if precision == "fp32" else 5e-2
+    torch.testing.assert_close(got[0], want[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(got[1], want[1], atol=tol, rtol=tol)
+    for g, w in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(g, w, atol=tol, rtol=max(tol, 1e-3))
+
+
+def test_grouped_rollouts_equal_trls_generation(tiny_model, tmp_path):
+    """Each prompt prefilled once and its cache shared by its group (slmtune) generates what TRL's padded batch
+    generates: compared greedily, on prompts of three lengths, two answers each."""
+    from trl import GRPOTrainer
+
+    from slmtune.recipe import load_recipe, resolve_auto
+    from slmtune.rl.grpo import _build_trainer, from_start, full_attention
+    from slmtune.train import prepare
+
+    path = grpo_recipe(tmp_path, tiny_model, "positive", "fp32", 1, "gen")
+    recipe, _ = from_start(load_recipe(path, ["model.dtype=float32"]))
+    prep = prepare(recipe)
+    recipe = resolve_auto(recipe, len(prep.train), 0, prep.longest, prep.cap)
+    trainer, _ = _build_trainer(recipe, prep, "classification", TASK["schema"])
+    trainer.generation_config.do_sample = False
+    assert full_attention(trainer.model.config)  # slmtune's path runs, not TRL's fallback
+    tok = trainer.processing_class
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
+               ("Call the tool get_weather with the city", "Paris", "What is the weather in Berlin, London?")]
+    batch = [p for p in prompts for _ in range(2)]
+    ours, _ = trainer._generate_single_turn(batch, None, {}, 2)
+    theirs, _ = GRPOTrainer._generate_single_turn(trainer, batch, None, {}, 2)
+    assert ours == theirs and all(ours)

@@ -68,8 +68,12 @@ class FlywheelConfig:
     """Bake-off: train every task on each candidate that fits (auto: on the CPU the offline models installed here,
     on a GPU the category's top two; or catalog keys / folders, comma-separated), evaluate all on the same
     held-out calls and export the winner (coverage at --target-accuracy, then the key metric)."""
+    rl: bool = False
+    """After SFT, RL on each task's winner (`method: grpo`: the task's training records, rewarded by agreement with
+    the teacher): evaluated on the same held-out calls as a candidate of its own, and exported only when it beats
+    the SFT model (coverage at --target-accuracy, then the key metric)."""
     max_steps: int | None = None
-    """Optimizer steps per task, overriding plan's estimate."""
+    """Optimizer steps per task, overriding plan's estimate (the RL stage's too)."""
     max_tasks: int | None = None
     """Train only the N largest tasks; the rest stay with the LLM."""
     eval_limit: int | None = 100
@@ -273,19 +277,16 @@ def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | Non
         out.stage = "train"
         label = _labelled(tick, stem.partition("@")[2]) if stem != name else tick
         run = _train(round_dir / "train" / stem, prev and prev / "train" / stem, recipe, train_fp, label)
-        eval_fp = fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
-                               config.eval_limit, config.eval_batch_size, EVAL_DECODING,
-                               file_fingerprint(config.gate) if config.gate else None, config.target_accuracy,
-                               "cross_fit"])  # reports before eval wrote `selective.cross_fit` are redone
+        eval_fp = _eval_fp(train_fp, round_dir, name, config)
         out.stage = "eval"
         report_dir = _eval(round_dir / "eval" / stem, prev and prev / "eval" / stem, run, eval_fp, round_dir,
                            name, config, label)
         report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
-        tried.append({"stem": stem, "run": run, "eval_fp": eval_fp, "report": report, "model": recipe.model.base,
-                      "metrics": {row: report["models"][row]["metrics"][out.key_metric]["value"]
-                                  for row in ("base", "tuned", "teacher") if row in report["models"]},
-                      "selective": _calibration(report)})
+        tried.append(_tried(stem, run, eval_fp, report, recipe.model.base, out.key_metric))
     best = max(tried, key=_bake_off_score)  # ties: the first listed (plan's order: the cheaper model first)
+    if config.rl:  # RL on the winner, a candidate of its own: kept only when it ranks strictly higher
+        tried.append(_rl_stage(best, task, out, round_dir, prev, config, tick))
+        best = max(tried, key=_bake_off_score)
     if len(tried) > 1:
         out.candidates = [{"model": t["model"], "recipe": t["stem"], "status": t["run"]["status"],
                            out.key_metric: t["metrics"].get("tuned"),
@@ -299,6 +300,49 @@ def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | Non
         out.stage = "export"
         out.export = _export(round_dir / "export" / name, prev and prev / "export" / name, run, best["eval_fp"],
                              workdir, round_dir, config, tick, eval_stage=best["stem"], bake_off=out.candidates)
+
+
+def _eval_fp(train_fp: str, round_dir: Path, name: str, config: FlywheelConfig) -> str:
+    return fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
+                        config.eval_limit, config.eval_batch_size, EVAL_DECODING,
+                        file_fingerprint(config.gate) if config.gate else None, config.target_accuracy,
+                        "cross_fit"])  # reports before eval wrote `selective.cross_fit` are redone
+
+
+def _tried(stem: str, run: dict, eval_fp: str, report: dict, model: str, metric: str) -> dict:
+    """One trained and evaluated candidate of a task, as the bake-off ranks it."""
+    return {"stem": stem, "run": run, "eval_fp": eval_fp, "report": report, "model": model,
+            "metrics": {row: report["models"][row]["metrics"][metric]["value"]
+                        for row in ("base", "tuned", "teacher") if row in report["models"]},
+            "selective": _calibration(report)}
+
+
+def _rl_stage(sft: dict, task: dict, out: TaskOutcome, round_dir: Path, prev: Path | None, config: FlywheelConfig,
+              tick: Progress) -> dict:
+    """`method: grpo` from the SFT candidate `sft`'s run on the task's training records, trained and evaluated as
+    a candidate (`<stem>+rl`). Its plan recipe's numbers (lr, epochs, steps) were the SFT's: RL takes its own
+    `auto`s (one epoch), or --max-steps."""
+    from slmtune.recipe import load_recipe, recipe_to_dict
+
+    stem, name = f"{sft['stem']}+rl", task["name"]
+    values = {"method": "grpo", "model.base": sft["run"]["run_dir"], "output.dir": str(round_dir / "train" / stem),
+              "data.eval": None, "train.lr": "auto", "train.epochs": "auto",
+              "model.gguf_file": None, "train.max_steps": config.max_steps or -1}
+    recipe = load_recipe(round_dir / "plan" / f"{sft['stem']}.yaml", list(config.overrides), values=values)
+    d = recipe_to_dict(recipe)
+    d["data"].pop("train"), d["data"].pop("eval"), d["output"].pop("dir"), d["model"].pop("base")
+    # the SFT run's own fingerprint stands for its weights: a retrained SFT model is a new start for RL
+    sft_fp = (st.read_marker(Path(sft["run"]["run_dir"])) or {}).get("fingerprint")
+    train_fp = fingerprint(["train-rl", sft_fp, file_fingerprint(recipe.data.train), d])
+    label = _labelled(tick, f"{sft['model']}+rl")
+    out.stage = "train"
+    run = _train(round_dir / "train" / stem, prev and prev / "train" / stem, recipe, train_fp, label)
+    eval_fp = _eval_fp(train_fp, round_dir, name, config)
+    out.stage = "eval"
+    report_dir = _eval(round_dir / "eval" / stem, prev and prev / "eval" / stem, run, eval_fp, round_dir, name,
+                       config, label)
+    report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+    return _tried(stem, run, eval_fp, report, f"{sft['model']}+rl", out.key_metric)
 
 
 def _labelled(tick: Progress, model: str) -> Progress:
@@ -354,8 +398,14 @@ def _train(stage_dir: Path, prev_dir: Path | None, recipe, fp: str, tick: Progre
         shutil.rmtree(stage_dir)  # died before its first checkpoint, or trained other data/settings: start over
     if not resume:
         write_json(stage_dir / STARTED, {"fingerprint": fp, "started": now()})
-    tick(f"train ({recipe.train.max_steps} steps{', resuming' if resume else ''})", 0, 0)
-    train(recipe, resume=resume)
+    what = "RL " if recipe.method == "grpo" else ""
+    tick(f"{what}train ({recipe.train.max_steps} steps{', resuming' if resume else ''})", 0, 0)
+    if recipe.method == "grpo":
+        from slmtune.rl import train_grpo
+
+        train_grpo(recipe, resume=resume)
+    else:
+        train(recipe, resume=resume)
     _prune_checkpoints(stage_dir / "checkpoints")
     status = "resumed" if resume else "trained"
     st.mark_done(stage_dir, "train", fp, run_dir=str(stage_dir), trained_in=stage_dir.parent.parent.name,

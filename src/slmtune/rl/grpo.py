@@ -42,6 +42,7 @@ from slmtune.train.runfiles import PeakSampler, peak_memory_mb, write_run_files
 from slmtune.train.trainer import checkpoint_to_resume, precision_choice
 
 REWARD_NAME = "teacher_agreement"
+FORWARD_TOKENS = {"cpu": 4096, "gpu": 32768}  # padded tokens per training forward (`forward_rows`)
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class Rewarded:
 def _build_trainer(recipe: Recipe, prep, category: str, schema: Any):
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     from slmtune.infer.generate import completion_text, stop_ids, token_budget
     from slmtune.render import target_text
@@ -171,10 +172,14 @@ def _build_trainer(recipe: Recipe, prep, category: str, schema: Any):
                 for ids, i in zip(completion_ids, index, strict=True)]
 
     extra = trainer_options(recipe)
+    rollouts = t.batch_size * rl.num_generations  # one optimizer step's answers (× grad_accum)
+    # a group's answers share their prompt, run once per forward (`trainer_class`): a forward holds one group
+    rows = rl.num_generations if shares_prompts(model) else forward_rows(rollouts, prep.max_length + budget)
     kwargs = dict(
         output_dir=str(recipe.output.dir / "checkpoints"), num_train_epochs=t.epochs, max_steps=t.max_steps,
-        learning_rate=t.lr, per_device_train_batch_size=t.batch_size * rl.num_generations,
-        gradient_accumulation_steps=t.grad_accum, num_generations=rl.num_generations,
+        # one generation of `rollouts` answers per optimizer step, trained in forwards of `rows` answers each
+        learning_rate=t.lr, per_device_train_batch_size=rows, steps_per_generation=rollouts // rows,
+        gradient_accumulation_steps=t.grad_accum * rollouts // rows, num_generations=rl.num_generations,
         max_completion_length=budget, beta=rl.beta, temperature=rl.temperature,
         warmup_steps=min(t.warmup_ratio, 0.999), lr_scheduler_type=t.scheduler, seed=t.seed, data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
@@ -191,10 +196,176 @@ def _build_trainer(recipe: Recipe, prep, category: str, schema: Any):
     lora = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
                       use_dora=lo.use_dora, use_rslora=lo.use_rslora, task_type="CAUSAL_LM")
     data = Dataset.from_dict({"prompt": prompts, "index": list(range(len(prompts)))})
-    trainer = GRPOTrainer(model=model, reward_funcs=[teacher_agreement], args=args, train_dataset=data,
+    trainer = trainer_class()(model=model, reward_funcs=[teacher_agreement], args=args, train_dataset=data,
                           processing_class=tok, peft_config=lora)
     point_tensorboard(trainer, recipe.output.dir / "tensorboard")
     return trainer, rewarded
+
+
+def trainer_class():
+    """TRL's GRPOTrainer, with the answers of one prompt scored on one pass of that prompt.
+
+    TRL scores each of a group's `num_generations` answers as prompt + answer, so a forward of G answers runs the
+    prompt G times (BFCL prompts are ~600–1,900 tokens, answers ~30–60): the policy's forward and backward and the
+    KL reference's forward are mostly the same prompt, again. Here the prompt minus its last token runs once with
+    a KV cache, copied (differentiably) to the group's rows, and each row runs only its last prompt token and its
+    answer — the same log-probabilities (`tests/rl`), as slmtune's SFT shares a batch's prefix. The fused LM head
+    TRL patches in (log-probabilities without full logits, at the sampling temperature) scores the answers.
+
+    For that a forward must hold whole groups, in order: TRL shuffles a generation's answers before cutting them
+    into forwards, which only decides which answers share a forward — every forward of a generation feeds the same
+    optimizer step (gradient accumulation spans the generation), so the step's gradient is the same sum either way.
+    The shuffle is skipped."""
+    from trl import GRPOTrainer
+    from trl.trainer import grpo_trainer
+
+    class SlmtuneGRPOTrainer(GRPOTrainer):
+        def _prepare_inputs(self, generation_batch):
+            shuffle = grpo_trainer.shuffle_sequence_dict
+            grpo_trainer.shuffle_sequence_dict = lambda batch: batch
+            try:
+                return super()._prepare_inputs(generation_batch)
+            finally:
+                grpo_trainer.shuffle_sequence_dict = shuffle
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **extra):
+            if compute_aux_loss or any(v is not None for v in extra.values()):  # MoE or multimodal: TRL's way
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                    **extra)
+            return shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy,
+                                       self.accelerator.autocast)
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False):
+            plain = not (self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields)
+            if not (plain and full_attention(self.model.config)):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)
+            from trl.models import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                             generation_kwargs=self.generation_kwargs,
+                                             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+                                             ) as model:
+                return sample_groups(model, prompt_ids, self.generation_config, self.eos_token_ids,
+                                     self._tokenizer.pad_token_id), None
+
+    return SlmtuneGRPOTrainer
+
+
+def sample_groups(model, prompt_ids: list[list[int]], config, eos: list[int], pad: int) -> list[list[int]]:
+    """Sampled answers to `prompt_ids` (a generation batch: each prompt repeated for its group, consecutively),
+    each cut after its first end-of-turn token — what TRL's transformers path returns, with each distinct prompt
+    prefilled once instead of once per answer and padded to the batch's longest.
+
+    Each prompt but its last token runs once; its KV cache is left-padded to the longest and copied to its rows,
+    and `generate` continues all rows together from there (positions follow the attention mask, so a row's
+    cached tokens sit at the positions they were computed at). Four BFCL prompts × 4 answers: the prefill was
+    16 × the longest prompt (~30 k tokens), it is the four prompts' own ~2.4 k."""
+    import torch
+    from transformers import DynamicCache
+
+    distinct: list[list[int]] = []
+    for ids in prompt_ids:
+        if not distinct or distinct[-1] != ids:
+            distinct.append(list(ids))
+    rows = [distinct.index(list(ids)) for ids in prompt_ids]
+    width = max(map(len, distinct))
+    device = model.device
+    model.eval()
+    with torch.no_grad():
+        caches = [model(input_ids=torch.tensor([ids[:-1]], device=device), use_cache=True,
+                        logits_to_keep=1).past_key_values if len(ids) > 1 else None for ids in distinct]
+        index = torch.tensor(rows, device=device)
+        cache = DynamicCache(config=model.config)
+        for layer in range(model.config.num_hidden_layers):
+            keys, values = [], []
+            for c in caches:
+                k, v = (c.layers[layer].keys, c.layers[layer].values) if c is not None else (None, None)
+                keys.append(_left_pad(k, width - 1, model))
+                values.append(_left_pad(v, width - 1, model))
+            cache.update(torch.cat(keys)[index], torch.cat(values)[index], layer)
+        input_ids = torch.tensor([[pad] * (width - len(distinct[r])) + distinct[r] for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(distinct[r])) + [1] * len(distinct[r]) for r in rows], device=device)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
+                             generation_config=config)
+    model.train()
+    answers = []
+    for row in out[:, width:].tolist():
+        end = next((k for k, t in enumerate(row) if t in eos), None)
+        answers.append(row if end is None else row[:end + 1])
+    return answers
+
+
+def _left_pad(kv, length: int, model):
+    """A cached key or value tensor (1, heads, n, dim) left-padded with zeros to `length` positions (masked out)."""
+    import torch
+
+    if kv is None:
+        cfg = model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return torch.zeros(1, heads, length, dim, dtype=model.dtype, device=model.device)
+    return torch.nn.functional.pad(kv, (0, 0, length - kv.shape[2], 0))
+
+
+def full_attention(config) -> bool:
+    """Every layer attends to the whole context (no sliding window, no linear attention): `sample_groups` lays
+    the cache out itself, which a sliding window's rolling cache would not take."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return all(t == "full_attention" for t in types)
+    return not getattr(config, "sliding_window", None)
+
+
+def shared_prompt_logps(model, input_ids, attention_mask, n_answer: int, compute_entropy: bool, autocast):
+    """Per-token log-probabilities (and entropies) of the last `n_answer` columns (left-padded prompts, right-padded
+    answers, as TRL lays them out), each distinct prompt run once (see `trainer_class`)."""
+    import torch
+
+    prompts, answers = input_ids[:, :-n_answer], input_ids[:, -n_answer:]
+    p_mask, a_mask = attention_mask[:, :-n_answer], attention_mask[:, -n_answer:]
+    groups: dict[tuple, list[int]] = {}
+    for i in range(input_ids.shape[0]):
+        groups.setdefault(tuple(prompts[i][p_mask[i].bool()].tolist()), []).append(i)
+    logps = input_ids.new_zeros(answers.shape, dtype=torch.float32)
+    entropy = torch.zeros_like(logps) if compute_entropy else None
+    for prompt, rows in groups.items():
+        n, p = len(rows), len(prompt)
+        ids = torch.tensor([prompt], device=input_ids.device)
+        with autocast():
+            cache = model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values \
+                if p > 1 else None
+            if cache is not None:
+                cache.batch_repeat_interleave(n)  # a differentiable copy: gradients reach the prompt once per row
+            tail = torch.cat([ids[:, -1:].expand(n, 1), answers[rows]], dim=1)
+            labels = tail.masked_fill(torch.cat([tail.new_ones(n, 1), a_mask[rows]], dim=1) == 0, -100)
+            labels[:, 0] = -100
+            mask = torch.cat([a_mask.new_ones(n, p), a_mask[rows]], dim=1)
+            out = model(input_ids=tail, attention_mask=mask, past_key_values=cache,
+                        position_ids=torch.arange(p - 1, p + n_answer, device=ids.device).expand(n, -1),
+                        labels=labels, fused_lm_head=True)
+        index = torch.tensor(rows, device=input_ids.device)
+        logps = logps.index_copy(0, index, out.log_probs.to(logps.dtype))
+        if compute_entropy:
+            entropy = entropy.index_copy(0, index, out.entropy.to(entropy.dtype))
+    return logps, entropy, None
+
+
+def shares_prompts(model) -> bool:
+    """Whether `shared_prompt_logps` can run `model`: a plain text decoder (TRL's own path otherwise)."""
+    return not getattr(model.config, "vision_config", None) and not getattr(model.config, "num_experts", None)
+
+
+def forward_rows(rollouts: int, row_tokens: int) -> int:
+    """Answers per training forward: the most that keep a forward within `FORWARD_TOKENS` (padded prompt +
+    answer, as SFT's records mode keeps a forward within max_length), dividing the step's `rollouts` evenly.
+    One forward of all 16 answers to 4 BFCL prompts (~2,300 tokens each, padded) ran a 24 GB CPU out of memory."""
+    cap = max(1, FORWARD_TOKENS["gpu" if cuda() else "cpu"] // max(row_tokens, 1))
+    return max(d for d in range(1, rollouts + 1) if rollouts % d == 0 and d <= cap)
 
 
 def _untokenized_bos(tok, text: str) -> str:

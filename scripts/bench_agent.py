@@ -342,7 +342,7 @@ def pipeline(a, b, out: Path) -> dict:
         wait_ready(f"http://127.0.0.1:{up_port}/v1/models", upstream, out / "upstream.log", 300)
         for k in range(1, a.rounds + 1):
             print(f"== round {k}: slmtune flywheel on {', '.join(p.name for p in logs)}", flush=True)
-            cands = ["--candidates", a.candidates] if a.candidates else []
+            cands = (["--candidates", a.candidates] if a.candidates else []) + (["--rl"] if a.rl else [])
             slmtune("flywheel", *logs, "-w", work, "--gpu", "cpu", "--min-coverage", "0", *cands, *quick, log=log)
             router = json.loads((work / "router.json").read_text())
             earned = dict(router, routes=[r for r in router["routes"] if r.get("threshold") is not None
@@ -420,6 +420,8 @@ def main() -> None:
                    "train traffic is served and its served log feeds the next round")
     p.add_argument("--candidates", default=None, help="the flywheel's bake-off: auto or catalog keys, comma-"
                    "separated (default: none, plan's one model)")
+    p.add_argument("--rl", action="store_true", help="the flywheel's RL stage (`flywheel --rl`): GRPO on each "
+                   "task's SFT winner, exported only when it ranks higher on the held-out calls")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 training steps, 8 eval records, 20 steps")
     a = p.parse_args()
     apps = {x.strip() for x in a.apps.split(",") if x.strip()}

@@ -34,8 +34,9 @@ measures an option):
 * free         — (not run by default) the same model decoded free (`slmtune eval --compare-decodings` compares both in
                  one run): what training alone does.
 * rl           — (not run by default) RL after the slmtune arm's SFT: `slmtune train` on a recipe with
-                 `method: grpo`, `model.base` the SFT run and the same training records (the rest `auto`, or
-                 `--rl-set`), then `slmtune eval` as the slmtune arm; train time is the RL stage's alone.
+                 `method: grpo`, `model.base` the SFT run (or `--sft-run`, one of the same split) and the same
+                 training records (the rest `auto`, or `--rl-set`), then `slmtune eval` as the slmtune arm; train
+                 time is the RL stage's alone.
 
 Answering only when confident (the slmtune arm, `--target-accuracy A`): each test answer's confidence
 candidates (`slmtune.infer.confidence`: min_prob, mean_prob, first_prob) are scored by their AUROC against BFCL's
@@ -331,7 +332,7 @@ def run(a) -> dict:
         slmtune("eval", "--data", test_data, "--model", trl_out / "model", "--baseline", "none", "-o",
                 work / "eval-trl", "--decoding", "free", *extra_eval, log=log)
         rows["trl"] = predictions(work / "eval-trl")["tuned"]
-    if {"slmtune", "free", "rl"} & set(a.arms):
+    if ({"slmtune", "free"} & set(a.arms)) or ("rl" in a.arms and not a.sft_run):
         import yaml
 
         recipe = {"name": "bfcl", "model": {"base": a.model}, "data": {"train": str(data / "train.jsonl")},
@@ -380,7 +381,7 @@ def arm_rl(a, b, by_id: dict, work: Path, train: Path, test_data: Path, extra_ev
     """GRPO on the SFT run (`method: grpo`), evaluated as the slmtune arm; its figures for the results."""
     import yaml
 
-    recipe = {"name": "bfcl-rl", "method": "grpo", "model": {"base": str(work / "run")},
+    recipe = {"name": "bfcl-rl", "method": "grpo", "model": {"base": str(a.sft_run or work / "run")},
               "data": {"train": str(train)}, "output": {"dir": str(work / "run-rl")}}
     (work / "recipe-rl.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     sets = [x for s in a.rl_set for x in ("--set", s)]
@@ -475,6 +476,8 @@ def main() -> None:
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--set", action="append", default=[], help="recipe override for the slmtune arm (key=value)")
     p.add_argument("--rl-set", action="append", default=[], help="recipe override for the rl arm (key=value)")
+    p.add_argument("--sft-run", type=Path, default=None, help="rl arm: start from this SFT run (of the same split) "
+                   "instead of training the slmtune arm's")
     p.add_argument("--limit", type=int, default=None, help="score only the first N test records")
     p.add_argument("--quick", action="store_true", help="16 train / 12 test logs, 4 training steps (~10 min)")
     p.add_argument("--target-accuracy", type=float, default=None,

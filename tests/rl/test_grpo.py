@@ -95,6 +95,11 @@ def test_grpo_reward_rises_and_moves_the_greedy_answer(sft_run, tmp_path):
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "reward.png").stat().st_size > 0
     after = greedy_labels(tmp_path, run, "eval-rl")  # eval reads the GRPO run as a LoRA run on the SFT model
     assert after.count(target) >= before.count(target) + len(before) // 2, (before, after)
+    exports = tmp_path / "exports"  # merged into the SFT model, the card says how it was trained
+    run_cli("export", run, "-o", exports, "--report", tmp_path / "eval-rl")
+    (export,) = [p for p in exports.iterdir() if p.is_dir()]
+    assert json.loads((export / "slmtune.json").read_text())["recipe"]["method"] == "grpo"
+    assert "then RL (GRPO" in (export / "README.md").read_text()
 
 
 def test_collapse_guard_stops_a_run_without_reward_variance(sft_run, tmp_path):

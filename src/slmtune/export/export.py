@@ -221,6 +221,10 @@ def model_card(manifest: dict, render_mode: str = "slmtune-hermes") -> str:
             f"A {manifest['base_model']['name']} fine-tune by slmtune for one agent errand: "
             f"task `{task['name']}` ({task['category']}), output schema hash `{task['schema_hash'] or '-'}`. "
             f"Format: **{manifest['format']}**.", ""]
+    if (manifest.get("recipe") or {}).get("method") == "grpo":
+        body += ["Trained in two stages: supervised fine-tuning on the teacher's answers, then RL (GRPO, "
+                 "`method: grpo`) rewarded by agreement with the teacher; its adapter's base is the SFT model "
+                 f"(`{manifest['base_model']['path']}`).", ""]
     base = bundled(manifest["base_model"]["name"])
     if base:
         body += [f"**Licence of the base model:** {base.licence}.", ""]

@@ -70,8 +70,9 @@ class FlywheelConfig:
     held-out calls and export the winner (coverage at --target-accuracy, then the key metric)."""
     rl: bool = False
     """After SFT, RL on each task's winner (`method: grpo`: the task's training records, rewarded by agreement with
-    the teacher): evaluated on the same held-out calls as a candidate of its own, and exported only when it beats
-    the SFT model (coverage at --target-accuracy, then the key metric)."""
+    the teacher; as many optimizer steps as plan gave SFT, or --max-steps): evaluated on the same held-out calls as
+    a candidate of its own, and exported only when it beats the SFT model (coverage at --target-accuracy, then the
+    key metric)."""
     max_steps: int | None = None
     """Optimizer steps per task, overriding plan's estimate (the RL stage's too)."""
     max_tasks: int | None = None
@@ -320,14 +321,14 @@ def _tried(stem: str, run: dict, eval_fp: str, report: dict, model: str, metric:
 def _rl_stage(sft: dict, task: dict, out: TaskOutcome, round_dir: Path, prev: Path | None, config: FlywheelConfig,
               tick: Progress) -> dict:
     """`method: grpo` from the SFT candidate `sft`'s run on the task's training records, trained and evaluated as
-    a candidate (`<stem>+rl`). Its plan recipe's numbers (lr, epochs, steps) were the SFT's: RL takes its own
-    `auto`s (one epoch), or --max-steps."""
+    a candidate (`<stem>+rl`). The plan's lr and epochs were the SFT's: RL takes its own `auto`s; it keeps the
+    plan's step budget (the CPU plan's time budget, in optimizer steps) or --max-steps."""
     from slmtune.recipe import load_recipe, recipe_to_dict
 
     stem, name = f"{sft['stem']}+rl", task["name"]
     values = {"method": "grpo", "model.base": sft["run"]["run_dir"], "output.dir": str(round_dir / "train" / stem),
               "data.eval": None, "train.lr": "auto", "train.epochs": "auto",
-              "model.gguf_file": None, "train.max_steps": config.max_steps or -1}
+              "model.gguf_file": None, **({"train.max_steps": config.max_steps} if config.max_steps else {})}
     recipe = load_recipe(round_dir / "plan" / f"{sft['stem']}.yaml", list(config.overrides), values=values)
     d = recipe_to_dict(recipe)
     d["data"].pop("train"), d["data"].pop("eval"), d["output"].pop("dir"), d["model"].pop("base")

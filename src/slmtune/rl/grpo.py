@@ -113,7 +113,7 @@ def train_grpo(recipe: Recipe, resume: bool = False) -> TrainResult:
     weights_dir = recipe.output.dir / "adapter"
     trainer.model.save_pretrained(weights_dir)
     prep.renderer.tokenizer.save_pretrained(weights_dir)
-    metrics = _metrics(trainer, recipe, prep, rewarded, wall, guard)
+    metrics = _metrics(trainer, recipe, prep, rewarded, wall, guard, category)
     metrics["peak_anon_memory_mb"] = max(load_mem.peak, fit_mem.peak)
     metrics["phases"] = {"load": {"wall_s": round(load_s, 2), "peak_rss_mb": load_mem.peak},
                          "train": {"wall_s": round(wall, 2), "peak_rss_mb": fit_mem.peak}}
@@ -397,7 +397,7 @@ def _collapse_guard(patience: int):
     return CollapseGuard()
 
 
-def _metrics(trainer, recipe: Recipe, prep, rewarded: Rewarded, wall: float, guard) -> dict:
+def _metrics(trainer, recipe: Recipe, prep, rewarded: Rewarded, wall: float, guard, category: str) -> dict:
     state = trainer.state
     steps = [h for h in state.log_history if "reward" in h]
     history = [{"step": h["step"], "reward": round(h["reward"], 4), "reward_std": round(h.get("reward_std", 0), 4),
@@ -417,17 +417,12 @@ def _metrics(trainer, recipe: Recipe, prep, rewarded: Rewarded, wall: float, gua
                                                 "logged steps in a row"},
         "max_length": prep.max_length, "left_out": list(prep.left_out), "peak_memory_mb": peak_memory_mb(),
         "precision": precision_choice(recipe), "eval_loss": None,
-        "reward": {"name": REWARD_NAME, "terms": _terms(recipe)},
+        "reward": {"name": REWARD_NAME, "category": category, "terms": WEIGHTS.get(category, TEXT_WEIGHTS)},
     }
 
 
 def _mean_reward(steps: list[dict]) -> float | None:
     return round(sum(h["reward"] for h in steps) / len(steps), 4) if steps else None
-
-
-def _terms(recipe: Recipe) -> dict:
-    category = recipe.task.category if recipe.task else None
-    return WEIGHTS.get(category, TEXT_WEIGHTS) if category else {}
 
 
 def plot_reward(metrics: dict, path: Path, title: str) -> None:

@@ -231,7 +231,7 @@ def trainer_class():
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, compute_aux_loss=False,
                                                **extra):
-            if compute_aux_loss or any(v is not None for v in extra.values()):  # MoE or multimodal: TRL's way
+            if compute_aux_loss or any(v is not None for v in extra.values()) or not shares_prompts(model):
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                     **extra)
@@ -356,8 +356,11 @@ def shared_prompt_logps(model, input_ids, attention_mask, n_answer: int, compute
 
 
 def shares_prompts(model) -> bool:
-    """Whether `shared_prompt_logps` can run `model`: a plain text decoder (TRL's own path otherwise)."""
-    return not getattr(model.config, "vision_config", None) and not getattr(model.config, "num_experts", None)
+    """Whether `shared_prompt_logps` can run `model`: a plain text decoder whose every layer attends to the whole
+    context (TRL's own path otherwise: MoE, multimodal, or sliding-window layers such as Gemma 3's, untested)."""
+    config = model.config
+    return not getattr(config, "vision_config", None) and not getattr(config, "num_experts", None) and \
+        full_attention(config)
 
 
 def forward_rows(rollouts: int, row_tokens: int) -> int:

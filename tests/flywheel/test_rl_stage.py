@@ -62,3 +62,15 @@ def test_rl_is_reused_when_its_start_and_data_did_not_change(rl_rounds):
     assert [r["status"] for r in weather["candidates"]] == ["reused", "reused"]
     new = next(t for n, t in two.items() if "weather" not in n)
     assert [r["status"] for r in new["candidates"]] == ["trained", "trained"]
+
+
+def test_rl_on_a_lora_winner_is_a_failed_row_not_a_failed_task(tmp_path, tiny_model):
+    """`--set method=lora` reaches the SFT recipe only (RL sets its own method); RL refuses a LoRA start, and the
+    task keeps its SFT winner, exported."""
+    write_logs(tmp_path / "w", 40, seed=3, errands=[WEATHER])
+    cli("flywheel", tmp_path / "w" / "logs", "-w", tmp_path / "work", "--gpu", "cpu", "--base-model", tiny_model,
+        "--rl", "--max-steps", 2, "--eval-limit", 3, "--min-size", 8, "--min-coverage", 0, "--set", "method=lora")
+    (name, task), = summary(tmp_path / "work" / "round-001").items()
+    sft, rl = task["candidates"]
+    assert task["status"] == "trained" and task["export"] and task["run_dir"].endswith(name)
+    assert sft["winner"] and rl["status"] == "failed" and "is a LoRA run" in rl["reason"]

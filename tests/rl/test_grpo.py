@@ -90,8 +90,10 @@ def test_grpo_reward_rises_and_moves_the_greedy_answer(sft_run, tmp_path):
     assert m["rollouts"] == 20 * 4 * 4 and m["minutes_per_100_records"] > 0
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["method"] == "grpo" and manifest["rl"]["num_generations"] == 4 and manifest["lora"]["r"] == 8
-    assert manifest["task"]["name"] == "mood"  # carried over from the SFT run
+    assert manifest["task"]["name"] == "mood"  # carried over from the SFT run, as its base model's name
     assert manifest["base_model"]["path"] == str(w / "run" / "model")
+    assert manifest["base_model"]["name"] == json.loads((w / "run" / "manifest.json").read_text())["base_model"][
+        "name"]
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "reward.png").stat().st_size > 0
     after = greedy_labels(tmp_path, run, "eval-rl")  # eval reads the GRPO run as a LoRA run on the SFT model
     assert after.count(target) >= before.count(target) + len(before) // 2, (before, after)
@@ -120,7 +122,7 @@ def test_grpo_refuses_a_lora_run_and_a_missing_start(tmp_path):
     for base, expected in ((lora, "is a LoRA run"), (tmp_path / "nothing", "neither an SFT run")):
         path = grpo_recipe(tmp_path, base, "positive", "fp32", 2, "bad")
         result = CliRunner().invoke(app, ["train", str(path)])
-        assert result.exit_code != 0 and expected in result.output and "Traceback" not in result.output
+        assert result.exit_code != 0 and expected in result.output
 
 
 def test_rl_block_needs_method_grpo(tmp_path):
@@ -214,6 +216,7 @@ def test_shared_prompt_scoring_equals_trls(tiny_model, tmp_path, precision):
 def test_grouped_rollouts_equal_trls_generation(tiny_model, tmp_path):
     """Each prompt prefilled once and its cache shared by its group (slmtune) generates what TRL's padded batch
     generates: compared greedily, on prompts of three lengths, two answers each."""
+    import torch
     from trl import GRPOTrainer
 
     from slmtune.recipe import load_recipe, resolve_auto
@@ -226,7 +229,11 @@ def test_grouped_rollouts_equal_trls_generation(tiny_model, tmp_path):
     recipe = resolve_auto(recipe, len(prep.train), 0, prep.longest, prep.cap)
     trainer, _ = _build_trainer(recipe, prep, "classification", TASK["schema"])
     trainer.generation_config.do_sample = False
-    assert full_attention(trainer.model.config)  # slmtune's path runs, not TRL's fallback
+    assert full_attention(trainer.model.config) and trainer.share_prompts  # slmtune's path runs, not TRL's
+    torch.manual_seed(0)
+    for name, p in trainer.model.named_parameters():  # a non-zero adapter: sampling must use it
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
     tok = trainer.processing_class
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
                ("Call the tool get_weather with the city", "Paris", "What is the weather in Berlin, London?")]
@@ -234,3 +241,7 @@ def test_grouped_rollouts_equal_trls_generation(tiny_model, tmp_path):
     ours, _ = trainer._generate_single_turn(batch, None, {}, 2)
     theirs, _ = GRPOTrainer._generate_single_turn(trainer, batch, None, {}, 2)
     assert ours == theirs and all(ours)
+    for name, p in trainer.model.named_parameters():  # and the adapter changes what is generated
+        if "lora_B" in name:
+            p.data.zero_()
+    assert trainer._generate_single_turn(batch, None, {}, 2)[0] != ours

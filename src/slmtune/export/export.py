@@ -67,6 +67,9 @@ def export_run(run_dir: str | Path, exports_dir: str | Path, adapter_only: bool 
     if adapter_only and run["weights"].name == "model":
         raise SlmtuneError(f"{run_dir}: a full fine-tune (method: full) has no adapter to export.",
                            "Export it merged (drop --adapter-only).")
+    if adapter_only and run["manifest"].get("method") == "grpo":
+        raise SlmtuneError(f"{run_dir}: an RL run's adapter sits on its local SFT model, not on the base model "
+                           "others have.", "Export it merged (drop --adapter-only).")
     task = _task_tags(run["manifest"])
     if not task.get("name"):
         raise SlmtuneError(f"{run_dir}: the run has no task tags (recipe `task.name`).",

@@ -70,9 +70,10 @@ class FlywheelConfig:
     held-out calls and export the winner (coverage at --target-accuracy, then the key metric)."""
     rl: bool = False
     """After SFT, RL on each task's winner (`method: grpo`: the task's training records, rewarded by agreement with
-    the teacher; as many optimizer steps as plan gave SFT, or --max-steps): evaluated on the same held-out calls as
-    a candidate of its own, and exported only when it beats the SFT model (coverage at --target-accuracy, then the
-    key metric)."""
+    the teacher; the plan's step count for SFT, one epoch where the plan trains by epochs, or --max-steps):
+    evaluated on the same held-out calls as a candidate of its own, and exported only when it beats the SFT model
+    (coverage at --target-accuracy, then the key metric). A winner trained as LoRA gets no RL (it would need a
+    merge first): the task keeps its SFT winner, and the RL row says why."""
     max_steps: int | None = None
     """Optimizer steps per task, overriding plan's estimate (the RL stage's too)."""
     max_tasks: int | None = None
@@ -283,16 +284,26 @@ def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | Non
         report_dir = _eval(round_dir / "eval" / stem, prev and prev / "eval" / stem, run, eval_fp, round_dir,
                            name, config, label)
         report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
-        tried.append(_tried(stem, run, eval_fp, report, recipe.model.base, out.key_metric))
+        tried.append(_tried(stem, run, train_fp, eval_fp, report, recipe.model.base, out.key_metric))
     best = max(tried, key=_bake_off_score)  # ties: the first listed (plan's order: the cheaper model first)
+    rl_failed = None
     if config.rl:  # RL on the winner, a candidate of its own: kept only when it ranks strictly higher
-        tried.append(_rl_stage(best, task, out, round_dir, prev, config, tick))
+        try:
+            tried.append(_rl_stage(best, task, out, round_dir, prev, config, tick))
+        except Exception as e:  # noqa: BLE001 - RL failing (a LoRA winner, OOM) leaves the SFT winner standing
+            why = (e.message if isinstance(e, SlmtuneError) else f"{type(e).__name__}: {e}").strip().splitlines()
+            rl_failed = {"model": f"{best['model']}+rl", "recipe": f"{best['stem']}+rl", "status": "failed",
+                         "reason": f"{out.stage}: {why[0] if why else type(e).__name__}", "winner": False}
+            log.warning("%s: RL stage failed (%s); the SFT winner stands", name, rl_failed["reason"])
         best = max(tried, key=_bake_off_score)
-    if len(tried) > 1:
+        out.stage = "eval"
+    if len(tried) > 1 or rl_failed:
         out.candidates = [{"model": t["model"], "recipe": t["stem"], "status": t["run"]["status"],
                            out.key_metric: t["metrics"].get("tuned"),
                            "coverage": (t["selective"] or {}).get("coverage"),
                            "threshold": (t["selective"] or {}).get("threshold"), "winner": t is best} for t in tried]
+    if rl_failed:
+        out.candidates.append(rl_failed)
     run, report = best["run"], best["report"]
     out.status, out.trained_in, out.run_dir = run["status"], run["trained_in"], run["run_dir"]
     out.metrics, out.selective = best["metrics"], best["selective"]
@@ -310,9 +321,9 @@ def _eval_fp(train_fp: str, round_dir: Path, name: str, config: FlywheelConfig) 
                         "cross_fit"])  # reports before eval wrote `selective.cross_fit` are redone
 
 
-def _tried(stem: str, run: dict, eval_fp: str, report: dict, model: str, metric: str) -> dict:
+def _tried(stem: str, run: dict, train_fp: str, eval_fp: str, report: dict, model: str, metric: str) -> dict:
     """One trained and evaluated candidate of a task, as the bake-off ranks it."""
-    return {"stem": stem, "run": run, "eval_fp": eval_fp, "report": report, "model": model,
+    return {"stem": stem, "run": run, "train_fp": train_fp, "eval_fp": eval_fp, "report": report, "model": model,
             "metrics": {row: report["models"][row]["metrics"][metric]["value"]
                         for row in ("base", "tuned", "teacher") if row in report["models"]},
             "selective": _calibration(report)}
@@ -322,19 +333,23 @@ def _rl_stage(sft: dict, task: dict, out: TaskOutcome, round_dir: Path, prev: Pa
               tick: Progress) -> dict:
     """`method: grpo` from the SFT candidate `sft`'s run on the task's training records, trained and evaluated as
     a candidate (`<stem>+rl`). The plan's lr and epochs were the SFT's: RL takes its own `auto`s; it keeps the
-    plan's step budget (the CPU plan's time budget, in optimizer steps) or --max-steps."""
+    plan's step count (an RL step costs several SFT steps' time) or --max-steps; --set overrides reach it except
+    the keys it sets itself (`rl_overrides`)."""
     from slmtune.recipe import load_recipe, recipe_to_dict
 
     stem, name = f"{sft['stem']}+rl", task["name"]
+    path = round_dir / "plan" / f"{sft['stem']}.yaml"
+    overrides = rl_overrides(config.overrides)
+    steps = config.max_steps or load_recipe(path, overrides).train.max_steps
     values = {"method": "grpo", "model.base": sft["run"]["run_dir"], "output.dir": str(round_dir / "train" / stem),
-              "data.eval": None, "train.lr": "auto", "train.epochs": "auto",
-              "model.gguf_file": None, **({"train.max_steps": config.max_steps} if config.max_steps else {})}
-    recipe = load_recipe(round_dir / "plan" / f"{sft['stem']}.yaml", list(config.overrides), values=values)
+              "data.eval": None, "train.lr": "auto", "train.epochs": "auto", "model.gguf_file": None,
+              "train.save_steps": max(1, steps // 4) if steps > 0 else 200,
+              **({"train.max_steps": config.max_steps} if config.max_steps else {})}
+    recipe = load_recipe(path, overrides, values=values)
     d = recipe_to_dict(recipe)
     d["data"].pop("train"), d["data"].pop("eval"), d["output"].pop("dir"), d["model"].pop("base")
-    # the SFT run's own fingerprint stands for its weights: a retrained SFT model is a new start for RL
-    sft_fp = (st.read_marker(Path(sft["run"]["run_dir"])) or {}).get("fingerprint")
-    train_fp = fingerprint(["train-rl", sft_fp, file_fingerprint(recipe.data.train), d])
+    # the SFT candidate's training fingerprint stands for its weights: a retrained SFT model is a new start for RL
+    train_fp = fingerprint(["train-rl", sft["train_fp"], file_fingerprint(recipe.data.train), d])
     label = _labelled(tick, f"{sft['model']}+rl")
     out.stage = "train"
     run = _train(round_dir / "train" / stem, prev and prev / "train" / stem, recipe, train_fp, label)
@@ -343,7 +358,21 @@ def _rl_stage(sft: dict, task: dict, out: TaskOutcome, round_dir: Path, prev: Pa
     report_dir = _eval(round_dir / "eval" / stem, prev and prev / "eval" / stem, run, eval_fp, round_dir, name,
                        config, label)
     report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
-    return _tried(stem, run, eval_fp, report, f"{sft['model']}+rl", out.key_metric)
+    return _tried(stem, run, train_fp, eval_fp, report, f"{sft['model']}+rl", out.key_metric)
+
+
+RL_OWNED = ("method", "train.lr", "train.epochs", "model.", "output.", "data.train", "data.eval")
+
+
+def sft_overrides(overrides: Sequence[str]) -> list[str]:
+    """--set overrides for the SFT recipes: all but `rl.*` (RL's own, refused by a recipe of another method)."""
+    return [o for o in overrides if not o.startswith("rl.")]
+
+
+def rl_overrides(overrides: Sequence[str]) -> list[str]:
+    """--set overrides for the RL stage: `rl.*` and the training keys RL shares with SFT (batch size, precision,
+    `trainer:` ...), not those RL sets itself (method, lr, epochs, where the model and data come from)."""
+    return [o for o in overrides if not o.startswith(RL_OWNED)]
 
 
 def _labelled(tick: Progress, model: str) -> Progress:
@@ -360,14 +389,14 @@ def _recipe(round_dir: Path, name: str, config: FlywheelConfig):
     from slmtune.recipe import load_recipe, recipe_to_dict
 
     path = round_dir / "plan" / f"{name}.yaml"
-    probe = load_recipe(path, list(config.overrides))
+    probe = load_recipe(path, sft_overrides(config.overrides))
     steps = config.max_steps if config.max_steps else probe.train.max_steps
     # Checkpoint ~4 times a run so an interrupted flywheel loses at most a quarter of a task's training.
     save = max(1, steps // 4) if steps > 0 else 200
     # As data, not `key=value` text: a work dir whose path holds "#" or ": " must not reparse as YAML.
     values = {"output.dir": str(round_dir / "train" / name), "data.eval": None, "train.save_steps": save,
               **({"train.max_steps": config.max_steps} if config.max_steps else {})}
-    recipe = load_recipe(path, list(config.overrides), values=values)
+    recipe = load_recipe(path, sft_overrides(config.overrides), values=values)
     d = recipe_to_dict(recipe)
     d["data"].pop("train"), d["data"].pop("eval"), d["output"].pop("dir")  # round-specific paths
     return recipe, fingerprint(["train", file_fingerprint(recipe.data.train), d])

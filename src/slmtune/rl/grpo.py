@@ -5,7 +5,7 @@ and task tags are carried on), or any checkpoint folder (e.g. `slmtune merge`'s 
 adapter (`lora:`, QLoRA with `model.quantization: 4bit`) is trained on top, so the KL term's reference is the SFT
 model itself: the adapter switched off (`rl.beta`).
 
-Each step takes `train.batch_size` training prompts (rendered exactly as SFT and eval render them), samples
+Each step takes `train.batch_size` training prompts (rendered by the template SFT and eval render with), samples
 `rl.num_generations` answers to each at `rl.temperature`, scores every answer against the record's teacher answer
 (`slmtune.rl.reward`) and takes a GRPO step (TRL's defaults: DAPO token-level loss, rewards scaled by their group's
 standard deviation).
@@ -58,6 +58,8 @@ class Start:
 def start_of(base: str) -> Start:
     """`model.base` of a grpo recipe → the model to start from (see the module docstring)."""
     p = Path(base)
+    if p.name == "model" and (p.parent / "manifest.json").is_file():  # a run's model/: the run (name, task tags)
+        p = p.parent
     if (p / "manifest.json").is_file():
         manifest = json.loads((p / "manifest.json").read_text(encoding="utf-8"))
         if (p / "model" / "config.json").is_file():
@@ -174,7 +176,8 @@ def _build_trainer(recipe: Recipe, prep, category: str, schema: Any):
     extra = trainer_options(recipe)
     rollouts = t.batch_size * rl.num_generations  # one optimizer step's answers (× grad_accum)
     # a group's answers share their prompt, run once per forward (`trainer_class`): a forward holds one group
-    rows = rl.num_generations if shares_prompts(model) else forward_rows(rollouts, prep.max_length + budget)
+    shared = shares_prompts(model) and not t.gradient_checkpointing  # (checkpointed layers keep no KV cache)
+    rows = rl.num_generations if shared else forward_rows(rollouts, prep.max_length + budget)
     kwargs = dict(
         output_dir=str(recipe.output.dir / "checkpoints"), num_train_epochs=t.epochs, max_steps=t.max_steps,
         # one generation of `rollouts` answers per optimizer step, trained in forwards of `rows` answers each
@@ -197,7 +200,8 @@ def _build_trainer(recipe: Recipe, prep, category: str, schema: Any):
                       use_dora=lo.use_dora, use_rslora=lo.use_rslora, task_type="CAUSAL_LM")
     data = Dataset.from_dict({"prompt": prompts, "index": list(range(len(prompts)))})
     trainer = trainer_class()(model=model, reward_funcs=[teacher_agreement], args=args, train_dataset=data,
-                          processing_class=tok, peft_config=lora)
+                              processing_class=tok, peft_config=lora)
+    trainer.share_prompts = shared
     point_tensorboard(trainer, recipe.output.dir / "tensorboard")
     return trainer, rewarded
 
@@ -220,6 +224,8 @@ def trainer_class():
     from trl.trainer import grpo_trainer
 
     class SlmtuneGRPOTrainer(GRPOTrainer):
+        share_prompts = True  # False: TRL's own scoring and sampling (gradient checkpointing, MoE, multimodal)
+
         def _prepare_inputs(self, generation_batch):
             shuffle = grpo_trainer.shuffle_sequence_dict
             grpo_trainer.shuffle_sequence_dict = lambda batch: batch
@@ -231,7 +237,7 @@ def trainer_class():
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                                batch_size=None, compute_entropy=False, compute_aux_loss=False,
                                                **extra):
-            if compute_aux_loss or any(v is not None for v in extra.values()) or not shares_prompts(model):
+            if compute_aux_loss or any(v is not None for v in extra.values()) or not self.share_prompts:
                 return super()._get_per_token_logps_and_entropies(
                     model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                     **extra)
@@ -241,7 +247,7 @@ def trainer_class():
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                                   has_tool_images=False):
             plain = not (self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields)
-            if not (plain and full_attention(self.model.config)):
+            if not (plain and self.share_prompts):
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                      has_tool_images)
             from trl.models import unwrap_model_for_generation
@@ -274,14 +280,14 @@ def sample_groups(model, prompt_ids: list[list[int]], config, eos: list[int], pa
             distinct.append(list(ids))
     rows = [distinct.index(list(ids)) for ids in prompt_ids]
     width = max(map(len, distinct))
-    device = model.device
+    device, was_training = model.device, model.training
     model.eval()
     with torch.no_grad():
         caches = [model(input_ids=torch.tensor([ids[:-1]], device=device), use_cache=True,
                         logits_to_keep=1).past_key_values if len(ids) > 1 else None for ids in distinct]
         index = torch.tensor(rows, device=device)
         cache = DynamicCache(config=model.config)
-        for layer in range(model.config.num_hidden_layers):
+        for layer in range(model.config.get_text_config(decoder=True).num_hidden_layers):
             keys, values = [], []
             for c in caches:
                 k, v = (c.layers[layer].keys, c.layers[layer].values) if c is not None else (None, None)
@@ -292,7 +298,7 @@ def sample_groups(model, prompt_ids: list[list[int]], config, eos: list[int], pa
         mask = torch.tensor([[0] * (width - len(distinct[r])) + [1] * len(distinct[r]) for r in rows], device=device)
         out = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
                              generation_config=config)
-    model.train()
+    model.train(was_training)
     answers = []
     for row in out[:, width:].tolist():
         end = next((k for k, t in enumerate(row) if t in eos), None)
@@ -315,6 +321,7 @@ def _left_pad(kv, length: int, model):
 def full_attention(config) -> bool:
     """Every layer attends to the whole context (no sliding window, no linear attention): `sample_groups` lays
     the cache out itself, which a sliding window's rolling cache would not take."""
+    config = config.get_text_config(decoder=True)
     types = getattr(config, "layer_types", None)
     if types:
         return all(t == "full_attention" for t in types)
@@ -339,6 +346,9 @@ def shared_prompt_logps(model, input_ids, attention_mask, n_answer: int, compute
         with autocast():
             cache = model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values \
                 if p > 1 else None
+            if p > 1 and cache is None:
+                raise SlmtuneError("the model kept no KV cache of the prompt (gradient checkpointing?); slmtune's "
+                                   "shared-prompt scoring needs one.")
             if cache is not None:
                 cache.batch_repeat_interleave(n)  # a differentiable copy: gradients reach the prompt once per row
             tail = torch.cat([ids[:, -1:].expand(n, 1), answers[rows]], dim=1)

@@ -365,8 +365,9 @@ def run(a) -> dict:
         results["slmtune_metrics"] = json.loads((work / "run" / "metrics.json").read_text())
         results["slmtune_metrics"].pop("train_loss", None)
     if "rl" in a.arms:
-        results.update(arm_rl(a, b, by_id, work, data / "train.jsonl", test_data, extra_eval, log, rows))
-        results["train_time_s"]["rl"] = results.pop("rl_train_time_s")
+        figures, results["train_time_s"]["rl"] = arm_rl(a, b, by_id, work, data / "train.jsonl", test_data,
+                                                        extra_eval, log, rows)
+        results.update(figures)
 
     # Teacher answers as scored by the checker: how faithful the logs are to BFCL's ground truth.
     teacher = {e["id"]: teacher_log(b, e)["response"]["choices"][0]["message"] for e in test_e}
@@ -377,8 +378,9 @@ def run(a) -> dict:
 
 
 def arm_rl(a, b, by_id: dict, work: Path, train: Path, test_data: Path, extra_eval: list, log: Path,
-           rows: dict) -> dict:
-    """GRPO on the SFT run (`method: grpo`), evaluated as the slmtune arm; its figures for the results."""
+           rows: dict) -> tuple[dict, float]:
+    """GRPO on the SFT run (`method: grpo`), evaluated as the slmtune arm: its figures for the results, and the
+    RL stage's train time."""
     import yaml
 
     recipe = {"name": "bfcl-rl", "method": "grpo", "model": {"base": str(a.sft_run or work / "run")},
@@ -392,11 +394,11 @@ def arm_rl(a, b, by_id: dict, work: Path, train: Path, test_data: Path, extra_ev
             *extra_eval, log=log)
     rows["rl"] = predictions(work / "eval-rl")["tuned"]
     metrics = json.loads((work / "run-rl" / "metrics.json").read_text())
-    out = {"rl_metrics": {k: v for k, v in metrics.items() if k != "train_loss"}, "rl_train_time_s": wall}
+    out = {"rl_metrics": {k: v for k, v in metrics.items() if k != "train_loss"}}
     if a.target_accuracy is not None:
         out["selective_rl"] = selective_figures(b, by_id, rows["rl"], confidences(work / "eval-rl", "tuned"),
                                                 a.target_accuracy)
-    return out
+    return out, wall
 
 
 def table(b, by_id: dict[str, dict], preds: dict[str, dict]) -> dict:

@@ -373,13 +373,13 @@ def train(
     from slmtune.recipe import load_recipe
 
     rec = load_recipe(recipe, set_ or [])
-    if rec.method == "grpo":
-        from slmtune.rl import from_start
-
-        rec, _ = from_start(rec)  # model.base: the SFT run → its trained model
     if dry_run:
         from slmtune.train.trainer import dry_run as do_dry_run
 
+        if rec.method == "grpo":
+            from slmtune.rl import from_start
+
+            rec, _ = from_start(rec)  # model.base: the SFT run → its trained model (train_grpo does the same)
         do_dry_run(rec, out=Console())
         return
     from slmtune.train import distributed

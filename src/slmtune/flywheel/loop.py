@@ -258,8 +258,7 @@ def _isolated(task: dict, round_dir: Path, prev: Path | None, workdir: Path, con
         import traceback
 
         out.status = "failed"
-        first = (e.message if isinstance(e, SlmtuneError) else f"{type(e).__name__}: {e}").strip().splitlines()
-        out.reason = f"{out.stage}: {first[0] if first else type(e).__name__}"
+        out.reason = f"{out.stage}: {_one_line(e)}"
         path = round_dir / "failures" / f"{task['name']}.txt"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,30 +269,32 @@ def _isolated(task: dict, round_dir: Path, prev: Path | None, workdir: Path, con
     return out
 
 
+def _one_line(e: Exception) -> str:
+    """What stopped a stage, in one line: a SlmtuneError's message, else the exception's type and text."""
+    first = (e.message if isinstance(e, SlmtuneError) else f"{type(e).__name__}: {e}").strip().splitlines()
+    return first[0] if first else type(e).__name__
+
+
 def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | None, workdir: Path,
                  config: FlywheelConfig, tick: Progress, recipes: list[str]) -> None:
     name = task["name"]
     tried = []
     for stem in recipes:  # [name] without a bake-off
         recipe, train_fp = _recipe(round_dir, stem, config)
-        out.stage = "train"
         label = _labelled(tick, stem.partition("@")[2]) if stem != name else tick
-        run = _train(round_dir / "train" / stem, prev and prev / "train" / stem, recipe, train_fp, label)
-        eval_fp = _eval_fp(train_fp, round_dir, name, config)
-        out.stage = "eval"
-        report_dir = _eval(round_dir / "eval" / stem, prev and prev / "eval" / stem, run, eval_fp, round_dir,
-                           name, config, label)
-        report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
-        tried.append(_tried(stem, run, train_fp, eval_fp, report, recipe.model.base, out.key_metric))
+        tried.append(_candidate(stem, recipe, train_fp, recipe.model.base, name, out, round_dir, prev, config,
+                                label))
     best = max(tried, key=_bake_off_score)  # ties: the first listed (plan's order: the cheaper model first)
     rl_failed = None
     if config.rl:  # RL on the winner, a candidate of its own: kept only when it ranks strictly higher
+        stem, model = f"{best['stem']}+rl", f"{best['model']}+rl"
         try:
-            tried.append(_rl_stage(best, task, out, round_dir, prev, config, tick))
+            recipe, train_fp = _recipe(round_dir, best["stem"], config, rl_from=best)
+            tried.append(_candidate(stem, recipe, train_fp, model, name, out, round_dir, prev, config,
+                                    _labelled(tick, model)))
         except Exception as e:  # noqa: BLE001 - RL failing (a LoRA winner, OOM) leaves the SFT winner standing
-            why = (e.message if isinstance(e, SlmtuneError) else f"{type(e).__name__}: {e}").strip().splitlines()
-            rl_failed = {"model": f"{best['model']}+rl", "recipe": f"{best['stem']}+rl", "status": "failed",
-                         "reason": f"{out.stage}: {why[0] if why else type(e).__name__}", "winner": False}
+            rl_failed = {"model": model, "recipe": stem, "status": "failed", "reason": f"{out.stage}: {_one_line(e)}",
+                         "winner": False}
             log.warning("%s: RL stage failed (%s); the SFT winner stands", name, rl_failed["reason"])
         best = max(tried, key=_bake_off_score)
         out.stage = "eval"
@@ -321,44 +322,21 @@ def _eval_fp(train_fp: str, round_dir: Path, name: str, config: FlywheelConfig) 
                         "cross_fit"])  # reports before eval wrote `selective.cross_fit` are redone
 
 
-def _tried(stem: str, run: dict, train_fp: str, eval_fp: str, report: dict, model: str, metric: str) -> dict:
-    """One trained and evaluated candidate of a task, as the bake-off ranks it."""
-    return {"stem": stem, "run": run, "train_fp": train_fp, "eval_fp": eval_fp, "report": report, "model": model,
-            "metrics": {row: report["models"][row]["metrics"][metric]["value"]
-                        for row in ("base", "tuned", "teacher") if row in report["models"]},
-            "selective": _calibration(report)}
-
-
-def _rl_stage(sft: dict, task: dict, out: TaskOutcome, round_dir: Path, prev: Path | None, config: FlywheelConfig,
-              tick: Progress) -> dict:
-    """`method: grpo` from the SFT candidate `sft`'s run on the task's training records, trained and evaluated as
-    a candidate (`<stem>+rl`). The plan's lr and epochs were the SFT's: RL takes its own `auto`s; it keeps the
-    plan's step count (an RL step costs several SFT steps' time) or --max-steps; --set overrides reach it except
-    the keys it sets itself (`rl_overrides`)."""
-    from slmtune.recipe import load_recipe, recipe_to_dict
-
-    stem, name = f"{sft['stem']}+rl", task["name"]
-    path = round_dir / "plan" / f"{sft['stem']}.yaml"
-    overrides = rl_overrides(config.overrides)
-    steps = config.max_steps or load_recipe(path, overrides).train.max_steps
-    values = {"method": "grpo", "model.base": sft["run"]["run_dir"], "output.dir": str(round_dir / "train" / stem),
-              "data.eval": None, "train.lr": "auto", "train.epochs": "auto", "model.gguf_file": None,
-              "train.save_steps": max(1, steps // 4) if steps > 0 else 200,
-              **({"train.max_steps": config.max_steps} if config.max_steps else {})}
-    recipe = load_recipe(path, overrides, values=values)
-    d = recipe_to_dict(recipe)
-    d["data"].pop("train"), d["data"].pop("eval"), d["output"].pop("dir"), d["model"].pop("base")
-    # the SFT candidate's training fingerprint stands for its weights: a retrained SFT model is a new start for RL
-    train_fp = fingerprint(["train-rl", sft["train_fp"], file_fingerprint(recipe.data.train), d])
-    label = _labelled(tick, f"{sft['model']}+rl")
+def _candidate(stem: str, recipe, train_fp: str, model: str, name: str, out: TaskOutcome, round_dir: Path,
+               prev: Path | None, config: FlywheelConfig, tick: Progress) -> dict:
+    """One candidate of a task trained (`train/<stem>`) and evaluated on the task's eval set (`eval/<stem>`), as
+    the bake-off ranks it."""
     out.stage = "train"
-    run = _train(round_dir / "train" / stem, prev and prev / "train" / stem, recipe, train_fp, label)
+    run = _train(round_dir / "train" / stem, prev and prev / "train" / stem, recipe, train_fp, tick)
     eval_fp = _eval_fp(train_fp, round_dir, name, config)
     out.stage = "eval"
     report_dir = _eval(round_dir / "eval" / stem, prev and prev / "eval" / stem, run, eval_fp, round_dir, name,
-                       config, label)
+                       config, tick)
     report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
-    return _tried(stem, run, train_fp, eval_fp, report, f"{sft['model']}+rl", out.key_metric)
+    return {"stem": stem, "run": run, "train_fp": train_fp, "eval_fp": eval_fp, "report": report, "model": model,
+            "metrics": {row: report["models"][row]["metrics"][out.key_metric]["value"]
+                        for row in ("base", "tuned", "teacher") if row in report["models"]},
+            "selective": _calibration(report)}
 
 
 RL_OWNED = ("method", "train.lr", "train.epochs", "model.", "output.", "data.train", "data.eval")
@@ -385,20 +363,33 @@ def _bake_off_score(t: dict) -> tuple[float, float]:
     return (sel.get("coverage") or 0.0, t["metrics"].get("tuned") or 0.0)
 
 
-def _recipe(round_dir: Path, name: str, config: FlywheelConfig):
+def _recipe(round_dir: Path, name: str, config: FlywheelConfig, rl_from: dict | None = None):
+    """Plan's recipe `name` for this round (output `train/<name>`, or with `rl_from`, an SFT candidate, the RL
+    stage on it: `train/<name>+rl`) and its training fingerprint.
+
+    RL (`method: grpo` from `rl_from`'s run): the plan's lr and epochs were the SFT's, so RL takes its own `auto`s;
+    it keeps the plan's step count (an RL step costs several SFT steps' time) or --max-steps; --set overrides
+    reach it except the keys it sets itself (`rl_overrides`). The SFT candidate's training fingerprint stands for
+    its weights: a retrained SFT model is a new start for RL."""
     from slmtune.recipe import load_recipe, recipe_to_dict
 
     path = round_dir / "plan" / f"{name}.yaml"
-    probe = load_recipe(path, sft_overrides(config.overrides))
-    steps = config.max_steps if config.max_steps else probe.train.max_steps
+    overrides = rl_overrides(config.overrides) if rl_from else sft_overrides(config.overrides)
+    steps = config.max_steps or load_recipe(path, overrides).train.max_steps
     # Checkpoint ~4 times a run so an interrupted flywheel loses at most a quarter of a task's training.
     save = max(1, steps // 4) if steps > 0 else 200
     # As data, not `key=value` text: a work dir whose path holds "#" or ": " must not reparse as YAML.
-    values = {"output.dir": str(round_dir / "train" / name), "data.eval": None, "train.save_steps": save,
-              **({"train.max_steps": config.max_steps} if config.max_steps else {})}
-    recipe = load_recipe(path, sft_overrides(config.overrides), values=values)
+    values = {"output.dir": str(round_dir / "train" / (f"{name}+rl" if rl_from else name)), "data.eval": None,
+              "train.save_steps": save, **({"train.max_steps": config.max_steps} if config.max_steps else {})}
+    if rl_from:
+        values |= {"method": "grpo", "model.base": rl_from["run"]["run_dir"], "model.gguf_file": None,
+                   "train.lr": "auto", "train.epochs": "auto"}
+    recipe = load_recipe(path, overrides, values=values)
     d = recipe_to_dict(recipe)
     d["data"].pop("train"), d["data"].pop("eval"), d["output"].pop("dir")  # round-specific paths
+    if rl_from:
+        d["model"].pop("base")  # the SFT run's folder: its fingerprint stands for it
+        return recipe, fingerprint(["train-rl", rl_from["train_fp"], file_fingerprint(recipe.data.train), d])
     return recipe, fingerprint(["train", file_fingerprint(recipe.data.train), d])
 
 

@@ -25,7 +25,6 @@ history per step, wall time, minutes per 100 records, peak memory), `reward.png`
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from slmtune.render import prompt_text
 from slmtune.rl.reward import TEXT_WEIGHTS, WEIGHTS, reward
 from slmtune.train import TrainResult, prepare
 from slmtune.train.options import check, point_tensorboard, tracking_args, trainer_options
-from slmtune.train.runfiles import PeakSampler, peak_memory_mb, write_run_files
+from slmtune.train.runfiles import Phase, peak_memory_mb, write_run_files
 from slmtune.train.trainer import checkpoint_to_resume, precision_choice
 
 REWARD_NAME = "teacher_agreement"
@@ -98,27 +97,23 @@ def train_grpo(recipe: Recipe, resume: bool = False) -> TrainResult:
     ckpt = checkpoint_to_resume(recipe, resume)
     check(recipe)
     recipe, start = from_start(recipe)
-    t0 = time.perf_counter()
-    with PeakSampler() as load_mem:
+    with Phase() as load:
         prep = prepare(recipe)
         prep = replace(prep, ref=BaseRef(str(start.folder), None, start.name))
         recipe = resolve_auto(recipe, len(prep.train), 0, prep.longest, prep.cap)
         category, schema = _task(recipe)
         trainer, rewarded = _build_trainer(recipe, prep, category, schema)
-    load_s = time.perf_counter() - t0
     guard = _collapse_guard(recipe.rl.collapse_patience)
     trainer.add_callback(guard)
-    with PeakSampler() as fit_mem:
-        t1 = time.perf_counter()
+    with Phase() as fit:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        wall = time.perf_counter() - t1
     weights_dir = recipe.output.dir / "adapter"
     trainer.model.save_pretrained(weights_dir)
     prep.renderer.tokenizer.save_pretrained(weights_dir)
-    metrics = _metrics(trainer, recipe, prep, rewarded, wall, guard, category)
-    metrics["peak_anon_memory_mb"] = max(load_mem.peak, fit_mem.peak)
-    metrics["phases"] = {"load": {"wall_s": round(load_s, 2), "peak_rss_mb": load_mem.peak},
-                         "train": {"wall_s": round(wall, 2), "peak_rss_mb": fit_mem.peak}}
+    metrics = _metrics(trainer, recipe, prep, rewarded, fit.wall_s, guard, category)
+    metrics["peak_anon_memory_mb"] = max(load.peak, fit.peak)
+    metrics["phases"] = {"load": {"wall_s": round(load.wall_s, 2), "peak_rss_mb": load.peak},
+                         "train": {"wall_s": round(fit.wall_s, 2), "peak_rss_mb": fit.peak}}
     metrics["start"] = {"folder": str(start.folder), "run": str(start.run) if start.run else None}
     write_run_files(recipe, prep, metrics)
     plot_reward(metrics, recipe.output.dir / "reward.png", recipe.name)
@@ -138,9 +133,8 @@ def _task(recipe: Recipe) -> tuple[str, Any]:
 
 @dataclass
 class Rewarded:
-    """How often the reward function ran, and on how many rollouts (metrics.json's `prompts_seen`)."""
+    """How many rollouts the reward function scored (metrics.json's `rollouts`, `prompts_seen`)."""
 
-    calls: int = 0
     rollouts: int = 0
 
 
@@ -168,7 +162,6 @@ def _build_trainer(recipe: Recipe, prep, category: str, schema: Any):
     rewarded = Rewarded()
 
     def teacher_agreement(prompts, completions, completion_ids, index, **_):
-        rewarded.calls += 1
         rewarded.rollouts += len(completion_ids)
         return [reward(category, schema, completion_text(tok, ids, stops), records[i])
                 for ids, i in zip(completion_ids, index, strict=True)]
@@ -275,10 +268,11 @@ def sample_groups(model, prompt_ids: list[list[int]], config, eos: list[int], pa
     from transformers import DynamicCache
 
     distinct: list[list[int]] = []
-    for ids in prompt_ids:
+    rows: list[int] = []  # each row's prompt in `distinct`
+    for ids in map(list, prompt_ids):
         if not distinct or distinct[-1] != ids:
-            distinct.append(list(ids))
-    rows = [distinct.index(list(ids)) for ids in prompt_ids]
+            distinct.append(ids)
+        rows.append(len(distinct) - 1)
     width = max(map(len, distinct))
     device, was_training = model.device, model.training
     model.eval()

@@ -6,6 +6,7 @@ import json
 import platform
 import resource
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,6 +76,18 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         self.peak = round(max(self.peak, rss_anon_mb() or 0.0), 1)
+
+
+class Phase(PeakSampler):
+    """A step of a training run (load, train, save): its wall time and its peak anonymous memory (`PeakSampler`)."""
+
+    def __enter__(self) -> Phase:
+        self.t0 = time.perf_counter()
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.wall_s = time.perf_counter() - self.t0
+        return super().__exit__(*exc)
 
 
 def last_checkpoint(root: Path) -> Path | None:

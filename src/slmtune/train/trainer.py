@@ -40,7 +40,7 @@ from slmtune.train.attention import restore, use_packed_attention
 from slmtune.train.dataset import Example, Prepared, prepare, step_bins, to_dataset, token_stats
 from slmtune.train.flops import linear_weights, peak_flops, training_flops
 from slmtune.train.loss import target_loss
-from slmtune.train.runfiles import PeakSampler, last_checkpoint, peak_memory_mb, write_run_files
+from slmtune.train.runfiles import PeakSampler, Phase, last_checkpoint, peak_memory_mb, write_run_files
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     """Train `recipe` into its run directory (see module docstring): four steps, each timed with its peak memory."""
     ckpt = checkpoint_to_resume(recipe, resume)
     options.check(recipe)
-    with _Phase() as load:
+    with Phase() as load:
         prep = prepare(recipe)
         # what the run used: `data.max_length`, `method`, `train.epochs` and `train.lr` resolved when `auto`
         # (the run dir's recipe.yaml shows the numbers)
@@ -100,7 +100,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         write_rank_record(recipe.output.dir, trainer)
     if not trainer.is_world_process_zero():
         return TrainResult(recipe.output.dir, weights_dir, {})
-    with _Phase() as save:
+    with Phase() as save:
         _save(recipe, prep, trainer, data, weights_dir)
     metrics = _metrics(trainer, prep, fit.wall_s, eval_metrics, resumed_from=ckpt, steps=fit.steps)
     metrics |= _run_facts(recipe, prep, trainer, data, fit.tensors)
@@ -113,18 +113,6 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
         "save": {"wall_s": round(save.wall_s, 2), "peak_rss_mb": save.peak}}
     write_run_files(recipe, prep, metrics)
     return TrainResult(recipe.output.dir, weights_dir, metrics)
-
-
-class _Phase(PeakSampler):
-    """A step of `train`: its wall time and its peak anonymous memory (`PeakSampler`)."""
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        self.wall_s = time.perf_counter() - self.t0
-        return super().__exit__(*exc)
 
 
 def checkpoint_to_resume(recipe: Recipe, resume: bool) -> Path | None:

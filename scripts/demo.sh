@@ -25,10 +25,14 @@ START=$(date +%s)
 # on its first 50 held-out calls (0.9 agreement with a 90 % lower bound, so each cross-fit half of 25 needs all
 # of its confident answers right). 12 steps × batch 2 train on 24 records, so 60 % of each task is held out for
 # calibration (50) and for demo_serve.py's replay (the rest, up to 10 per task).
+# With llama.cpp installed (scripts/setup_env.sh demo,llamacpp, or pip install 'slmtune[llamacpp]') every export
+# also gets a q8_0 GGUF, and the serve step answers through llama.cpp (faster on the CPU: README "Performance").
+GGUF=()
+if python -c "import llama_cpp" 2>/dev/null; then GGUF=(--gguf q8_0); fi
 run_round() {
   slmtune flywheel "$@" -w "$WORK" --gpu cpu --base-model smollm2-135m \
     --max-tasks 3 --max-steps 12 --eval-fraction 0.6 --eval-limit 50 --target-accuracy 0.9 \
-    --set train.batch_size=2 --set train.lr=1e-3 --set method=lora --set lora.r=8 --set lora.alpha=16
+    --set train.batch_size=2 --set train.lr=1e-3 --set method=lora --set lora.r=8 --set lora.alpha=16 "${GGUF[@]}"
 }
 # The demo's 12-step budget and lr 1e-3 were measured for LoRA r=8 (plan's CPU pick before `method: auto`, which
 # now picks a full fine-tune for SmolLM2-135M: docs/defaults.md); they are kept as measured.
@@ -48,7 +52,8 @@ echo "Per-task eval reports: $WORK/round-*/eval/*/report.md"
 echo
 # 90 s per SLM call, not serve's 30 s default: a 2-core laptop busy with other work can take that long for a
 # ~500-token prompt; a call past it falls back to the upstream (reason: timeout) as in production.
-python "$ROOT/scripts/demo_serve.py" --workdir "$WORK" --limit 10 --slm-timeout 90
+# --engine auto: llamacpp when installed and every export has its GGUF, else the embedded engine.
+python "$ROOT/scripts/demo_serve.py" --workdir "$WORK" --limit 10 --slm-timeout 90 --engine auto
 echo
 echo "Serve it for real, your LLM as the upstream (requests the SLMs don't take, or get wrong, go there):"
 echo "  slmtune serve $WORK --upstream https://api.openai.com/v1 --upstream-key-env OPENAI_API_KEY --port 8000"

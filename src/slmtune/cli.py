@@ -79,7 +79,7 @@ OnSecret = _choice("OnSecret", "redact", "drop")
 Scrubber = _choice("Scrubber", "regex", "presidio")
 Embedder = _choice("Embedder", "tfidf", "minilm")
 SaveDtype = _choice("SaveDtype", "auto", "float32", "bfloat16", "float16")
-Engine = _choice("Engine", "embedded", "vllm")
+Engine = _choice("Engine", "embedded", "llamacpp", "vllm")  # = serve.server.ENGINES (tested)
 Decoding = _choice("Decoding", "auto", "free", "constrained")  # = eval.evaluate.DECODINGS (tested)
 GgufType = _choice("GgufType", "f16", "q8_0", "q4_0", "q4_k_m")  # = export.gguf_export.GGUF_TYPES (tested)
 # Options that set a config dataclass field take its docstring as their help (one declaration: slmtune.fielddoc).

@@ -121,3 +121,25 @@ def test_token_batches_bound_rows_by_cache_slots():
     # 2,000 slots: 2 rows of 1,000, then 5 rows of 400 (the widest row of each batch decides), then the rest
     assert token_batches(lengths, 100, 16, 2000) == [(0, 2), (2, 7)]
     assert token_batches([5000, 10], 100, 16, 2000) == [(0, 1), (1, 2)]  # a prompt over the bound goes alone
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefix_cache_across_calls_gives_the_tokens_of_a_whole_prefill(tiny_model, dtype):
+    """Serving's one-request calls with a `PrefixCache`: each call prefills only what it does not share with the
+    last one (the kept cache cropped to the common part) and generates what a whole prefill generates; a prompt
+    with nothing in common prefills whole."""
+    from slmtune.infer.generate import PrefixCache, generate
+
+    model, tok = _load(tiny_model, dtype)
+    prompts = _prompts(tok)
+    prompts.append("An unrelated prompt that shares nothing with the weather errand's system turn." * 3)
+    cache = PrefixCache()
+    kept = [generate(model, tok, [p], 24, batch_size=1, prefix_cache=cache)[0] for p in prompts]
+    whole = [generate(model, tok, [p], 24, batch_size=1)[0] for p in prompts]
+    assert [g.text for g in kept] == [g.text for g in whole]
+    for a, b in zip(kept, whole, strict=True):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4 if dtype == "float32" else 0.05)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    shared = sum(next(k for k in range(len(a)) if a[k] != b[k]) for a, b in zip(ids[:4], ids[1:5], strict=True))
+    assert cache.reused == shared  # each weather prompt took what it shares with the one before it
+    assert cache.prefilled == sum(len(x) - 1 for x in ids) - shared  # (a prompt's last token is fed by generate)

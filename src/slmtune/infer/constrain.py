@@ -168,7 +168,6 @@ def compile_grammar(ll_tok, grammar: str):
 def make_processor(ll_tok, grammars: list[str | None], prompt_len: int, stops: list[int]):
     """A LogitsProcessor masking row i's logits to what `grammars[i]` allows next (None: no mask). A matcher
     that has stopped (its grammar is complete) allows only the end-of-turn tokens."""
-    import numpy as np
     import torch
     from llguidance import LLMatcher
     from transformers import LogitsProcessor
@@ -184,17 +183,24 @@ def make_processor(ll_tok, grammars: list[str | None], prompt_len: int, stops: l
                         m.consume_token(tok)
             vocab = scores.shape[1]
             for i, m in enumerate(self.matchers):
-                if m is None:
-                    continue
-                if m.is_stopped() or m.is_error():
-                    allowed = torch.zeros(vocab, dtype=torch.bool)
-                    allowed[stops] = True
-                else:
-                    bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
-                    allowed = torch.zeros(vocab, dtype=torch.bool)
-                    n = min(vocab, len(bits))
-                    allowed[:n] = torch.from_numpy(bits[:n].astype(bool))
-                scores[i] = scores[i].masked_fill(~allowed, float("-inf"))
+                if m is not None:
+                    allowed = torch.from_numpy(allowed_tokens(m, vocab, stops)).to(scores.device)
+                    scores[i] = scores[i].masked_fill(~allowed, float("-inf"))
             return scores
 
     return GrammarMask()
+
+
+def allowed_tokens(matcher, vocab: int, stops: list[int]):
+    """A numpy bool mask of the `vocab` token ids `matcher` allows next: the end-of-turn tokens alone once it has
+    stopped (its grammar is complete). Both serving engines and eval mask with it."""
+    import numpy as np
+
+    allowed = np.zeros(vocab, dtype=bool)
+    if matcher.is_stopped() or matcher.is_error():
+        allowed[stops] = True
+        return allowed
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    n = min(vocab, len(bits))
+    allowed[:n] = bits[:n].astype(bool)
+    return allowed

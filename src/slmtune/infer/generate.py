@@ -76,11 +76,13 @@ def token_budget(tokenizer, target_texts: list[str]) -> int:
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
              processor_factory: Callable | None = None, progress: Progress | None = None,
-             share_prefix: bool = True, max_batch_tokens: int | None = MAX_BATCH_TOKENS) -> list[Generation]:
+             share_prefix: bool = True, max_batch_tokens: int | None = MAX_BATCH_TOKENS,
+             prefix_cache: PrefixCache | None = None) -> list[Generation]:
     """Greedy completions of `prompts` in batches of at most `batch_size` rows (1 = one at a time) and at most
     `max_batch_tokens` cache slots (None: no bound; a prompt longer than the bound gets a batch of its own).
 
     `processor_factory(indices, prompt_len)` may return a logits processor for one batch (constrained decoding).
+    `prefix_cache` keeps the shared prefix's KV cache from one call to the next (serving: see `PrefixCache`).
     """
     import torch
 
@@ -97,7 +99,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     model.eval()
     with torch.inference_mode():
         t0 = time.perf_counter()
-        cache = model(torch.tensor([prefix], device=model.device), use_cache=True).past_key_values if prefix else None
+        if prefix and prefix_cache is not None:
+            cache = prefix_cache.prefill(model, prefix)
+        elif prefix:
+            cache = model(torch.tensor([prefix], device=model.device), use_cache=True).past_key_values
+        else:
+            cache = None
         shared_s = time.perf_counter() - t0  # charged to the first batch, so wall times add up to the truth
         batches = token_batches([len(ids[i]) for i in order], max_new_tokens, batch_size, max_batch_tokens)
         done = 0
@@ -114,10 +121,54 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
             new = gen[:, input_ids.shape[1]:]
             logprobs = recorder.finish(new).tolist()
             for row, lps, i in zip(new.tolist(), logprobs, idx, strict=True):
-                out[i] = _decode(tokenizer, row, stops, dt, b, lps)
+                out[i] = generation(tokenizer, row, stops, dt, b, lps)
             done += len(idx)
             tick("generating", done, len(order))
     return out  # type: ignore[return-value]
+
+
+class PrefixCache:
+    """The KV cache of the last shared prefix one model prefilled, kept from one `generate` call to the next.
+
+    A served route's requests open with the same system turn and tool list, but a batch of one request has no
+    other prompt to share it with: each call would prefill its whole prompt. Kept here, the next call's prefix
+    reuses the longest part it has in common with the last one (the cache cropped to it) and prefills only the
+    rest — one request at a time, that is the conversation's tail. Owned by one loaded model (adapters each have
+    their own: the cache depends on the weights) and used by one thread; up to `max_tokens` are kept. Models
+    whose cache layers are not plain full-attention ones (sliding windows) prefill every call whole."""
+
+    def __init__(self, max_tokens: int = 8192):
+        self.max_tokens = max_tokens
+        self.ids: list[int] = []
+        self.cache = None
+        self.reused = self.prefilled = 0  # tokens taken from the kept cache / computed, over all calls
+
+    def prefill(self, model, prefix: list[int]):
+        """A KV cache holding `prefix` (generate copies it per batch; this one is kept for the next call)."""
+        import torch
+
+        n = common_length(self.ids, prefix) if self.cache is not None else 0
+        if n < MIN_SHARED_PREFIX:
+            self.cache, n = None, 0
+        else:
+            self.cache.crop(-(len(self.ids) - n))
+        if len(prefix) > n:
+            out = model(torch.tensor([prefix[n:]], device=model.device), past_key_values=self.cache, use_cache=True)
+            self.cache = out.past_key_values
+        self.reused, self.prefilled = self.reused + n, self.prefilled + len(prefix) - n
+        cache = self.cache
+        plain = all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None]))
+        if plain and len(prefix) <= self.max_tokens:
+            self.ids = list(prefix)
+        else:
+            self.ids, self.cache = [], None
+        return cache
+
+
+def common_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def token_batches(lengths: list[int], max_new_tokens: int, batch_size: int,
@@ -218,8 +269,9 @@ def completion_text(tokenizer, row: list[int], stops: list[int]) -> str:
     return tokenizer.decode(row if end is None else row[:end], skip_special_tokens=False)
 
 
-def _decode(tokenizer, row: list[int], stops: list[int], dt: float, batch: int,
-            logprobs: list[float] = ()) -> Generation:
+def generation(tokenizer, row: list[int], stops: list[int], dt: float, batch: int,
+               logprobs: list[float] = ()) -> Generation:
+    """The `Generation` of one row of generated tokens (cut at its first end-of-turn token)."""
     end = next((k for k, t in enumerate(row) if t in stops), None)
     text = completion_text(tokenizer, row, stops)
     n = len(row) if end is None else end + 1

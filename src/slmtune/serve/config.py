@@ -25,7 +25,9 @@ class ServeConfig:
     port: int = 8000
     """TCP port."""
     engine: str = "embedded"
-    """embedded (transformers, in this process) or vllm (a running vLLM server at --engine-url)."""
+    """embedded (transformers, in this process), llamacpp (each export's GGUF from `export --gguf`, through
+    llama.cpp in this process: pip install 'slmtune[llamacpp]') or vllm (a running vLLM server at
+    --engine-url)."""
     engine_urls: tuple[str, ...] = ()
     """vLLM base URL (…/v1) for every export, or EXPORT=URL per export (repeatable)."""
     upstream: str | None = None
@@ -35,11 +37,12 @@ class ServeConfig:
     upstream_timeout_s: float = 120.0
     """Seconds to wait for the upstream."""
     max_loaded: int = 2
-    """Exports the embedded engine keeps in memory; the least recently used is unloaded."""
+    """Exports the embedded or llamacpp engine keeps in memory; the least recently used is unloaded."""
     batch_window_ms: float = 10.0
     """How long the first request of a batch waits for more requests to the same export (milliseconds)."""
     max_batch: int = 16
-    """Most requests generated as one batch."""
+    """Most requests generated as one batch (llamacpp: most requests decoding at once, one llama.cpp sequence
+    each)."""
     max_new_tokens: int = 512
     """Most tokens an export generates per answer (a request's max_tokens may lower it)."""
     decoding: str = "auto"

@@ -1,5 +1,5 @@
 """The engine `slmtune serve` answers routed requests with by default: the exported checkpoints in this process
-(`EmbeddedEngine`; `slmtune.serve.vllm.VllmEngine` is the other). It takes a canonical record (the request's
+(`EmbeddedEngine`; `slmtune.serve.llamacpp.LlamaCppEngine` and `slmtune.serve.vllm.VllmEngine` are the others). It takes a canonical record (the request's
 messages and tools) and returns a `Completion` of the model's raw text; `slmtune.serve.server` parses and guards
 it. Three parts, one module each:
 
@@ -10,7 +10,9 @@ it. Three parts, one module each:
 
 A batch is generated with `slmtune.infer.generate.generate` — the eval's left-padded greedy decoding with the
 shared-prefix cache, on the prompt `slmtune.render.prompt_text` builds, so serving sees byte for byte what
-training and eval saw.
+training and eval saw. Each loaded export also keeps the last prefix's KV cache from one batch to the next
+(`generate.PrefixCache`): a route's requests share the system turn and tool list, so a batch of one request
+prefills only what it does not share with the one before.
 
 Each request is judged alone before its batch runs: a prompt that, with its `max_tokens`, would not fit the
 model's context fails with `PromptTooLong` (serve sends it upstream as `too_long`), and a grammar that can't be
@@ -127,7 +129,8 @@ class EmbeddedEngine:
         t0 = time.perf_counter()
         # +1: a row stopped at its own limit still emits the end-of-turn token.
         gens = generate(lm.model, lm.tokenizer, prompts, max(limits) + 1, batch_size=len(jobs),
-                        processor_factory=factory, max_batch_tokens=None)  # the batcher already chose the batch
+                        processor_factory=factory, max_batch_tokens=None,  # the batcher already chose the batch
+                        prefix_cache=lm.prefix)
         dt = time.perf_counter() - t0
         out = []
         for j, n_prompt, g, limit in zip(jobs, n_prompts, gens, limits, strict=True):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from slmtune.errors import SlmtuneError
@@ -22,6 +22,7 @@ class Loaded:
     renderer: Any
     stops: list[int]
     base_key: str | None  # adapters: key of the shared base in `ModelCache.bases`
+    prefix: Any = field(default=None)  # its `slmtune.infer.generate.PrefixCache`: the last prompt prefix's KV
 
 
 class ModelCache:
@@ -61,7 +62,9 @@ class ModelCache:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model, base_key = self._weights(ckpt)
-        loaded = Loaded(model, tok, make_renderer(tok), stop_ids(tok, model), base_key)
+        from slmtune.infer.generate import PrefixCache
+
+        loaded = Loaded(model, tok, make_renderer(tok), stop_ids(tok, model), base_key, PrefixCache())
         with self._lock:
             self._loaded[ckpt.name] = loaded
         return loaded

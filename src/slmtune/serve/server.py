@@ -64,6 +64,7 @@ from slmtune.serve.wire import (
 )
 
 log = logging.getLogger("slmtune.serve")
+ENGINES = ("embedded", "llamacpp", "vllm")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 CONFIDENCE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
@@ -157,15 +158,20 @@ def _context(config: ServeConfig) -> Ctx:
     if config.decoding not in DECODINGS:
         raise SlmtuneError(f"--decoding must be one of {', '.join(DECODINGS)}, got {config.decoding!r}.")
     decoding_for(config.decoding, "tool_calling")  # `constrained` without llguidance: refused now, not per request
-    if config.engine not in ("embedded", "vllm"):
-        raise SlmtuneError(f"--engine must be embedded or vllm, got {config.engine!r}.")
+    if config.engine not in ENGINES:
+        raise SlmtuneError(f"--engine must be one of {', '.join(ENGINES)}, got {config.engine!r}.")
     if config.engine == "vllm" and not config.engine_urls:
         raise SlmtuneError("--engine vllm needs --engine-url.", "`slmtune serve --print-vllm-command` shows how.")
     from slmtune.lock import check_unlocked
 
     check_unlocked(config.router.parent)  # a flywheel writing this work dir: serve would read a half round
     router = load_router(config.router)
-    ctx = Ctx(config, router, checkpoints(router), disabled_routes(router, config.min_score), None,
+    ckpts = checkpoints(router)
+    if config.engine == "llamacpp":
+        from slmtune.serve.llamacpp import check_router
+
+        check_router(ckpts)  # every export has its GGUF, and llama.cpp is installed: refused now, not per request
+    ctx = Ctx(config, router, ckpts, disabled_routes(router, config.min_score), None,
               _secret(config.api_key_env, "--api-key-env"), _secret(config.upstream_key_env, "--upstream-key-env"))
     ctx.metrics = _metrics(ctx)
     return ctx
@@ -200,8 +206,16 @@ def _engine(config: ServeConfig, metrics):
         named = dict(u.split("=", 1) for u in config.engine_urls if "=" in u)
         default = next((u for u in config.engine_urls if "=" not in u), None)
         return VllmEngine(named, default, config.slm_timeout_s)
+
+    def on_batch(name: str, n: int) -> None:
+        metrics.batch.labels(name).observe(n)
+
+    if config.engine == "llamacpp":
+        from slmtune.serve.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(config.max_loaded, config.max_batch, config.sample, on_batch=on_batch)
     return EmbeddedEngine(config.max_loaded, config.batch_window_ms / 1000, config.max_batch, config.sample,
-                          config.dtype, on_batch=lambda name, n: metrics.batch.labels(name).observe(n))
+                          config.dtype, on_batch=on_batch)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -3,12 +3,14 @@ GGUF through llama.cpp), one tool-calling route of a flywheel workdir, 1 / 4 / 1
 
     scripts/demo.sh                                    # a workdir whose exports carry a GGUF (llama.cpp installed)
     python scripts/bench_serve.py --workdir runs/demo  # → runs/bench/bench_serve.json + bench_serve.png
-    python scripts/bench_serve.py --workdir W --engines llamacpp --clients 1,4 --requests 8
+    python scripts/bench_serve.py --workdir W --engines llamacpp --clients 4 --requests 8 --prompts shared
 
 For each engine in turn (never both at once: 2 cores), `slmtune serve WORKDIR --engine E` starts on 127.0.0.1 with
 no upstream, and the route's held-out calls (its eval set past the records the flywheel calibrated on, as
-`scripts/demo_serve.py` replays them; the prompt as logged, its tools offered, the grammar on as serve's default)
-are sent with httpx:
+`scripts/demo_serve.py` replays them; its tools offered, the grammar on as serve's default) are sent with httpx,
+as two prompt sets: `logged` (each call as logged: the demo's calls come from many deployments, 43 system turns
+in 62 calls, so little of a prompt is shared) and `shared` (every call with the first call's system turn, as one
+agent deployment sends them: the system turn and tools are reused from the cache):
 
 * **sequential** (1 client): every call once; latency p50/p95, and each call's verdict (answered by the SLM, or
   the fallback reason: `low_confidence`, `invalid_output`, …) and answer, compared between the engines;
@@ -16,8 +18,8 @@ are sent with httpx:
   p50/p95 latency under load.
 
 Memory: the server's resident set before the export loads and after (its peak too), so what one loaded export
-costs. Prints one JSON line per (engine, clients), then the llamacpp / embedded ratios (p50 speed-up at 1 client,
-throughput at each level) and the verdict agreement. Timings are noisy on a shared machine: run it alone.
+costs. Prints one JSON line per (engine, prompts, clients), then the llamacpp / embedded ratios (p50 speed-up at 1
+client, throughput at each level) and the verdict agreement. Timings are noisy on a shared machine: run it alone.
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ def call(client: httpx.Client, body: dict) -> dict:
     r = client.post("/v1/chat/completions", json=body)
     dt = time.perf_counter() - t0
     answer = None
-    if r.status_code == 200:
-        answer = r.json()["choices"][0]["message"]
-        answer = {k: answer.get(k) for k in ("content", "tool_calls") if answer.get(k)}
+    if r.status_code == 200:  # what was said: the text, or each call's name and arguments (call ids are random)
+        msg = r.json()["choices"][0]["message"]
+        calls = [(c["function"]["name"], c["function"]["arguments"]) for c in msg.get("tool_calls") or []]
+        answer = {"content": msg.get("content"), "calls": calls}
     return {"latency_s": dt, "status": r.status_code, "route": r.headers.get("x-slmtune-route"),
             "fallback": r.headers.get("x-slmtune-fallback"), "answer": answer}
 
@@ -82,7 +85,7 @@ def level(url: str, bodies: list[dict], clients: int, per_client: int) -> dict:
             "p95_s": round(pct(lat, 0.95), 3), "slm_answered": sum(verdict(r) == "slm" for r in rows)}
 
 
-def run_engine(engine: str, args, bodies: list[dict], out_dir: Path) -> dict:
+def run_engine(engine: str, args, sets: dict[str, list[dict]], out_dir: Path) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = out_dir / f"serve-{engine}.log"
@@ -95,46 +98,52 @@ def run_engine(engine: str, args, bodies: list[dict], out_dir: Path) -> dict:
         idle = rss_mb(proc.pid)
         t0 = time.perf_counter()
         with httpx.Client(base_url=url, timeout=600) as c:
-            call(c, bodies[0])  # loads the export
+            call(c, next(iter(sets.values()))[0])  # loads the export
         loaded = rss_mb(proc.pid)
         out = {"engine": engine, "load_and_first_s": round(time.perf_counter() - t0, 2), "idle_rss_mb": idle["rss_mb"],
                "loaded_rss_mb": loaded["rss_mb"], "export_mb": round(loaded["rss_mb"] - idle["rss_mb"], 1)}
-        with httpx.Client(base_url=url, timeout=600) as c:
-            seq = [call(c, b) for b in bodies]
-        lat = [r["latency_s"] for r in seq]
-        out["sequential"] = {"calls": len(seq), "p50_s": round(statistics.median(lat), 3),
-                             "p95_s": round(pct(lat, 0.95), 3), "mean_s": round(statistics.mean(lat), 3),
-                             "verdicts": [verdict(r) for r in seq], "answers": [r["answer"] for r in seq]}
-        print(json.dumps({"engine": engine, "clients": 1, **{k: v for k, v in out["sequential"].items()
-                                                              if k not in ("verdicts", "answers")}}), flush=True)
-        out["levels"] = []
-        for clients in args.clients:
-            row = level(url, bodies, clients, args.requests)
-            out["levels"].append(row)
-            print(json.dumps({"engine": engine, **row}), flush=True)
+        for name, bodies in sets.items():
+            with httpx.Client(base_url=url, timeout=600) as c:
+                seq = [call(c, b) for b in bodies]
+            lat = [r["latency_s"] for r in seq]
+            res = {"sequential": {"calls": len(seq), "p50_s": round(statistics.median(lat), 3),
+                                  "p95_s": round(pct(lat, 0.95), 3), "mean_s": round(statistics.mean(lat), 3),
+                                  "verdicts": [verdict(r) for r in seq], "answers": [r["answer"] for r in seq]}}
+            print(json.dumps({"engine": engine, "prompts": name, "clients": 1, **{
+                k: v for k, v in res["sequential"].items() if k not in ("verdicts", "answers")}}), flush=True)
+            res["levels"] = []
+            for clients in args.clients:
+                row = level(url, bodies, clients, args.requests)
+                res["levels"].append(row)
+                print(json.dumps({"engine": engine, "prompts": name, **row}), flush=True)
+            out[name] = res
         out["peak_rss_mb"] = rss_mb(proc.pid)["peak_mb"]
+        print(json.dumps({k: v for k, v in out.items() if k not in sets}), flush=True)
         return out
     finally:
         stop(proc)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, names: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for engine, r in results.items():
-        xs = [x["clients"] for x in r["levels"]]
-        a.plot(xs, [x["p50_s"] for x in r["levels"]], "o-", label=f"{engine} p50")
-        a.plot(xs, [x["p95_s"] for x in r["levels"]], "o--", label=f"{engine} p95")
-        b.plot(xs, [x["requests_per_s"] for x in r["levels"]], "o-", label=engine)
-    for ax, title in ((a, "latency per call (s)"), (b, "requests/s")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_title(title)
-        ax.legend()
+    fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.6 * len(names)), squeeze=False)
+    for (a, b), name in zip(axes, names, strict=True):
+        for engine, r in results.items():
+            pts = [{"clients": 1, "p50_s": r[name]["sequential"]["p50_s"], "p95_s": r[name]["sequential"]["p95_s"],
+                    "requests_per_s": 1 / r[name]["sequential"]["mean_s"]}, *r[name]["levels"]]
+            xs = [x["clients"] for x in pts]
+            a.plot(xs, [x["p50_s"] for x in pts], "o-", label=f"{engine} p50")
+            a.plot(xs, [x["p95_s"] for x in pts], "o--", label=f"{engine} p95")
+            b.plot(xs, [x["requests_per_s"] for x in pts], "o-", label=engine)
+        for ax, title in ((a, f"{name} prompts: latency per call (s)"), (b, f"{name} prompts: requests/s")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.set_title(title)
+            ax.legend()
     fig.suptitle("slmtune serve over HTTP: one tool-calling route, held-out calls")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -150,6 +159,10 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=12, help="held-out calls (the sequential pass sends each once)")
     ap.add_argument("--requests", type=int, default=3, help="calls each concurrent client sends")
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--prompts", choices=["logged", "shared", "both"], default="both",
+                    help="logged: each call as logged (the demo's calls carry many different system turns); "
+                         "shared: every call with the first call's system turn (one agent deployment: its prefix is "
+                         "reused); both")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/bench_serve.json"))
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",") if c]
@@ -161,25 +174,33 @@ def main() -> None:
     calls = [c for c in gather_calls(args.workdir, router, args.calls) if c["task"] == task]
     if not calls:
         sys.exit(f"{task}: no held-out calls to send.")
-    bodies = [request_of(c["record"]) for c in calls]
+    logged = [request_of(c["record"]) for c in calls]
+    system = next((m for m in logged[0]["messages"] if m["role"] == "system"), None)
+    shared = [{**b, "messages": [system, *(m for m in b["messages"] if m["role"] != "system")]} for b in logged]
+    sets = {"logged": logged, "shared": shared if system else logged}
+    sets = {k: v for k, v in sets.items() if args.prompts in (k, "both")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cpu = "avx512_bf16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "no avx512_bf16"
-    print(json.dumps({"task": task, "calls": len(bodies), "cpu": cpu, "cores": len(os.sched_getaffinity(0))}),
+    print(json.dumps({"task": task, "calls": len(logged), "cpu": cpu, "cores": len(os.sched_getaffinity(0))}),
           flush=True)
-    results = {e: run_engine(e, args, bodies, args.out.parent) for e in args.engines.split(",")}
-    summary: dict = {"task": task, "calls": len(bodies), "cpu": cpu}
+    results = {e: run_engine(e, args, sets, args.out.parent) for e in args.engines.split(",")}
+    summary: dict = {"task": task, "calls": len(logged), "cpu": cpu}
     if {"embedded", "llamacpp"} <= results.keys():
         emb, lcp = results["embedded"], results["llamacpp"]
-        same = [a == b for a, b in zip(emb["sequential"]["verdicts"], lcp["sequential"]["verdicts"], strict=True)]
-        same_answer = [a == b for a, b in zip(emb["sequential"]["answers"], lcp["sequential"]["answers"], strict=True)]
-        summary |= {
-            "p50_speedup_1_client": round(emb["sequential"]["p50_s"] / lcp["sequential"]["p50_s"], 2),
-            "throughput_ratio": {e["clients"]: round(l_["requests_per_s"] / e["requests_per_s"], 2)
-                                 for e, l_ in zip(emb["levels"], lcp["levels"], strict=True)},
-            "verdicts_identical": f"{sum(same)}/{len(same)}", "answers_identical": f"{sum(same_answer)}/{len(same)}"}
+        for name in sets:
+            e, lc = emb[name], lcp[name]
+            pairs = list(zip(e["sequential"]["verdicts"], lc["sequential"]["verdicts"], strict=True))
+            answers = list(zip(e["sequential"]["answers"], lc["sequential"]["answers"], strict=True))
+            summary[name] = {
+                "p50_s": {"embedded": e["sequential"]["p50_s"], "llamacpp": lc["sequential"]["p50_s"]},
+                "p50_speedup_1_client": round(e["sequential"]["p50_s"] / lc["sequential"]["p50_s"], 2),
+                "throughput_ratio": {x["clients"]: round(y["requests_per_s"] / x["requests_per_s"], 2)
+                                     for x, y in zip(e["levels"], lc["levels"], strict=True)},
+                "verdicts_identical": f"{sum(a == b for a, b in pairs)}/{len(pairs)}",
+                "answers_identical": f"{sum(a == b for a, b in answers)}/{len(answers)}"}
     print(json.dumps(summary), flush=True)
     write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "engines": results})
-    plot(results, args.out.with_suffix(".png"))
+    plot(results, list(sets), args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

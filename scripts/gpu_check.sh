@@ -45,10 +45,12 @@ say "set up (python $(python -c 'import sys; print(sys.version.split()[0])'), to
 
 # 2. LoRA and QLoRA, bf16, adapters exported; --min-coverage 0: every trained task gets a route to replay
 for METHOD in lora qlora; do
+  QUANT=none
+  if [ "$METHOD" = qlora ]; then QUANT=4bit; fi  # QLoRA: LoRA on the NF4-quantized base (bitsandbytes)
   slmtune flywheel "$LOGS" -w "$OUT/$METHOD" --gpu "$GPU" --base-model "$BASE" --max-tasks 3 --max-steps "$STEPS" \
     --eval-fraction 0.6 --eval-limit "$LIMIT" --target-accuracy 0.9 --min-coverage 0 --adapter-only \
-    --set method="$METHOD" --set train.precision=bf16 --set train.batch_size="$BATCH" > "$OUT/$METHOD.log" 2>&1 \
-    || { tail -20 "$OUT/$METHOD.log"; exit 1; }
+    --set method=lora --set model.quantization="$QUANT" --set train.precision=bf16 \
+    --set train.batch_size="$BATCH" > "$OUT/$METHOD.log" 2>&1 || { tail -20 "$OUT/$METHOD.log"; exit 1; }
   say "$METHOD: $(python -c "import json,sys; r=json.load(open(sys.argv[1])); print(len(r['routes']), 'routes:', ', '.join(x['task'] for x in r['routes']))" "$OUT/$METHOD/router.json")"
 done
 WORK="$OUT/lora"

@@ -1,7 +1,7 @@
 """The engine `slmtune serve` answers routed requests with by default: the exported checkpoints in this process
-(`EmbeddedEngine`; `slmtune.serve.llamacpp.LlamaCppEngine` and `slmtune.serve.vllm.VllmEngine` are the others). It takes a canonical record (the request's
-messages and tools) and returns a `Completion` of the model's raw text; `slmtune.serve.server` parses and guards
-it. Three parts, one module each:
+(`EmbeddedEngine`; `slmtune.serve.llamacpp.LlamaCppEngine` and `slmtune.serve.vllm.VllmEngine` are the others).
+It takes a canonical record (the request's messages and tools) and returns a `Completion` of the model's raw text;
+`slmtune.serve.server` parses and guards it. Three parts, one module each:
 
 - `batcher`: one worker thread, dynamic batches per checkpoint (`batch_window_s`, `max_batch`);
 - `model_cache`: an LRU of `max_loaded` exports, adapters on one base sharing its weights;

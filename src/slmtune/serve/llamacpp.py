@@ -12,14 +12,24 @@ What stays the embedded engine's, so both engines give the same answers to the s
   (`slmtune.infer.confidence`), as `slmtune.infer.generate` records it;
 - the request's own limits: `max_tokens` (cut at it: `finished` False), its deadline and cancellation.
 
+Tokens the grammar forces (the only one it allows next: a tool's name, JSON keys and punctuation) are fed as one
+chunk after the token the model chose, not one decode step each: a weather call of ~39 tokens takes ~7 steps. Their
+log-probability is 0 in both engines, so the answer and its confidence are unchanged.
+
 Several requests at once: continuous batching over llama.cpp sequences. One worker thread runs one `llama_decode`
-per step holding every active sequence's next token and the prompt chunks of newly admitted ones (at most
-`max_seqs` sequences, `n_batch` tokens a step); a request that arrives while others decode joins at the next step.
+per step holding every active sequence's next tokens and the prompt chunks of newly admitted ones (at most
+`max_seqs` sequences, `N_BATCH` tokens a step); a request that arrives while others decode joins at the next step.
+Each sequence has its own KV stream (`kv_unified` off): on one unified cache every token attends over all
+sequences' cells, which made a lone request 4x slower with 15 other prompts cached (2-core AVX512-BF16 CPU,
+SmolLM2-135M q8_0: decode 26.0 vs 6.3 ms a token, a 350-token prefill 2.35 vs 0.59 s). The streams hold
+`KV_CELLS` together, so a sequence's context is min(the model's, KV_CELLS / max_seqs): 4,096 tokens with 4
+sequences, and a longer prompt goes to the upstream (`too_long`).
 
 Prompt reuse: a sequence keeps its KV cache when its request is done. A new request takes the longest token
-prefix any sequence holds — a route's requests share the system turn and the tool list — by keeping it in
-place (the sequence it was on) or sharing its cells (`llama_memory_seq_cp` on the unified KV cache), so only
-the conversation's tail is prefilled.
+prefix any sequence holds — a route's requests share the system turn and the tool list — in place (the sequence
+it was on: the rest is dropped) or copied from another sequence's stream (`llama_memory_seq_cp`, then trimmed),
+so only the conversation's tail is prefilled. Requests that arrive together and share a prefix no cache holds
+yet wait one step for the first of them to prefill it.
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ from slmtune.serve.jobs import DEFAULT_PARAMS, Checkpoint, Completion, Job, Para
 
 INSTALL_HINT = "Install llama.cpp's Python bindings: pip install 'slmtune[llamacpp]' (builds llama.cpp, ~3-7 min)."
 N_BATCH = 512  # tokens per llama_decode (prompt chunks share it with the decoding sequences)
-MIN_CELLS = 8192  # KV cells shared by all sequences (unified cache): at least one full context
+MAX_SEQS = 4  # sequences decoding at once, at most (`--max-batch` lowers it): 2 CPU cores gain nothing from more
+KV_CELLS = 16384  # KV cache cells of one loaded export, split between its sequences (SmolLM2-135M: 23 KB a cell)
 
 
 def available() -> bool:
@@ -128,12 +139,13 @@ class _Model:
         if not self.model:
             raise SlmtuneError(f"{path}: llama.cpp could not load this GGUF.")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
-        self.context = ckpt.context or llama_cpp.llama_model_n_ctx_train(self.model)
+        context = ckpt.context or llama_cpp.llama_model_n_ctx_train(self.model)
+        self.context = min(context, KV_CELLS // n_seqs)  # one sequence's stream
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = max(self.context, MIN_CELLS)
+        cparams.n_ctx = self.context * n_seqs
         cparams.n_batch = cparams.n_ubatch = N_BATCH
         cparams.n_seq_max = n_seqs
-        cparams.kv_unified = True  # sequences share cells: a common prompt prefix is stored once
+        cparams.kv_unified = False  # a stream per sequence (module docstring)
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
         # Flash attention off: on the CPU its kernel made a decode step 2x slower (SmolLM2-135M q8_0, 2-core
@@ -171,7 +183,7 @@ class _Model:
     # ------------------------------------------------------------------ admission with prefix reuse
     def admit(self, job: Job, ids: list[int], matcher) -> None:
         """Put `job` on an idle sequence, starting from the longest prefix of `ids` any sequence's cache holds."""
-        from slmtune.infer.generate import common_length
+        from slmtune.infer.generate import MIN_SHARED_PREFIX, common_length
 
         lib, now = self.lib, time.monotonic()
         idle = [s for s in self.seqs if s.job is None]
@@ -179,13 +191,16 @@ class _Model:
         n = min(n, len(ids) - 1)  # at least one prompt token is fed: its logits pick the first answer token
         own = next((s for s in idle if s is src), None)
         dst = own or min(idle, key=lambda s: (len(s.cached) > 0, s.used))
+        if dst is not src and n < MIN_SHARED_PREFIX:
+            n = 0  # not worth copying a stream for
         if dst is src:
             lib.llama_memory_seq_rm(self.mem, dst.id, n, -1)
             dst.cached = dst.cached[:n]
         else:
             lib.llama_memory_seq_rm(self.mem, dst.id, -1, -1)
-            if n > 0:
-                lib.llama_memory_seq_cp(self.mem, src.id, dst.id, 0, n)
+            if n > 0:  # a stream is copied whole (llama.cpp copies no part of one across streams), then trimmed
+                lib.llama_memory_seq_cp(self.mem, src.id, dst.id, -1, -1)
+                lib.llama_memory_seq_rm(self.mem, dst.id, n, -1)
             dst.cached = ids[:n]
         dst.job, dst.pending, dst.n_prompt, dst.matcher, dst.allowed = job, ids[n:], len(ids), matcher, None
         self.reused, self.prefilled = self.reused + n, self.prefilled + len(ids) - n
@@ -199,15 +214,6 @@ class _Model:
         now = max((common_length(s.cached, ids) for s in self.seqs), default=0)
         coming = max((common_length(s.cached + s.pending, ids) for s in self.active() if not s.out), default=0)
         return min(coming, len(ids) - 1) >= now + MIN_SHARED_PREFIX
-
-    def forget_idle(self) -> bool:
-        """Drop every idle sequence's cache (the KV cells are full); True if anything was freed."""
-        freed = False
-        for s in self.seqs:
-            if s.job is None and s.cached:
-                self.lib.llama_memory_seq_rm(self.mem, s.id, -1, -1)
-                s.cached, freed = [], True
-        return freed
 
     # ------------------------------------------------------------------ one decode step
     def step(self, sample: bool) -> list[tuple[_Seq, Any]]:
@@ -239,8 +245,6 @@ class _Model:
             return []
         b.n_tokens = n
         rc = lib.llama_decode(self.ctx, b)
-        if rc == 1 and self.forget_idle():
-            rc = lib.llama_decode(self.ctx, b)
         if rc != 0:
             return self._fail_newest(rc)
         for s, k in fed:
@@ -362,7 +366,8 @@ class LlamaCppEngine:
         require()
         if max_loaded < 1 or max_seqs < 1:
             raise SlmtuneError(f"max_loaded and max_seqs must be >= 1, got {max_loaded}, {max_seqs}.")
-        self.max_loaded, self.max_seqs, self.sample, self.on_batch = max_loaded, max_seqs, sample, on_batch
+        self.max_loaded, self.sample, self.on_batch = max_loaded, sample, on_batch
+        self.max_seqs = min(max_seqs, MAX_SEQS)
         self.threads = threads or len(os.sched_getaffinity(0))
         self._models: OrderedDict[str, _Model] = OrderedDict()
         self._pending: deque[Job] = deque()

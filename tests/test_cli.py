@@ -37,7 +37,7 @@ CHOICES = [
     ("curate", "--scrubber", ["regex", "presidio"]),
     ("cluster", "--embedder", ["tfidf", "minilm"]),
     ("merge", "--dtype", ["auto", "float32", "bfloat16", "float16"]),
-    ("serve", "--engine", ["embedded", "vllm"]),
+    ("serve", "--engine", ["embedded", "llamacpp", "vllm"]),
     ("export", "--gguf", ["f16", "q8_0", "q4_0", "q4_k_m"]),
     ("flywheel", "--gguf", ["f16", "q8_0", "q4_0", "q4_k_m"]),
     ("eval", "--decoding", ["auto", "free", "constrained"]),
@@ -71,6 +71,9 @@ def test_enum_choices_match_what_the_stages_accept():
     from slmtune.infer.decoding import DECODINGS
 
     assert [tuple(c) for _, o, c in CHOICES if o == "--decoding"] == [DECODINGS]
+    from slmtune.serve.server import ENGINES
+
+    assert [tuple(c) for _, o, c in CHOICES if o == "--engine"] == [ENGINES]
 
 
 @pytest.mark.parametrize("command", ["plan", "flywheel"])

@@ -203,3 +203,15 @@ def test_serve_refuses_an_export_without_its_gguf(work):
     result = cli("serve", work["work"], "--engine", "llamacpp", code=1)
     text = result.output + (result.stderr or "")
     assert "no GGUF in this export" in text and "--gguf q8_0" in text and "Traceback" not in text
+
+
+def test_an_adapter_only_export_is_refused_with_the_fix(ckpts):
+    import dataclasses
+
+    from slmtune.errors import SlmtuneError
+    from slmtune.serve.llamacpp import gguf_of
+
+    adapter = dataclasses.replace(next(iter(ckpts.values())), format="adapter")
+    with pytest.raises(SlmtuneError, match="adapter-only export") as e:
+        gguf_of(adapter)
+    assert "--gguf q8_0" in e.value.hint

@@ -368,7 +368,7 @@ class LlamaCppEngine:
             raise SlmtuneError(f"max_loaded and max_seqs must be >= 1, got {max_loaded}, {max_seqs}.")
         self.max_loaded, self.sample, self.on_batch = max_loaded, sample, on_batch
         self.max_seqs = min(max_seqs, MAX_SEQS)
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or _cores()
         self._models: OrderedDict[str, _Model] = OrderedDict()
         self._pending: deque[Job] = deque()
         self._prepared: dict[int, tuple] = {}  # id(job) -> (prompt ids, matcher) of a request that waits a step
@@ -537,6 +537,12 @@ def _resolve(future: concurrent.futures.Future, value=None, exc: BaseException |
         future.set_exception(exc)
     else:
         future.set_result(value)
+
+
+def _cores() -> int:
+    """CPU cores this process may use (macOS has no sched_getaffinity)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def smoke() -> None:

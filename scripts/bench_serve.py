@@ -18,8 +18,10 @@ agent deployment sends them: the system turn and tools are reused from the cache
   p50/p95 latency under load.
 
 Memory: the server's resident set before the export loads and after (its peak too), so what one loaded export
-costs. Prints one JSON line per (engine, prompts, clients), then the llamacpp / embedded ratios (p50 speed-up at 1
-client, throughput at each level) and the verdict agreement. Timings are noisy on a shared machine: run it alone.
+costs. `--prefix-ab` (on by default): each engine again in this process, its prefix cache on and off, on the
+shared prompts one at a time. Prints one JSON line per (engine, prompts, clients), then the llamacpp / embedded
+ratios (p50 speed-up at 1 client, throughput at each level) and the verdict agreement. Timings are noisy on a
+shared machine: run it alone.
 """
 
 from __future__ import annotations
@@ -124,6 +126,43 @@ def run_engine(engine: str, args, sets: dict[str, list[dict]], out_dir: Path) ->
         stop(proc)
 
 
+def prefix_ab(workdir: Path, task: str, bodies: list[dict], engines: list[str]) -> dict:
+    """Each engine in this process (no HTTP), its prefix cache on then off, the calls one at a time, as serve asks
+    (grammar on, up to 512 tokens): p50 latency and how many answers are the same text."""
+    from slmtune.serve.config import checkpoints
+    from slmtune.serve.engine import EmbeddedEngine
+    from slmtune.serve.guard import to_record
+    from slmtune.serve.jobs import Params
+
+    ck = checkpoints(load_router(workdir / "router.json"))[task]
+    params = Params(max_tokens=512, constrained=True, timeout_s=600)
+    out = {}
+    for engine in engines:
+        runs = {}
+        for keep in (True, False):
+            if engine == "llamacpp":
+                from slmtune.serve.llamacpp import LlamaCppEngine
+
+                e = LlamaCppEngine(max_loaded=1, prefix_cache=keep)
+            else:
+                e = EmbeddedEngine(max_loaded=1, prefix_cache=keep)
+            try:
+                e.submit(ck, to_record(bodies[-1]), params).result()  # load, and a prompt in the cache
+                lat, texts = [], []
+                for b in bodies:
+                    t0 = time.perf_counter()
+                    texts.append(e.submit(ck, to_record(b), params).result().text)
+                    lat.append(time.perf_counter() - t0)
+            finally:
+                e.close()
+            runs[keep] = (statistics.median(lat), texts)
+        (on, a), (off, b) = runs[True], runs[False]
+        out[engine] = {"p50_on_s": round(on, 3), "p50_off_s": round(off, 3), "speedup": round(off / on, 2),
+                       "same_answers": f"{sum(x == y for x, y in zip(a, b, strict=True))}/{len(a)}"}
+        print(json.dumps({"prefix_cache": engine, **out[engine]}), flush=True)
+    return out
+
+
 def plot(results: dict, names: list[str], path: Path) -> None:
     import matplotlib
 
@@ -163,6 +202,8 @@ def main() -> None:
                     help="logged: each call as logged (the demo's calls carry many different system turns); "
                          "shared: every call with the first call's system turn (one agent deployment: its prefix is "
                          "reused); both")
+    ap.add_argument("--prefix-ab", action=argparse.BooleanOptionalAction, default=True,
+                    help="also each engine in this process with its prefix cache on and off (shared prompts)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/bench_serve.json"))
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",") if c]
@@ -185,6 +226,8 @@ def main() -> None:
           flush=True)
     results = {e: run_engine(e, args, sets, args.out.parent) for e in args.engines.split(",")}
     summary: dict = {"task": task, "calls": len(logged), "cpu": cpu}
+    if args.prefix_ab:
+        summary["prefix_cache"] = prefix_ab(args.workdir, task, sets.get("shared", logged), args.engines.split(","))
     if {"embedded", "llamacpp"} <= results.keys():
         emb, lcp = results["embedded"], results["llamacpp"]
         for name in sets:

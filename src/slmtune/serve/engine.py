@@ -37,12 +37,12 @@ class EmbeddedEngine:
     """Exported checkpoints generating in this process, with dynamic batching (see module docstring)."""
 
     def __init__(self, max_loaded: int = 2, batch_window_s: float = 0.01, max_batch: int = 16,
-                 sample: bool = False, dtype: str = "auto", on_batch=None):
+                 sample: bool = False, dtype: str = "auto", on_batch=None, prefix_cache: bool = True):
         if max_loaded < 1 or max_batch < 1 or batch_window_s < 0:
             raise SlmtuneError(f"max_loaded and max_batch must be >= 1 and the batch window >= 0, got "
                                f"{max_loaded}, {max_batch}, {batch_window_s}.")
         self.sample, self.on_batch = sample, on_batch
-        self.models = ModelCache(max_loaded, dtype)
+        self.models = ModelCache(max_loaded, dtype, prefix_cache)  # prefix_cache off: every batch prefills whole
         self.batcher = Batcher(self._generate, batch_window_s, max_batch)
 
     def submit(self, ckpt: Checkpoint, record: dict, params: Params = DEFAULT_PARAMS) -> concurrent.futures.Future:

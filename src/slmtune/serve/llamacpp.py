@@ -116,7 +116,7 @@ class _Seq:
 class _Model:
     """A GGUF loaded into one llama.cpp context with `n_seqs` sequences on a unified KV cache."""
 
-    def __init__(self, ckpt: Checkpoint, n_seqs: int, threads: int):
+    def __init__(self, ckpt: Checkpoint, n_seqs: int, threads: int, reuse: bool = True):
         import llama_cpp
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -158,6 +158,7 @@ class _Model:
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self.seqs = [_Seq(i) for i in range(n_seqs)]
+        self.reuse = reuse
         self.reused = self.prefilled = 0  # prompt tokens taken from a cache / fed to llama_decode
         self._ll = None
 
@@ -188,7 +189,8 @@ class _Model:
         lib, now = self.lib, time.monotonic()
         idle = [s for s in self.seqs if s.job is None]
         src, n = max(((s, common_length(s.cached, ids)) for s in self.seqs), key=lambda x: (x[1], x[0].job is None))
-        n = min(n, len(ids) - 1)  # at least one prompt token is fed: its logits pick the first answer token
+        # at least one prompt token is fed: its logits pick the first answer token
+        n = min(n, len(ids) - 1) if self.reuse else 0
         own = next((s for s in idle if s is src), None)
         dst = own or min(idle, key=lambda s: (len(s.cached) > 0, s.used))
         if dst is not src and n < MIN_SHARED_PREFIX:
@@ -211,6 +213,8 @@ class _Model:
         prefix than any cache holds now: then `ids` is better admitted once that prefill has run."""
         from slmtune.infer.generate import MIN_SHARED_PREFIX, common_length
 
+        if not self.reuse:
+            return False
         now = max((common_length(s.cached, ids) for s in self.seqs), default=0)
         coming = max((common_length(s.cached + s.pending, ids) for s in self.active() if not s.out), default=0)
         return min(coming, len(ids) - 1) >= now + MIN_SHARED_PREFIX
@@ -362,12 +366,13 @@ class LlamaCppEngine:
     """Exported GGUFs answered by llama.cpp in this process (see the module docstring)."""
 
     def __init__(self, max_loaded: int = 2, max_seqs: int = 16, sample: bool = False, threads: int = 0,
-                 on_batch=None):
+                 on_batch=None, prefix_cache: bool = True):
         require()
         if max_loaded < 1 or max_seqs < 1:
             raise SlmtuneError(f"max_loaded and max_seqs must be >= 1, got {max_loaded}, {max_seqs}.")
         self.max_loaded, self.sample, self.on_batch = max_loaded, sample, on_batch
         self.max_seqs = min(max_seqs, MAX_SEQS)
+        self.prefix_cache = prefix_cache  # off: every request prefills its whole prompt (benchmarks compare)
         self.threads = threads or _cores()
         self._models: OrderedDict[str, _Model] = OrderedDict()
         self._pending: deque[Job] = deque()
@@ -461,7 +466,7 @@ class LlamaCppEngine:
         try:
             while len(self._models) >= self.max_loaded:
                 self._models.popitem(last=False)[1].close()
-            m = _Model(job.ckpt, self.max_seqs, self.threads)
+            m = _Model(job.ckpt, self.max_seqs, self.threads, self.prefix_cache)
         except Exception as e:  # noqa: BLE001 - a GGUF that fails to load fails its requests, not the server
             with self._cond:
                 same = [job, *[j for j in self._pending if j.ckpt.name == name]]

@@ -28,8 +28,8 @@ class Loaded:
 class ModelCache:
     """Only the engine's worker thread loads and unloads; `loaded()` may be read from any thread."""
 
-    def __init__(self, max_loaded: int, dtype: str = "auto"):
-        self.max_loaded, self.dtype = max_loaded, dtype
+    def __init__(self, max_loaded: int, dtype: str = "auto", prefix_cache: bool = True):
+        self.max_loaded, self.dtype, self.prefix_cache = max_loaded, dtype, prefix_cache
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
         self._bases: dict[str, Any] = {}  # base path -> PeftModel holding the loaded adapters of that base
         self._lock = threading.Lock()
@@ -64,7 +64,8 @@ class ModelCache:
         model, base_key = self._weights(ckpt)
         from slmtune.infer.generate import PrefixCache
 
-        loaded = Loaded(model, tok, make_renderer(tok), stop_ids(tok, model), base_key, PrefixCache())
+        loaded = Loaded(model, tok, make_renderer(tok), stop_ids(tok, model), base_key,
+                        PrefixCache() if self.prefix_cache else None)
         with self._lock:
             self._loaded[ckpt.name] = loaded
         return loaded

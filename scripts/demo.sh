@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole slmtune loop on the bundled example logs, on the CPU (2-core AVX512-BF16: 292 s measured after
-# setup with the venv and converted model present; a fresh machine adds ~3 min; see README "Performance"):
+# setup with the venv and converted model present; 180 s on a 2-core Xeon, serving through llama.cpp; a fresh
+# machine adds ~3 min; see README "Performance"):
 # 490 logged calls of one agent (3 formats, planted PII) -> 3 tasks tuned on SmolLM2-135M-Instruct -> the tasks
 # whose confident answers earn a route exported + router.json (measured: get_weather; sentiment and extraction
 # do not earn one after 12 steps). Summaries, the rare errands and the unearned tasks stay with the LLM. Then

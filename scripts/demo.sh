@@ -33,7 +33,7 @@ if python -c "import llama_cpp" 2>/dev/null; then GGUF=(--gguf q8_0); fi
 run_round() {
   slmtune flywheel "$@" -w "$WORK" --gpu cpu --base-model smollm2-135m \
     --max-tasks 3 --max-steps 12 --eval-fraction 0.6 --eval-limit 50 --target-accuracy 0.9 \
-    --set train.batch_size=2 --set train.lr=1e-3 --set method=lora --set lora.r=8 --set lora.alpha=16 "${GGUF[@]}"
+    --set train.batch_size=2 --set train.lr=1e-3 --set method=lora --set lora.r=8 --set lora.alpha=16 ${GGUF[@]+"${GGUF[@]}"}
 }
 # The demo's 12-step budget and lr 1e-3 were measured for LoRA r=8 (plan's CPU pick before `method: auto`, which
 # now picks a full fine-tune for SmolLM2-135M: docs/defaults.md); they are kept as measured.

@@ -72,7 +72,7 @@ else
   while read -r line; do
     case "$line" in
       "vllm serve "*)
-        eval "$line --enforce-eager --gpu-memory-utilization 0.4" > "$OUT/vllm-${#PIDS[@]}.log" 2>&1 &
+        eval "exec $line --enforce-eager --gpu-memory-utilization 0.4" > "$OUT/vllm-${#PIDS[@]}.log" 2>&1 &
         PIDS+=($!) ;;
       "slmtune serve "*)
         read -r -a URLS <<< "$(echo "$line" | grep -o -- '--engine-url [^ ]*' | tr '\n' ' ')" ;;

@@ -32,9 +32,10 @@ case ",$EXTRAS," in
 esac
 # llama.cpp's bindings (`slmtune serve --engine llamacpp`), compiled for this CPU on install (3-4 min on 2 cores,
 # once; --no-cache-dir: a wheel compiled for one CPU must not be reused on another from pip's cache). On a CPU with
-# AMX, llama.cpp's AMX kernels die with an illegal instruction in worker threads the kernel has not granted the
-# tile state (llama.cpp PR #26954): they are compiled out. `python -m slmtune.serve.llamacpp` then decodes a few
-# tokens of the default SLM to prove the build runs here; a copy built elsewhere (a moved venv) is rebuilt.
+# AMX, llama.cpp's AMX kernels die with an illegal instruction (also with the tile permission granted: their tile
+# config, llama.cpp PR #26954): they are compiled out. `python -m slmtune.serve.llamacpp` then decodes a few
+# tokens of the default SLM to prove the build runs here; a copy that does not (built elsewhere: a moved venv) is
+# rebuilt, and uninstalled if the rebuilt one fails too, so its tests skip instead of crashing.
 case ",$EXTRAS," in
   *,llamacpp,*)
     LLAMA_FLAGS=""
@@ -46,10 +47,14 @@ case ",$EXTRAS," in
       CMAKE_ARGS="$LLAMA_FLAGS ${CMAKE_ARGS:-}" pip install -q --no-cache-dir -e "$ROOT[llamacpp]" \
         || echo "setup_env: llama-cpp-python did not build on this machine: the llamacpp engine (and its tests) is off." >&2
     fi
-    if python -c "import llama_cpp" 2>/dev/null && ! python -m slmtune.serve.llamacpp >/dev/null 2>&1; then
-      echo "setup_env: llama-cpp-python does not run on this CPU (built for another?); rebuilding it here." >&2
+    if python -c "import llama_cpp" 2>/dev/null && ! SMOKE="$(python -m slmtune.serve.llamacpp 2>&1)"; then
+      echo "setup_env: llama-cpp-python does not run here (built for another CPU?); rebuilding it for this one." >&2
+      echo "$SMOKE" | tail -3 >&2
       CMAKE_ARGS="$LLAMA_FLAGS ${CMAKE_ARGS:-}" pip install -q --no-cache-dir --force-reinstall --no-deps \
-        "$(pip show llama-cpp-python | sed -n 's/^Version: /llama-cpp-python==/p')" \
-        || echo "setup_env: llama-cpp-python did not build." >&2
+        "$(pip show llama-cpp-python | sed -n 's/^Version: /llama-cpp-python==/p')" || true
+      if ! python -m slmtune.serve.llamacpp >/dev/null 2>&1; then
+        echo "setup_env: the rebuilt llama-cpp-python does not run either: uninstalled (the llamacpp engine is off)." >&2
+        pip uninstall -q -y llama-cpp-python
+      fi
     fi ;;
 esac

@@ -143,3 +143,25 @@ def test_prefix_cache_across_calls_gives_the_tokens_of_a_whole_prefill(tiny_mode
     shared = sum(next(k for k in range(len(a)) if a[k] != b[k]) for a, b in zip(ids[:4], ids[1:5], strict=True))
     assert cache.reused == shared  # each weather prompt took what it shares with the one before it
     assert cache.prefilled == sum(len(x) - 1 for x in ids) - shared  # (a prompt's last token is fed by generate)
+
+
+def test_prefix_cache_when_the_new_prefix_holds_the_kept_one(tiny_model):
+    """The same prompt twice (nothing to crop), a batch whose common prefix a later single prompt extends, and a
+    prompt shorter than the kept prefix: the kept cache is reused, never emptied, and the tokens are those of a
+    whole prefill."""
+    from slmtune.infer.generate import PrefixCache, generate
+
+    model, tok = _load(tiny_model, "float32")
+    prompts = _prompts(tok)
+    cache = PrefixCache()
+    calls = [[prompts[0]], [prompts[0]], prompts[1:3], [prompts[1]], [prompts[3][:40]]]
+    kept, reused = [], []
+    for p in calls:
+        kept.append(generate(model, tok, p, 24, batch_size=4, prefix_cache=cache))
+        reused.append(cache.reused)
+    whole = [generate(model, tok, p, 24, batch_size=4) for p in calls]
+    assert [[g.text for g in k] for k in kept] == [[g.text for g in w] for w in whole]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert reused[1] - reused[0] == len(ids[0]) - 1  # the repeated prompt took its whole prefix from the cache
+    batch_prefix = next(k for k in range(len(ids[1])) if ids[1][k] != ids[2][k])
+    assert reused[3] - reused[2] == batch_prefix  # the single prompt extended the batch's kept prefix

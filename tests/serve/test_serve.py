@@ -495,3 +495,15 @@ def test_stream_assembler_rebuilds_tool_calls():
     assert out["choices"][0]["message"]["tool_calls"][0]["function"] == {"name": "get_weather",
                                                                         "arguments": '{"city": "Oslo"}'}
     assert out["choices"][0]["finish_reason"] == "tool_calls" and out["usage"] == {"total_tokens": 3}
+
+
+def test_engine_llamacpp_without_llama_cpp_is_refused_in_one_line(work, monkeypatch):
+    """Where llama-cpp-python is missing (or its library does not load), `serve --engine llamacpp` stops before
+    serving, in one line naming the extra to install."""
+    import slmtune.serve.llamacpp as llamacpp
+
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    result = cli("serve", work["work"], "--engine", "llamacpp", code=1)
+    text = result.output + (result.stderr or "")
+    assert "--engine llamacpp needs llama-cpp-python" in text and "slmtune[llamacpp]" in text
+    assert "Traceback" not in text

@@ -147,21 +147,20 @@ class PrefixCache:
         """A KV cache holding `prefix` (generate copies it per batch; this one is kept for the next call)."""
         import torch
 
-        n = common_length(self.ids, prefix) if self.cache is not None else 0
+        # taken out while it changes: a forward that fails midway leaves nothing half-extended behind
+        kept, cache, self.ids, self.cache = self.ids, self.cache, [], None
+        n = common_length(kept, prefix) if cache is not None else 0
         if n < MIN_SHARED_PREFIX:
-            self.cache, n = None, 0
-        else:
-            self.cache.crop(-(len(self.ids) - n))
+            cache, n = None, 0
+        elif len(kept) > n:
+            cache.crop(n - len(kept))  # drop what `prefix` does not share (a negative count: tokens removed)
         if len(prefix) > n:
-            out = model(torch.tensor([prefix[n:]], device=model.device), past_key_values=self.cache, use_cache=True)
-            self.cache = out.past_key_values
+            cache = model(torch.tensor([prefix[n:]], device=model.device), past_key_values=cache,
+                          use_cache=True).past_key_values
         self.reused, self.prefilled = self.reused + n, self.prefilled + len(prefix) - n
-        cache = self.cache
         plain = all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", [None]))
         if plain and len(prefix) <= self.max_tokens:
-            self.ids = list(prefix)
-        else:
-            self.ids, self.cache = [], None
+            self.ids, self.cache = list(prefix), cache
         return cache
 
 

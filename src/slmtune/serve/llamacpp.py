@@ -21,9 +21,9 @@ per step holding every active sequence's next tokens and the prompt chunks of ne
 `max_seqs` sequences, `N_BATCH` tokens a step); a request that arrives while others decode joins at the next step.
 Each sequence has its own KV stream (`kv_unified` off): on one unified cache every token attends over all
 sequences' cells, which made a lone request 4x slower with 15 other prompts cached (2-core AVX512-BF16 CPU,
-SmolLM2-135M q8_0: decode 26.0 vs 6.3 ms a token, a 350-token prefill 2.35 vs 0.59 s). The streams hold
-`KV_CELLS` together, so a sequence's context is min(the model's, KV_CELLS / max_seqs): 4,096 tokens with 4
-sequences, and a longer prompt goes to the upstream (`too_long`).
+SmolLM2-135M q8_0: decode 26.0 vs 6.3 ms a token, a 350-token prefill 2.35 vs 0.59 s). The streams share
+`KV_BYTES` (f16 keys and values), so a sequence's context is min(the model's, max(MIN_CONTEXT, what its share
+holds)): SmolLM2-135M with 4 sequences, 5,825 tokens each; a longer prompt goes to the upstream (`too_long`).
 
 Prompt reuse: a sequence keeps its KV cache when its request is done. A new request takes the longest token
 prefix any sequence holds — a route's requests share the system turn and the tool list — in place (the sequence
@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import os
 import threading
 import time
@@ -48,16 +49,18 @@ from typing import Any
 from slmtune.errors import SlmtuneError
 from slmtune.serve.jobs import DEFAULT_PARAMS, Checkpoint, Completion, Job, Params, PromptTooLong
 
+log = logging.getLogger("slmtune.serve")
 INSTALL_HINT = "Install llama.cpp's Python bindings: pip install 'slmtune[llamacpp]' (builds llama.cpp, ~3-7 min)."
 N_BATCH = 512  # tokens per llama_decode (prompt chunks share it with the decoding sequences)
 MAX_SEQS = 4  # sequences decoding at once, at most (`--max-batch` lowers it): 2 CPU cores gain nothing from more
-KV_CELLS = 16384  # KV cache cells of one loaded export, split between its sequences (SmolLM2-135M: 23 KB a cell)
+KV_BYTES = 512 << 20  # KV cache of one loaded export, split between its sequences (SmolLM2-135M: 23 KB a token)
+MIN_CONTEXT = 2048  # a sequence's context, at least (or the model's, if shorter), whatever KV_BYTES allows
 
 
 def available() -> bool:
     try:
         import llama_cpp  # noqa: F401
-    except ImportError:
+    except Exception:  # noqa: BLE001 - not installed, or its shared library does not load (a moved venv, no libgomp)
         return False
     return True
 
@@ -114,7 +117,7 @@ class _Seq:
 
 
 class _Model:
-    """A GGUF loaded into one llama.cpp context with `n_seqs` sequences on a unified KV cache."""
+    """A GGUF loaded into one llama.cpp context with `n_seqs` sequences, a KV stream each."""
 
     def __init__(self, ckpt: Checkpoint, n_seqs: int, threads: int, reuse: bool = True):
         import llama_cpp
@@ -129,8 +132,10 @@ class _Model:
         self.renderer = make_renderer(self.tokenizer)
         try:
             gen = GenerationConfig.from_pretrained(ckpt.path)
-        except OSError:
-            gen = None
+        except OSError:  # no generation_config.json: config.json's eos, as transformers gives the embedded engine
+            from transformers import AutoConfig
+
+            gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(ckpt.path))
         self.stops = stop_ids(self.tokenizer, _WithGenerationConfig(gen))
         path = gguf_of(ckpt)
         mparams = llama_cpp.llama_model_default_params()
@@ -140,7 +145,8 @@ class _Model:
             raise SlmtuneError(f"{path}: llama.cpp could not load this GGUF.")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         context = ckpt.context or llama_cpp.llama_model_n_ctx_train(self.model)
-        self.context = min(context, KV_CELLS // n_seqs)  # one sequence's stream
+        per_token = _kv_bytes_per_token(llama_cpp, self.model)
+        self.context = min(context, max(MIN_CONTEXT, KV_BYTES // per_token // n_seqs))  # one sequence's stream
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.context * n_seqs
         cparams.n_batch = cparams.n_ubatch = N_BATCH
@@ -191,10 +197,9 @@ class _Model:
         src, n = max(((s, common_length(s.cached, ids)) for s in self.seqs), key=lambda x: (x[1], x[0].job is None))
         # at least one prompt token is fed: its logits pick the first answer token
         n = min(n, len(ids) - 1) if self.reuse else 0
-        own = next((s for s in idle if s is src), None)
-        dst = own or min(idle, key=lambda s: (len(s.cached) > 0, s.used))
-        if dst is not src and n < MIN_SHARED_PREFIX:
-            n = 0  # not worth copying a stream for
+        if n < MIN_SHARED_PREFIX:  # a chat template's opening, no more: keep every cache, take a free sequence
+            src, n = None, 0
+        dst = src if src in idle else min(idle, key=lambda s: (len(s.cached) > 0, s.used))
         if dst is src:
             lib.llama_memory_seq_rm(self.mem, dst.id, n, -1)
             dst.cached = dst.cached[:n]
@@ -250,7 +255,7 @@ class _Model:
         b.n_tokens = n
         rc = lib.llama_decode(self.ctx, b)
         if rc != 0:
-            return self._fail_newest(rc)
+            return self._fail_all(rc)
         for s, k in fed:
             s.cached += s.pending[:k]
             s.pending = s.pending[k:]
@@ -264,14 +269,12 @@ class _Model:
                 ended.append((s, done))
         return ended
 
-    def _fail_newest(self, rc: int) -> list[tuple[_Seq, Any]]:
-        """A failed decode: with the cache full (rc 1) the newest request fails alone (the others go on), any
-        other failure fails them all. The failed sequences' caches are dropped (their state is unknown)."""
-        active = self.active()
-        victims = [max(active, key=lambda s: s.started)] if rc == 1 and len(active) > 1 else active
-        why = ("llama.cpp's KV cache is full" if rc == 1 else f"llama_decode returned {rc}")
+    def _fail_all(self, rc: int) -> list[tuple[_Seq, Any]]:
+        """A failed decode (a prompt and its max_tokens are checked to fit a stream, so this is not expected): the
+        step's requests fail, their sequences' caches are dropped (their state is unknown)."""
+        why = "llama.cpp found no room in the KV cache" if rc == 1 else f"llama_decode returned {rc}"
         out = []
-        for s in victims:
+        for s in self.active():
             self.lib.llama_memory_seq_rm(self.mem, s.id, -1, -1)
             s.cached = []
             out.append((s, RuntimeError(f"{self.name}: {why}")))
@@ -335,8 +338,8 @@ _LOG_CALLBACK = None
 
 
 def _quiet(llama_cpp) -> None:
-    """llama.cpp's log: its errors to stderr, nothing else (its load chatter, and the warning that the unified KV
-    cache holds more cells than one sequence's context: a request never gets more than the context)."""
+    """llama.cpp's log: its errors to stderr, nothing else (its load chatter, and its warning that a sequence's
+    context is shorter than the model's: `_prepare` sends a prompt that does not fit upstream)."""
     global _LOG_CALLBACK
     if _LOG_CALLBACK is None:
         import ctypes
@@ -358,12 +361,13 @@ class _WithGenerationConfig:
 
 
 class _Cancelled(Exception):
-    """The caller stopped waiting: its future is already cancelled."""
+    """The caller stopped waiting (its request was cancelled): nobody reads the outcome."""
 
 
 # ----------------------------------------------------------------------------- the engine
 class LlamaCppEngine:
-    """Exported GGUFs answered by llama.cpp in this process (see the module docstring)."""
+    """Exported GGUFs answered by llama.cpp in this process (see the module docstring). One worker thread owns
+    every llama.cpp object; other threads only queue requests and read `loaded()`."""
 
     def __init__(self, max_loaded: int = 2, max_seqs: int = 16, sample: bool = False, threads: int = 0,
                  on_batch=None, prefix_cache: bool = True):
@@ -374,9 +378,9 @@ class LlamaCppEngine:
         self.max_seqs = min(max_seqs, MAX_SEQS)
         self.prefix_cache = prefix_cache  # off: every request prefills its whole prompt (benchmarks compare)
         self.threads = threads or _cores()
-        self._models: OrderedDict[str, _Model] = OrderedDict()
+        self._models: OrderedDict[str, _Model] = OrderedDict()  # changed under _cond (loaded() reads it)
         self._pending: deque[Job] = deque()
-        self._prepared: dict[int, tuple] = {}  # id(job) -> (prompt ids, matcher) of a request that waits a step
+        self._prepared: dict[int, tuple] = {}  # id(job) -> (prompt ids, matcher) of a request waiting a step
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="slmtune-llamacpp", daemon=True)
@@ -413,16 +417,11 @@ class LlamaCppEngine:
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
+        """Stop the worker; every request not answered yet fails with "the engine is closed"."""
         with self._cond:
             self._closed = True
-            for job in self._pending:
-                job.future.cancel()
-            self._pending.clear()
             self._cond.notify_all()
-        self._worker.join(timeout=60)
-        for m in self._models.values():
-            m.close()
-        self._models.clear()
+        self._worker.join(timeout=120)  # the worker fails what is left and frees the models as it stops
 
     # ------------------------------------------------------------------ the worker thread
     def _loop(self) -> None:
@@ -432,9 +431,7 @@ class LlamaCppEngine:
                 while not self._closed and not self._pending and not (current and current.active()):
                     self._cond.wait()
                 if self._closed:
-                    for s in current.active() if current else []:
-                        s.job.future.cancel()
-                    return
+                    break
                 # the export decoding now takes new requests for it while it has idle sequences, until the oldest
                 # waiting request is another export's: then it drains, and that export loads
                 if current is not None and not current.active():
@@ -446,35 +443,68 @@ class LlamaCppEngine:
                 arrived = [j for j in self._pending if j.ckpt.name == name][:room]
                 for j in arrived:
                     self._pending.remove(j)
-            if current is None and arrived:
-                current = self._model(arrived[0])
-                if current is None:
-                    continue
-            later = [job for job in arrived if not self._start(current, job)]
-            if later:
+            try:
+                current = self._turn(current, arrived)
+            except Exception as e:  # noqa: BLE001 - a bug must not stop the worker: this turn's requests fail
+                log.exception("the llama.cpp engine failed a step")
                 with self._cond:
-                    self._pending.extendleft(reversed(later))
-            if current is not None and current.active():
-                self._run_step(current)
+                    models = list(self._models.values())
+                for job in [*arrived, *(s.job for m in models for s in m.active())]:
+                    self._prepared.pop(id(job), None)
+                    _resolve(job.future, exc=e)
+                for m in models:
+                    for s in m.active():
+                        s.job = s.matcher = None
+                current = None
+        self._release()
 
-    def _model(self, job: Job) -> _Model | None:
-        """The job's export, loaded (LRU of `max_loaded`); a load failure fails every request for it."""
-        name = job.ckpt.name
-        if name in self._models:
-            self._models.move_to_end(name)
-            return self._models[name]
-        try:
+    def _turn(self, current: _Model | None, arrived: list[Job]) -> _Model | None:
+        """Admit `arrived` (loading their export first if none is decoding) and run one decode step."""
+        if current is None and arrived:
+            current = self._model(arrived)
+            if current is None:
+                return None
+        later = [job for job in arrived if not self._start(current, job)]
+        if later:
+            with self._cond:
+                self._pending.extendleft(reversed(later))
+        if current is not None and current.active():
+            self._run_step(current)
+        return current
+
+    def _release(self) -> None:
+        """Fail what is left (queued, waiting, decoding) and free the models: the worker's last act."""
+        closed = SlmtuneError("the engine is closed.")
+        with self._cond:
+            left, self._pending = list(self._pending), deque()
+            models, self._models = list(self._models.values()), OrderedDict()
+        for job in left + [s.job for m in models for s in m.seqs if s.job is not None]:
+            _resolve(job.future, exc=closed)
+        self._prepared.clear()
+        for m in models:
+            m.close()
+
+    def _model(self, arrived: list[Job]) -> _Model | None:
+        """The export of `arrived`, loaded (LRU of `max_loaded`); a load failure fails every request for it."""
+        name = arrived[0].ckpt.name
+        with self._cond:
+            if name in self._models:
+                self._models.move_to_end(name)
+                return self._models[name]
+            old = []
             while len(self._models) >= self.max_loaded:
-                self._models.popitem(last=False)[1].close()
-            m = _Model(job.ckpt, self.max_seqs, self.threads, self.prefix_cache)
+                old.append(self._models.popitem(last=False)[1])
+        for m in old:
+            m.close()
+        try:
+            m = _Model(arrived[0].ckpt, self.max_seqs, self.threads, self.prefix_cache)
         except Exception as e:  # noqa: BLE001 - a GGUF that fails to load fails its requests, not the server
             with self._cond:
-                same = [job, *[j for j in self._pending if j.ckpt.name == name]]
-                for j in same[1:]:
-                    self._pending.remove(j)
+                same = [*arrived, *(j for j in self._pending if j.ckpt.name == name)]
+                self._pending = deque(j for j in self._pending if j.ckpt.name != name)
             for j in same:
-                if j.future.set_running_or_notify_cancel():
-                    j.future.set_exception(e)
+                self._prepared.pop(id(j), None)
+                _resolve(j.future, exc=e)
             return None
         with self._cond:
             self._models[name] = m
@@ -489,14 +519,12 @@ class LlamaCppEngine:
             return True
         if time.monotonic() > job.deadline:
             self._prepared.pop(id(job), None)
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(TimeoutError("the request timed out before it started"))
+            _resolve(job.future, exc=TimeoutError("the request timed out before it started"))
             return True
         try:
             ids, matcher = self._prepared.get(id(job)) or self._prepare(m, job)
         except Exception as e:  # noqa: BLE001 - a template that refuses the messages, a prompt too long, ...
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(e)
+            _resolve(job.future, exc=e)
             return True
         if m.prefix_coming(ids):
             self._prepared[id(job)] = (ids, matcher)
@@ -536,12 +564,21 @@ class LlamaCppEngine:
 
 
 def _resolve(future: concurrent.futures.Future, value=None, exc: BaseException | None = None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(value)
+    """Set a request's outcome unless it has one (a caller that gave up cancels it, from another thread)."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+def _kv_bytes_per_token(llama_cpp, model) -> int:
+    """f16 keys and values of one token over all layers: 2 x layers x kv heads x head size x 2 bytes."""
+    heads = llama_cpp.llama_model_n_head(model)
+    head_dim = llama_cpp.llama_model_n_embd(model) // max(heads, 1)
+    return max(1, 4 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim)
 
 
 def _cores() -> int:

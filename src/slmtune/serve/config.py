@@ -42,7 +42,7 @@ class ServeConfig:
     """How long the first request of a batch waits for more requests to the same export (milliseconds)."""
     max_batch: int = 16
     """Most requests generated as one batch (llamacpp: requests decoding at once, one llama.cpp sequence each, at
-    most 4; each sequence's context is min(the model's, 16,384 / that))."""
+    most 4, sharing a 384 MiB KV cache)."""
     max_new_tokens: int = 512
     """Most tokens an export generates per answer (a request's max_tokens may lower it)."""
     decoding: str = "auto"

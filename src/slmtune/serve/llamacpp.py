@@ -23,7 +23,7 @@ Each sequence has its own KV stream (`kv_unified` off): on one unified cache eve
 sequences' cells, which made a lone request 4x slower with 15 other prompts cached (2-core AVX512-BF16 CPU,
 SmolLM2-135M q8_0: decode 26.0 vs 6.3 ms a token, a 350-token prefill 2.35 vs 0.59 s). The streams share
 `KV_BYTES` (f16 keys and values), so a sequence's context is min(the model's, max(MIN_CONTEXT, what its share
-holds)): SmolLM2-135M with 4 sequences, 5,825 tokens each; a longer prompt goes to the upstream (`too_long`).
+holds)): SmolLM2-135M with 4 sequences, 4,369 tokens each; a longer prompt goes to the upstream (`too_long`).
 
 Prompt reuse: a sequence keeps its KV cache when its request is done. A new request takes the longest token
 prefix any sequence holds — a route's requests share the system turn and the tool list — in place (the sequence
@@ -53,7 +53,7 @@ log = logging.getLogger("slmtune.serve")
 INSTALL_HINT = "Install llama.cpp's Python bindings: pip install 'slmtune[llamacpp]' (builds llama.cpp, ~3-7 min)."
 N_BATCH = 512  # tokens per llama_decode (prompt chunks share it with the decoding sequences)
 MAX_SEQS = 4  # sequences decoding at once, at most (`--max-batch` lowers it): 2 CPU cores gain nothing from more
-KV_BYTES = 512 << 20  # KV cache of one loaded export, split between its sequences (SmolLM2-135M: 23 KB a token)
+KV_BYTES = 384 << 20  # KV cache of one loaded export, split between its sequences (SmolLM2-135M: 23 KB a token)
 MIN_CONTEXT = 2048  # a sequence's context, at least (or the model's, if shorter), whatever KV_BYTES allows
 
 

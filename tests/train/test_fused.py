@@ -104,7 +104,7 @@ def test_training_processes_ask_torch_for_huge_page_allocations_before_importing
 @pytest.mark.parametrize("dtype, use_dora, autocast, tol", [
     (torch.float32, False, False, 1e-5),  # the in-place addmm_ path
     (torch.float32, True, False, 1e-5),  # DoRA: peft's own forward
-    (torch.bfloat16, False, False, 2e-2),  # fp32 adapters on a bf16 base: the mixed-dtype path
+    (torch.bfloat16, False, False, 2e-2),  # fp32 adapters on a bf16 base: the low-rank term in bf16, in place
     (torch.float32, False, True, 2e-2),  # bf16 autocast (`precision: bf16`): the out-of-place addmm path
 ])
 def test_fused_lora_equals_peft_values_and_gradients(tiny_model, dtype, use_dora, autocast, tol):
@@ -126,6 +126,7 @@ def test_fused_lora_equals_peft_values_and_gradients(tiny_model, dtype, use_dora
     torch.testing.assert_close(loss, ref_loss, atol=tol / 10, rtol=tol / 10)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=tol, rtol=tol * 10, msg=name)
+        assert grad.dtype == ref_grads[name].dtype, name  # fp32 adapters get fp32 gradients on a bf16 base too
     with model.disable_adapter():  # peft's own path: the base model alone
         base = model(input_ids=ids, labels=ids, use_cache=False).loss
     assert not torch.isclose(base, loss)

@@ -132,3 +132,37 @@ def test_fused_lora_equals_peft_values_and_gradients(tiny_model, dtype, use_dora
     assert not torch.isclose(base, loss)
     unfuse_lora(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype, tol", [
+    (torch.float32, torch.float32, 1e-5),  # fp32 throughout
+    (torch.bfloat16, torch.bfloat16, 2e-2),  # bf16 weights (LoRA on a bf16 base)
+    (torch.bfloat16, torch.float32, 2e-2),  # fp32 master weights under bf16 autocast (a full fine-tune)
+])
+def test_fused_rmsnorm_matches_llamas_values_and_gradients(x_dtype, w_dtype, tol):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from slmtune.train.fused import fuse_norms, unfuse_norms
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+    x0 = (torch.randn(2, 7, 64) * 3).to(x_dtype)
+
+    def run():
+        x = x0.clone().requires_grad_()
+        norm.weight.grad = None
+        y = norm(x)
+        (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
+        assert torch.equal(x.detach(), x0)  # the input is left as it was (fp32: no in-place scaling of it)
+        return y, x.grad, norm.weight.grad
+
+    ref = run()
+    assert fuse_norms(torch.nn.Sequential(norm)) == 1
+    got = run()
+    unfuse_norms(norm)
+    assert "forward" not in norm.__dict__
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)

@@ -18,6 +18,12 @@ AVX512-BF16 CPU) that took a LoRA step from 554 to 646 tokens/s and its peak fro
 1.0565 → 1.0574. DoRA and other LoRA variants, several active adapters, merged or disabled adapters, a bias on B
 and other mixed dtypes keep peft's own forward.
 
+`fuse_norms(model)` does the same for Llama-style RMSNorms (`weight * (x·rsqrt(mean(x²) + eps)).to(x.dtype)`, computed
+in fp32): `RMSNormFn` keeps the input (in its own dtype) and one fp32 scale per token, where autograd keeps the fp32
+copy of the input, the normalised fp32 tensor and its cast. The backward pass recomputes the normalised input. A
+full fine-tune of SmolLM2-135M in bf16 (fp32 master weights, 16 heterogeneous records at 1,280 tokens, AVX512-BF16
+CPU): 4 steps in 17.4 s instead of 19.5 s, the same losses; a LoRA run on bf16 weights: no measurable change.
+
 `fuse_mlps(model)` patches every MLP that has `gate_proj`, `up_proj`, `down_proj` and a SiLU `act_fn` (Llama,
 Mistral, Qwen2/3, SmolLM, Phi-3-style models with a split gate) and returns how many; `unfuse_mlps` restores them.
 """
@@ -47,6 +53,45 @@ class SiluMul(torch.autograd.Function):
         # d silu(g)/dg = σ(g) · (1 + g · (1 − σ(g)))
         grad_gate = torch.sub(1, sig).mul_(gate).add_(1).mul_(sig).mul_(grad).mul_(up)
         return grad_gate, grad_up
+
+
+class RMSNormFn(torch.autograd.Function):
+    """A Llama-style RMSNorm, keeping its input and the per-token scale (not the fp32 copies) for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.float32, copy=True)  # a copy even in fp32: it is scaled in place below
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * xf.mul_(rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(torch.float32, copy=True).mul_(rstd)
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # a full fine-tune: y = w · round(x̂), so dw = Σ grad · round(x̂)
+            grad_w = (grad * xhat.to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
+        dxhat = (grad * weight).float()
+        # d(x·rstd)/dx: rstd · (dx̂ − x̂ · mean(dx̂ · x̂))
+        dx = dxhat.sub_(xhat * (dxhat * xhat).mean(-1, keepdim=True)).mul_(rstd)
+        return dx.to(x.dtype), grad_w, None
+
+
+_RMSNORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}  # the same forward, checked
+
+
+def _norm_forward(self, x):
+    return RMSNormFn.apply(x, self.weight, self.variance_epsilon)
+
+
+def fuse_norms(model: torch.nn.Module) -> int:
+    """Route every Llama-style RMSNorm of `model` through `RMSNormFn`; returns the number patched."""
+    return _patch((m for m in model.modules() if type(m).__name__ in _RMSNORMS), _norm_forward)
+
+
+def unfuse_norms(model: torch.nn.Module) -> None:
+    _unpatch(model.modules(), _norm_forward)
 
 
 def _fused_forward(self, x):

@@ -153,9 +153,10 @@ def _save(recipe: Recipe, prep: Prepared, trainer, data: DataMode, weights_dir: 
     model = trainer.model
     if data.packed_attention:
         restore(model.get_base_model() if hasattr(model, "get_base_model") else model, data.packed_attention)
-    from slmtune.train.fused import unfuse_lora, unfuse_mlps
+    from slmtune.train.fused import unfuse_lora, unfuse_mlps, unfuse_norms
 
     unfuse_mlps(model)
+    unfuse_norms(model)
     unfuse_lora(model)
     if recipe.method == "full":
         clear_gguf_marker(model)
@@ -168,7 +169,8 @@ def _run_facts(recipe: Recipe, prep: Prepared, trainer, data: DataMode, tensors)
     facts = {
         "batching": {"mode": data.mode, "token_saving": round(data.saving, 4), "forwards": trainer.forwards,
                      "attention": "packed (per sequence)" if data.packed_attention else "transformers",
-                     "mlp": "fused silu*up" if data.fused_mlp else "transformers"},
+                     "mlp": "fused silu*up" if data.fused_mlp else "transformers",
+                     "norm": "fused rmsnorm" if data.fused_norm else "transformers"},
         "max_length": prep.max_length, "left_out": list(prep.left_out), "augment": prep.augment.as_dict(),
         "precision": precision_choice(recipe) | {"weights_dtype": str(trainer.model.dtype).removeprefix("torch.")},
     }
@@ -256,6 +258,7 @@ class DataMode:
     collator: Any  # None: TRL's own
     packed_attention: str | None = None  # the attention implementation packed attention replaced, when in use
     fused_mlp: bool = False  # the MLPs run train/fused.py's SiluMul (undone before saving)
+    fused_norm: bool = False  # the RMSNorms run train/fused.py's RMSNormFn (undone before saving)
 
 
 def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any, DataMode]:
@@ -276,10 +279,12 @@ def _build_trainer(recipe: Recipe, prep: Prepared, ckpt_root: Path) -> tuple[Any
     if data.mode in ("packing", "records") and not recipe.trainer.attn_implementation:
         # each packed sequence attends to itself, no dense mask (train/attention.py); undone before saving
         data = replace(data, packed_attention=use_packed_attention(model))
-    from slmtune.train.fused import fuse_mlps
+    from slmtune.train.fused import fuse_mlps, fuse_norms
 
     if fuse_mlps(model):  # silu(gate) * up as one autograd function: fewer activations kept (train/fused.py)
         data = replace(data, fused_mlp=True)
+    if fuse_norms(model):  # RMSNorm keeping its input and scale only (train/fused.py)
+        data = replace(data, fused_norm=True)
     lo = recipe.lora
     lora = None if recipe.method == "full" else LoraConfig(
         r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules, use_dora=lo.use_dora,

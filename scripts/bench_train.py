@@ -18,6 +18,9 @@
 (a'') baseline-tuned — tuned by hand beyond TRL's docs: `bf16=False, gradient_checkpointing=False` (fp32, every
     activation kept: faster than (a') where memory allows).
 (b) slmtune — `slmtune.train.trainer.train(recipe)` with default settings (dtype auto: bf16 where it is fast).
+(b') slmtune-fp32 / slmtune-bf16 — the same with `train.precision` set to the one `auto` did not pick here, so one
+    run measures both precision paths (the default adds the other one; bf16 where it is emulated trains on
+    `--n-defaults` records, like (a)).
 
 Each arm runs in its own process, one after the other (clean peak-memory figures, no shared cores). Prints per
 arm: trained (non-pad) tokens/s, wall time, peak memory and three losses — the logged mean of the last 3 steps
@@ -147,16 +150,18 @@ def arm_baseline(a, fp32: bool = False, checkpointing: bool = True) -> dict:
     return _result(a, wall, tokens, losses, trainer.model, tok)
 
 
-def arm_slmtune(a) -> dict:
+def arm_slmtune(a, precision: str = "auto") -> dict:
     import yaml
 
     from slmtune.recipe import load_recipe
     from slmtune.train.trainer import train
 
-    recipe = {"name": "bench", "model": {"base": a.model},
+    # a precision asked for sets the weights' dtype too (`auto` loads bf16 weights where bf16 is fast)
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(precision, "auto")
+    recipe = {"name": "bench", "model": {"base": a.model, "dtype": dtype},
               "data": {"train": a.train, "eval": None, "max_length": a.max_length},
               "lora": LORA, "train": {"epochs": 1, "lr": a.lr, "batch_size": a.batch_size, "scheduler": "constant",
-                                      "warmup_ratio": 0.0},
+                                      "warmup_ratio": 0.0, "precision": precision},
               "output": {"dir": a.out}}
     path = Path(a.out) / "recipe.in.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +228,9 @@ def main() -> None:
                    help="records for the TRL-defaults arm (default: --n, but 8 where bf16 is slow: on an AVX2-only "
                         "CPU its bf16 autocast runs ~40x slower; tokens/s is still comparable, losses are not)")
     p.add_argument("--out-dir", default="runs/bench", help="where bench_train.json and bench_train.png go")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
+    p.add_argument("--arms", default=None, help="comma-separated subset of: " + ", ".join(ARMS) + " (default: the "
+                   "baselines, slmtune, and slmtune in the other precision: slmtune-fp32 where bf16 is fast, "
+                   "slmtune-bf16 on --n-defaults records where it is emulated)")
     p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--train", help=argparse.SUPPRESS)
     p.add_argument("--eval", help=argparse.SUPPRESS)
@@ -233,14 +240,16 @@ def main() -> None:
     if a.arm:
         print(json.dumps(ARMS[a.arm](a)))
         return
-    arms = [x.strip() for x in a.arms.split(",") if x.strip()]
-    if not arms or any(x not in ARMS for x in arms) or "slmtune" not in arms:
-        sys.exit(f"--arms: pick from {', '.join(ARMS)} (slmtune included); got {a.arms!r}")
     from slmtune.device import bf16_fast
     from slmtune.models import resolve_base
 
-    resolve_base(a.model)  # convert a GGUF once, before timing anything
     fast_bf16 = cuda() or bf16_fast()
+    other = "slmtune-fp32" if fast_bf16 else "slmtune-bf16"
+    a.arms = a.arms or ",".join(["baseline", "baseline-fp32", "baseline-tuned", "slmtune", other])
+    arms = [x.strip() for x in a.arms.split(",") if x.strip()]
+    if not arms or any(x not in ARMS for x in arms) or "slmtune" not in arms:
+        sys.exit(f"--arms: pick from {', '.join(ARMS)} (slmtune included); got {a.arms!r}")
+    resolve_base(a.model)  # convert a GGUF once, before timing anything
     n_defaults = a.n_defaults or (a.n if fast_bf16 else min(a.n, 8))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -248,7 +257,8 @@ def main() -> None:
                                model=a.model)
         results = {}
         for name in arms:  # one at a time: parallel arms would share the cores and distort each other
-            results[name] = run_arm(name, a, folder, n_defaults if name == "baseline" else a.n)
+            slow_bf16 = name in ("baseline", "slmtune-bf16")  # bf16 emulated without native support: fewer records
+            results[name] = run_arm(name, a, folder, n_defaults if slow_bf16 else a.n)
             print(f"{name}: {results[name]}", file=sys.stderr)
     import torch
 
@@ -258,7 +268,8 @@ def main() -> None:
     if fast_bf16:
         peaks["bf16"] = peak_flops(torch.bfloat16, "cuda" if cuda() else "cpu")
     for name, r in results.items():  # the precision each arm computed in: TRL's defaults autocast to bf16
-        r["precision"] = "bf16" if name == "baseline" or (name == "slmtune" and fast_bf16) else "fp32"
+        bf16 = name in ("baseline", "slmtune-bf16") or (name == "slmtune" and fast_bf16)
+        r["precision"] = "bf16" if bf16 else "fp32"
         peak = peaks.get(r["precision"]) or peak_flops(torch.bfloat16)
         # shared-prefix batches compute each prefix once: count the token-passes actually run
         done = 1 - (r.get("batching") or {}).get("token_saving", 0.0)
@@ -317,7 +328,9 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 
 ARMS = {"baseline": arm_baseline, "baseline-fp32": lambda a: arm_baseline(a, fp32=True),
-        "baseline-tuned": lambda a: arm_baseline(a, fp32=True, checkpointing=False), "slmtune": arm_slmtune}
+        "baseline-tuned": lambda a: arm_baseline(a, fp32=True, checkpointing=False), "slmtune": arm_slmtune,
+        # slmtune in the precision `auto` did not pick on this machine: both precision paths measured in one run
+        "slmtune-fp32": lambda a: arm_slmtune(a, "fp32"), "slmtune-bf16": lambda a: arm_slmtune(a, "bf16")}
 
 
 if __name__ == "__main__":

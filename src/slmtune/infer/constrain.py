@@ -157,12 +157,18 @@ def ll_tokenizer(tokenizer, n_vocab: int, stops: list[int]):
 
 def compile_grammar(ll_tok, grammar: str):
     """Check a grammar once (so a schema llguidance can't read fails up front, with its message)."""
+    matcher(ll_tok, grammar)
+    return grammar
+
+
+def matcher(ll_tok, grammar: str):
+    """An llguidance matcher of `grammar`; a grammar llguidance can't read raises with its message."""
     from llguidance import LLMatcher
 
     m = LLMatcher(ll_tok, grammar)
     if m.is_error():
         raise SlmtuneError(f"Constrained decoding: the task schema could not become a grammar: {m.get_error()}")
-    return grammar
+    return m
 
 
 def make_processor(ll_tok, grammars: list[str | None], prompt_len: int, stops: list[int]):

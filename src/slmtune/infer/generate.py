@@ -53,10 +53,12 @@ class Generation:
     token_logprobs: tuple[float, ...] = ()  # per generated token (end-of-turn included), see module docstring
 
 
-def stop_ids(tokenizer, model=None) -> list[int]:
-    """The eos of tokenizer and generation config, plus any end-of-turn token the vocabulary has."""
+def stop_ids(tokenizer, model=None, generation_config=None) -> list[int]:
+    """The eos of tokenizer and generation config (the model's, unless one is given), plus any end-of-turn token
+    the vocabulary has."""
     ids: list[int] = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen = generation_config if generation_config is not None else getattr(model, "generation_config", None)
+    gen_eos = getattr(gen, "eos_token_id", None)
     for i in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])]:
         if isinstance(i, int) and i not in ids:
             ids.append(i)

@@ -10,27 +10,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from slmtune.errors import SlmtuneError
-from slmtune.serve.jobs import Checkpoint, Job, Params
+from slmtune.serve.jobs import Job, JobQueue
 
 
-class Batcher:
+class Batcher(JobQueue):
     def __init__(self, run: Callable[[list[Job]], None], window_s: float, max_batch: int):
+        super().__init__()
         self.run, self.window_s, self.max_batch = run, window_s, max_batch
-        self._pending: list[Job] = []
-        self._cond = threading.Condition()
-        self._closed = False
         self._worker = threading.Thread(target=self._loop, name="slmtune-engine", daemon=True)
         self._worker.start()
-
-    def submit(self, ckpt: Checkpoint, record: dict, params: Params) -> Job:
-        job = Job(ckpt, record, params, time.monotonic() + params.timeout_s)
-        with self._cond:
-            if self._closed:
-                raise SlmtuneError("the engine is closed.")
-            self._pending.append(job)
-            self._cond.notify()
-        return job
 
     def close(self) -> None:
         with self._cond:

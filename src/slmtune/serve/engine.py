@@ -28,7 +28,7 @@ import time
 from slmtune.errors import SlmtuneError
 from slmtune.serve.batcher import Batcher
 from slmtune.serve.grammar import checked_grammar
-from slmtune.serve.jobs import DEFAULT_PARAMS, Checkpoint, Completion, Job, Params, PromptTooLong
+from slmtune.serve.jobs import DEFAULT_PARAMS, Checkpoint, Completion, Job, Params, PromptTooLong, await_job
 from slmtune.serve.model_cache import Loaded, ModelCache
 from slmtune.serve.rows import processor_factory
 
@@ -50,20 +50,11 @@ class EmbeddedEngine:
         return self._submit(ckpt, record, params).future
 
     def _submit(self, ckpt: Checkpoint, record: dict, params: Params) -> Job:
-        return self.batcher.submit(ckpt, record, params)
+        return self.batcher.enqueue(ckpt, record, params)
 
     async def complete(self, ckpt: Checkpoint, record: dict, params: Params = DEFAULT_PARAMS) -> Completion:
-        """The request's completion. Cancelling the caller (a timeout, a client that went away) stops its row:
-        a queued request never starts, a running one emits end-of-turn at its next token."""
-        import asyncio
-
-        job = self._submit(ckpt, record, params)
-        try:
-            return await asyncio.wrap_future(job.future)
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            job.future.cancel()
-            raise
+        """The request's completion (`jobs.await_job`: cancelling the caller stops its row)."""
+        return await await_job(self._submit(ckpt, record, params))
 
     def loaded(self) -> dict:
         """What is in memory: exports (LRU order, oldest first) and shared bases with their adapters."""
@@ -112,11 +103,7 @@ class EmbeddedEngine:
         from slmtune.render import prompt_text
 
         prompt = prompt_text(lm.renderer, job.record)
-        context = _context_of(lm.model)
-        n = _prompt_tokens(lm.tokenizer, prompt, context)
-        if context is not None and n + job.params.max_tokens > context:
-            raise PromptTooLong(f"the prompt (at least {n:,} tokens) and max_tokens ({job.params.max_tokens}) "
-                                f"do not fit {job.ckpt.name}'s {context:,}-token context.")
+        n = len(prompt_ids(lm.tokenizer, prompt, _context_of(lm.model), job))
         return prompt, n, checked_grammar(lm, job) if job.params.constrained else None
 
     def _batch(self, lm: Loaded, jobs: list[Job], prompts: list[str], n_prompts: list[int],
@@ -145,17 +132,24 @@ class EmbeddedEngine:
 _LONGEST: dict[int, int] = {}  # id(tokenizer) -> characters in its longest token
 
 
-def _prompt_tokens(tokenizer, prompt: str, context: int | None) -> int:
-    """The prompt's token count, or a lower bound past the context: no token covers more characters than the
-    vocabulary's longest, so a prompt over context × that is too long without tokenizing megabytes on the one
-    worker thread."""
+def prompt_ids(tokenizer, prompt: str, context: int | None, job: Job) -> list[int]:
+    """The prompt's token ids; `PromptTooLong` when they and the job's max_tokens do not fit `context` (None: no
+    limit). No token covers more characters than the vocabulary's longest, so a prompt over context × that is
+    refused without tokenizing megabytes on the one worker thread. Both CPU engines judge prompts with it."""
+    ids, n = None, None
     if context is not None:
         longest = _LONGEST.get(id(tokenizer))
         if longest is None:
             longest = _LONGEST[id(tokenizer)] = max(map(len, tokenizer.get_vocab()), default=1)
         if len(prompt) > context * longest:
-            return len(prompt) // longest
-    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            n = len(prompt) // longest  # a lower bound, already past the context
+    if n is None:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        n = len(ids)
+    if context is not None and (ids is None or n + job.params.max_tokens > context):
+        raise PromptTooLong(f"the prompt (at least {n:,} tokens) and max_tokens ({job.params.max_tokens}) "
+                            f"do not fit {job.ckpt.name}'s {context:,}-token context.")
+    return ids
 
 
 def _context_of(model) -> int | None:

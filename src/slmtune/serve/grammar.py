@@ -33,16 +33,13 @@ def checked_grammar(lm: Loaded, job: Job) -> str | None:
 def compiled(ll_tok, job: Job) -> tuple[str | None, object]:
     """The request's grammar and an llguidance matcher of it ((None, None): the task has none); a grammar that
     can't be built or compiled fails the request alone (`GrammarFailed`)."""
-    from llguidance import LLMatcher
+    from slmtune.infer import constrain
 
     try:
         grammar = request_grammar(job)
         if grammar is None:
             return None, None
-        matcher = LLMatcher(ll_tok, grammar)
-        if matcher.is_error():
-            raise SlmtuneError(f"Constrained decoding: the task schema could not become a grammar: "
-                               f"{matcher.get_error()}")
+        matcher = constrain.matcher(ll_tok, grammar)
     except Exception as e:  # noqa: BLE001 - a tool schema llguidance or `tighten` can't read
         why = e.message if isinstance(e, SlmtuneError) else f"{type(e).__name__}: {str(e)[:200]}"
         raise GrammarFailed(f"the request's tools could not become a grammar ({why[:300]})") from None

@@ -1,6 +1,7 @@
 """What the serving engines take and give: a routed export (`Checkpoint`), how to answer (`Params`), the answer
 (`Completion`), a queued request (`Job`) and the two ways one request fails alone (`PromptTooLong`,
-`GrammarFailed`)."""
+`GrammarFailed`); the queue a CPU engine's worker thread takes requests from (`JobQueue`) and awaiting one
+(`await_job`)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,35 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = field(default_factory=threading.Event)  # the caller stopped waiting
+
+
+class JobQueue:
+    """Requests waiting for one worker thread (the embedded engine's `Batcher`, the llama.cpp engine): `enqueue`
+    adds a `Job` under the condition the worker waits on; the worker takes jobs from `_pending`."""
+
+    def __init__(self) -> None:
+        self._pending: list[Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def enqueue(self, ckpt: Checkpoint, record: dict, params: Params) -> Job:
+        job = Job(ckpt, record, params, time.monotonic() + params.timeout_s)
+        with self._cond:
+            if self._closed:
+                raise SlmtuneError("the engine is closed.")
+            self._pending.append(job)
+            self._cond.notify()
+        return job
+
+
+async def await_job(job: Job) -> Completion:
+    """The job's completion. Cancelling the caller (a timeout, a client that went away) cancels the job: a queued
+    request never starts, a running one stops at its next token."""
+    import asyncio
+
+    try:
+        return await asyncio.wrap_future(job.future)
+    except asyncio.CancelledError:
+        job.cancelled.set()
+        job.future.cancel()
+        raise

@@ -41,13 +41,13 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from slmtune.errors import SlmtuneError
-from slmtune.serve.jobs import DEFAULT_PARAMS, Checkpoint, Completion, Job, Params, PromptTooLong
+from slmtune.serve.jobs import DEFAULT_PARAMS, Checkpoint, Completion, Job, JobQueue, Params, await_job
 
 log = logging.getLogger("slmtune.serve")
 INSTALL_HINT = "Install llama.cpp's Python bindings: pip install 'slmtune[llamacpp]' (builds llama.cpp, ~3-7 min)."
@@ -136,7 +136,7 @@ class _Model:
             from transformers import AutoConfig
 
             gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(ckpt.path))
-        self.stops = stop_ids(self.tokenizer, _WithGenerationConfig(gen))
+        self.stops = stop_ids(self.tokenizer, generation_config=gen)
         path = gguf_of(ckpt)
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -240,11 +240,7 @@ class _Model:
             if not take:
                 continue
             for k, tok in enumerate(take):
-                b.token[n] = tok
-                b.pos[n] = len(s.cached) + k
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = s.id
-                b.logits[n] = False
+                _put(b, n, tok, len(s.cached) + k, s.id)
                 n += 1
             fed.append((s, len(take)))
             if len(take) == len(s.pending):
@@ -353,25 +349,19 @@ def _quiet(llama_cpp) -> None:
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
-class _WithGenerationConfig:
-    """What `stop_ids` reads of a model: its generation config (the export's generation_config.json)."""
-
-    def __init__(self, generation_config):
-        self.generation_config = generation_config
-
-
 class _Cancelled(Exception):
     """The caller stopped waiting (its request was cancelled): nobody reads the outcome."""
 
 
 # ----------------------------------------------------------------------------- the engine
-class LlamaCppEngine:
+class LlamaCppEngine(JobQueue):
     """Exported GGUFs answered by llama.cpp in this process (see the module docstring). One worker thread owns
     every llama.cpp object; other threads only queue requests and read `loaded()`."""
 
     def __init__(self, max_loaded: int = 2, max_seqs: int = 16, sample: bool = False, threads: int = 0,
                  on_batch=None, prefix_cache: bool = True):
         require()
+        super().__init__()
         if max_loaded < 1 or max_seqs < 1:
             raise SlmtuneError(f"max_loaded and max_seqs must be >= 1, got {max_loaded}, {max_seqs}.")
         self.max_loaded, self.sample, self.on_batch = max_loaded, sample, on_batch
@@ -379,33 +369,15 @@ class LlamaCppEngine:
         self.prefix_cache = prefix_cache  # off: every request prefills its whole prompt (benchmarks compare)
         self.threads = threads or _cores()
         self._models: OrderedDict[str, _Model] = OrderedDict()  # changed under _cond (loaded() reads it)
-        self._pending: deque[Job] = deque()
         self._prepared: dict[int, tuple] = {}  # id(job) -> (prompt ids, matcher) of a request waiting a step
-        self._cond = threading.Condition()
-        self._closed = False
         self._worker = threading.Thread(target=self._loop, name="slmtune-llamacpp", daemon=True)
         self._worker.start()
 
     def submit(self, ckpt: Checkpoint, record: dict, params: Params = DEFAULT_PARAMS) -> concurrent.futures.Future:
-        return self._submit(ckpt, record, params).future
-
-    def _submit(self, ckpt: Checkpoint, record: dict, params: Params) -> Job:
-        job = Job(ckpt, record, params, time.monotonic() + params.timeout_s)
-        with self._cond:
-            if self._closed:
-                raise SlmtuneError("the engine is closed.")
-            self._pending.append(job)
-            self._cond.notify()
-        return job
+        return self.enqueue(ckpt, record, params).future
 
     async def complete(self, ckpt: Checkpoint, record: dict, params: Params = DEFAULT_PARAMS) -> Completion:
-        job = self._submit(ckpt, record, params)
-        try:
-            return await asyncio.wrap_future(job.future)
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            job.future.cancel()
-            raise
+        return await await_job(self.enqueue(ckpt, record, params))
 
     def loaded(self) -> dict:
         with self._cond:
@@ -467,7 +439,7 @@ class LlamaCppEngine:
         later = [job for job in arrived if not self._start(current, job)]
         if later:
             with self._cond:
-                self._pending.extendleft(reversed(later))
+                self._pending[:0] = later
         if current is not None and current.active():
             self._run_step(current)
         return current
@@ -476,7 +448,7 @@ class LlamaCppEngine:
         """Fail what is left (queued, waiting, decoding) and free the models: the worker's last act."""
         closed = SlmtuneError("the engine is closed.")
         with self._cond:
-            left, self._pending = list(self._pending), deque()
+            left, self._pending = self._pending, []
             models, self._models = list(self._models.values()), OrderedDict()
         for job in left + [s.job for m in models for s in m.seqs if s.job is not None]:
             _resolve(job.future, exc=closed)
@@ -501,7 +473,7 @@ class LlamaCppEngine:
         except Exception as e:  # noqa: BLE001 - a GGUF that fails to load fails its requests, not the server
             with self._cond:
                 same = [*arrived, *(j for j in self._pending if j.ckpt.name == name)]
-                self._pending = deque(j for j in self._pending if j.ckpt.name != name)
+                self._pending = [j for j in self._pending if j.ckpt.name != name]
             for j in same:
                 self._prepared.pop(id(j), None)
                 _resolve(j.future, exc=e)
@@ -536,15 +508,10 @@ class LlamaCppEngine:
 
     def _prepare(self, m: _Model, job: Job) -> tuple[list[int], Any]:
         from slmtune.render import prompt_text
-        from slmtune.serve.engine import _prompt_tokens
+        from slmtune.serve.engine import prompt_ids
         from slmtune.serve.grammar import compiled
 
-        prompt = prompt_text(m.renderer, job.record)
-        n = _prompt_tokens(m.tokenizer, prompt, m.context)
-        if n + job.params.max_tokens > m.context:
-            raise PromptTooLong(f"the prompt (at least {n:,} tokens) and max_tokens ({job.params.max_tokens}) "
-                                f"do not fit {job.ckpt.name}'s {m.context:,}-token context.")
-        ids = m.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(m.tokenizer, prompt_text(m.renderer, job.record), m.context, job)
         return ids, compiled(m.ll_tokenizer(), job)[1] if job.params.constrained else None
 
     def _run_step(self, m: _Model) -> None:
@@ -572,6 +539,11 @@ def _resolve(future: concurrent.futures.Future, value=None, exc: BaseException |
             future.set_result(value)
     except concurrent.futures.InvalidStateError:
         pass
+
+
+def _put(batch, i: int, token: int, pos: int, seq: int, logits: bool = False) -> None:
+    """Row `i` of a llama_batch: `token` at position `pos` of sequence `seq` (logits: read them after decoding)."""
+    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = token, pos, 1, seq, logits
 
 
 def _kv_bytes_per_token(llama_cpp, model) -> int:
@@ -607,7 +579,7 @@ def smoke() -> None:
     ctx = llama_cpp.llama_init_from_model(model, params)
     batch = llama_cpp.llama_batch_init(8, 0, 1)
     for i, tok in enumerate([1, 2, 3, 4]):
-        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = tok, i, 1, 0, i == 3
+        _put(batch, i, tok, i, 0, logits=i == 3)
     batch.n_tokens = 4
     rc = llama_cpp.llama_decode(ctx, batch)
     llama_cpp.llama_batch_free(batch)

@@ -20,10 +20,11 @@ Several requests at once: continuous batching over llama.cpp sequences. One work
 per step holding every active sequence's next tokens and the prompt chunks of newly admitted ones (at most
 `max_seqs` sequences, `N_BATCH` tokens a step); a request that arrives while others decode joins at the next step.
 Each sequence has its own KV stream (`kv_unified` off): on one unified cache every token attends over all
-sequences' cells, which made a lone request 4x slower with 15 other prompts cached (2-core AVX512-BF16 CPU,
-SmolLM2-135M q8_0: decode 26.0 vs 6.3 ms a token, a 350-token prefill 2.35 vs 0.59 s). The streams share
-`KV_BYTES` (f16 keys and values), so a sequence's context is min(the model's, max(MIN_CONTEXT, what its share
-holds)): SmolLM2-135M with 4 sequences, 4,369 tokens each; a longer prompt goes to the upstream (`too_long`).
+sequences' cells, which made a lone request 4-5x slower with 15 other prompts cached (2-core AVX512-BF16 CPU,
+SmolLM2-135M q8_0, `scripts/bench_llamacpp.py`: decode 29.4 vs 5.4 ms a token, a 350-token prefill 2.36 vs
+0.59 s). The streams share `KV_BYTES` (f16 keys and values), so a sequence's context is min(the model's,
+max(MIN_CONTEXT, what its share holds)): SmolLM2-135M with 4 sequences, 4,369 tokens each; a longer prompt goes
+to the upstream (`too_long`).
 
 Prompt reuse: a sequence keeps its KV cache when its request is done. A new request takes the longest token
 prefix any sequence holds — a route's requests share the system turn and the tool list — in place (the sequence
@@ -154,8 +155,8 @@ class _Model:
         cparams.kv_unified = False  # a stream per sequence (module docstring)
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
-        # Flash attention off: on the CPU its kernel made a decode step 2x slower (SmolLM2-135M q8_0, 2-core
-        # AVX512-BF16: 11.0 vs 5.7 ms) and a call on a cached 300-token prefix 2.5x slower (0.455 vs 0.176 s).
+        # Flash attention off: on the CPU its kernel made a decode step 1.6x slower (SmolLM2-135M q8_0, 2-core
+        # AVX512-BF16, scripts/bench_llamacpp.py: 11.5 vs 7.1 ms); a routed call is mostly decode steps.
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:

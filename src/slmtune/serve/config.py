@@ -26,8 +26,7 @@ class ServeConfig:
     """TCP port."""
     engine: str = "embedded"
     """embedded (transformers, in this process), llamacpp (each export's GGUF from `export --gguf`, through
-    llama.cpp in this process: pip install 'slmtune[llamacpp]') or vllm (a running vLLM server at
-    --engine-url)."""
+    llama.cpp in this process; needs slmtune's llamacpp extra) or vllm (a running vLLM server at --engine-url)."""
     engine_urls: tuple[str, ...] = ()
     """vLLM base URL (…/v1) for every export, or EXPORT=URL per export (repeatable)."""
     upstream: str | None = None

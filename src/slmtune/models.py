@@ -209,7 +209,10 @@ def load_model(ref: BaseRef, quantization: str = "none", dtype=None, trust_remot
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32}
+    # use_kernels=False: transformers 5 turns hub kernels on by default, and every `model.train()` / `.eval()` then
+    # "kernelizes" the decorated layers (RMSNorm, …): it fetches kernels from the hub where it can and otherwise
+    # resets their forward to the class's, which silently undid train/fused.py's RMSNorm in every training run.
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32, "use_kernels": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization != "none":

@@ -166,3 +166,25 @@ def test_fused_rmsnorm_matches_llamas_values_and_gradients(x_dtype, w_dtype, tol
     for a, b in zip(got, ref, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_fusions_survive_train_and_eval_mode_switches(tiny_model):
+    """transformers 5 "kernelizes" hub-kernel layers (RMSNorm) on every train()/eval() of a model loaded with hub
+    kernels on, resetting their forward: training loads with them off, so the fused forwards stay for the run."""
+    from peft import LoraConfig, get_peft_model
+
+    from slmtune.models import BaseRef, load_model
+    from slmtune.train.fused import RMSNormFn, fuse_lora, fuse_norms
+
+    model = load_model(BaseRef(path=str(tiny_model), gguf_file=None, name="tiny"))
+    n_layers = model.config.num_hidden_layers
+    assert fuse_norms(model) == 2 * n_layers + 1 and fuse_mlps(model) == n_layers
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert fuse_lora(model) > 0
+    model.eval()
+    model.train()  # what the Trainer does at every step
+    norm = model.base_model.model.model.layers[0].input_layernorm
+    out = norm(torch.randn(1, 3, model.config.hidden_size, requires_grad=True))
+    assert type(out.grad_fn).__name__ == f"{RMSNormFn.__name__}Backward"
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert "forward" in mlp.__dict__

@@ -151,34 +151,50 @@ def arm_baseline(a, fp32: bool = False, checkpointing: bool = True) -> dict:
 
 
 def arm_slmtune(a, precision: str = "auto") -> dict:
+    # a precision asked for sets the weights' dtype too (`auto` loads bf16 weights where bf16 is fast)
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(precision, "auto")
+    return _train_slmtune(a, {"name": "bench", "model": {"base": a.model, "dtype": dtype},
+                              "data": {"train": a.train, "eval": None, "max_length": a.max_length},
+                              "lora": LORA, "train": {"epochs": 1, "lr": a.lr, "batch_size": a.batch_size,
+                                                      "scheduler": "constant", "warmup_ratio": 0.0,
+                                                      "precision": precision},
+                              "output": {"dir": a.out}})
+
+
+def arm_full(a) -> dict:
+    """slmtune's default full fine-tune (`method: full`; lr, epochs, precision and weights dtype `auto`: for
+    SmolLM2-135M on < 1,000 records 2 epochs at 1e-4, fp32 master weights, bf16 autocast where bf16 is fast)."""
+    return _train_slmtune(a, {"name": "bench-full", "method": "full", "model": {"base": a.model},
+                              "data": {"train": a.train, "eval": None, "max_length": a.max_length},
+                              "train": {"batch_size": a.batch_size}, "output": {"dir": a.out}})
+
+
+def _train_slmtune(a, recipe: dict) -> dict:
     import yaml
 
     from slmtune.recipe import load_recipe
     from slmtune.train.trainer import train
 
-    # a precision asked for sets the weights' dtype too (`auto` loads bf16 weights where bf16 is fast)
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(precision, "auto")
-    recipe = {"name": "bench", "model": {"base": a.model, "dtype": dtype},
-              "data": {"train": a.train, "eval": None, "max_length": a.max_length},
-              "lora": LORA, "train": {"epochs": 1, "lr": a.lr, "batch_size": a.batch_size, "scheduler": "constant",
-                                      "warmup_ratio": 0.0, "precision": precision},
-              "output": {"dir": a.out}}
     path = Path(a.out) / "recipe.in.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
     result = train(load_recipe(path))
     m = result.metrics
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(result.weights_dir)
+    full = recipe.get("method") == "full"
+    model = (AutoModelForCausalLM if full else AutoPeftModelForCausalLM).from_pretrained(result.weights_dir)
     tok = AutoTokenizer.from_pretrained(result.weights_dir)
-    out = _result(a, m["wall_time_s"], m["tokens_seen"], [h["loss"] for h in m["train_loss"]], model, tok)
+    out = _result(a, m["wall_time_s"], m["tokens_seen"], [h["loss"] for h in m["train_loss"]], model, tok, full,
+                  m["epochs"])
     out["batching"] = m["batching"]
+    out["precision_used"] = m["precision"]["used"]
     return out
 
 
-def _result(a, wall: float, tokens: int, losses: list[float], model, tok) -> dict:
+def _result(a, wall: float, tokens: int, losses: list[float], model, tok, full: bool = False,
+            epochs: float = 1.0) -> dict:
     """Speed, memory and three losses: the logged mean of the last 3 steps (different batches per arm, so noisy)
     and, with the same function for every arm, the trained model's loss on all training and all held-out records."""
     from slmtune.io import read_jsonl
@@ -188,10 +204,10 @@ def _result(a, wall: float, tokens: int, losses: list[float], model, tok) -> dic
     from slmtune.train.runfiles import peak_memory_mb
 
     peak = peak_memory_mb()  # the training peak: taken before the loss passes below
-    n_records = sum(1 for _ in read_jsonl(a.train))
-    targets = sum(ex.enc.n_target for ex in encode_records(make_renderer(tok), Path(a.train), 1 << 30))
+    n_records = sum(1 for _ in read_jsonl(a.train)) * epochs
+    targets = epochs * sum(ex.enc.n_target for ex in encode_records(make_renderer(tok), Path(a.train), 1 << 30))
     n_linear, n_head = linear_weights(model)
-    flops = training_flops(n_linear, n_head, tokens, targets)  # useful work: same formula for every arm
+    flops = training_flops(n_linear, n_head, tokens, targets, full)  # useful work: same formula for every arm
     return {"wall_s": round(wall, 2), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
             "records_per_s": round(n_records / wall, 4), "model_flops_per_s": round(flops / wall),
             "last_steps_loss": round(sum(losses[-3:]) / len(losses[-3:]), 4),
@@ -247,8 +263,8 @@ def main() -> None:
     other = "slmtune-fp32" if fast_bf16 else "slmtune-bf16"
     a.arms = a.arms or ",".join(["baseline", "baseline-fp32", "baseline-tuned", "slmtune", other])
     arms = [x.strip() for x in a.arms.split(",") if x.strip()]
-    if not arms or any(x not in ARMS for x in arms) or "slmtune" not in arms:
-        sys.exit(f"--arms: pick from {', '.join(ARMS)} (slmtune included); got {a.arms!r}")
+    if not arms or any(x not in ARMS for x in arms) or not any(x.startswith("slmtune") for x in arms):
+        sys.exit(f"--arms: pick from {', '.join(ARMS)} (a slmtune arm included); got {a.arms!r}")
     resolve_base(a.model)  # convert a GGUF once, before timing anything
     n_defaults = a.n_defaults or (a.n if fast_bf16 else min(a.n, 8))
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,12 +285,12 @@ def main() -> None:
         peaks["bf16"] = peak_flops(torch.bfloat16, "cuda" if cuda() else "cpu")
     for name, r in results.items():  # the precision each arm computed in: TRL's defaults autocast to bf16
         bf16 = name in ("baseline", "slmtune-bf16") or (name == "slmtune" and fast_bf16)
-        r["precision"] = "bf16" if bf16 else "fp32"
+        r["precision"] = r.pop("precision_used", None) or ("bf16" if bf16 else "fp32")
         peak = peaks.get(r["precision"]) or peak_flops(torch.bfloat16)
         # shared-prefix batches compute each prefix once: count the token-passes actually run
         done = 1 - (r.get("batching") or {}).get("token_saving", 0.0)
         r["mfu"] = round(r["model_flops_per_s"] * done / peak, 4)
-    ours = results["slmtune"]
+    ours = results.get("slmtune") or results[next(x for x in arms if x.startswith("slmtune"))]
     cpu = "CUDA" if cuda() else ("AVX512-BF16/AMX CPU" if bf16_fast() else "AVX2-only CPU (no native bf16)")
     print(f"model {a.model}, scenario {a.scenario}, {a.n} records ({ours['tokens']} tokens), batch {a.batch_size} "
           f"× {a.max_length}, lr {a.lr}, {cpu}; measured matmul peak: "
@@ -289,7 +305,7 @@ def main() -> None:
                "max_length": a.max_length, "lr": a.lr, "cpu": cpu, "matmul_peak_flops": peaks, "arms": results,
                "slmtune_batching": ours.get("batching")}
     for name, r in results.items():
-        if name != "slmtune":
+        if name != "slmtune" and "slmtune" in results and not name.startswith("slmtune-full"):
             ratios = {"speedup": ours["records_per_s"] / r["records_per_s"],
                       "tokens_per_s_ratio": ours["tokens_per_s"] / r["tokens_per_s"],
                       "peak_memory_ratio": ours["peak_memory_mb"] / r["peak_memory_mb"]}
@@ -330,7 +346,9 @@ def plot(results: dict, path: Path, title: str) -> None:
 ARMS = {"baseline": arm_baseline, "baseline-fp32": lambda a: arm_baseline(a, fp32=True),
         "baseline-tuned": lambda a: arm_baseline(a, fp32=True, checkpointing=False), "slmtune": arm_slmtune,
         # slmtune in the precision `auto` did not pick on this machine: both precision paths measured in one run
-        "slmtune-fp32": lambda a: arm_slmtune(a, "fp32"), "slmtune-bf16": lambda a: arm_slmtune(a, "bf16")}
+        "slmtune-fp32": lambda a: arm_slmtune(a, "fp32"), "slmtune-bf16": lambda a: arm_slmtune(a, "bf16"),
+        # the default full fine-tune (its peak memory; not a default arm: lr and epochs differ from the LoRA arms')
+        "slmtune-full": arm_full}
 
 
 if __name__ == "__main__":

@@ -535,3 +535,44 @@ def test_a_recipe_naming_only_model_data_and_output_resolves_auto_and_writes_it(
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["global_step"] == 6 and m["epochs"] == pytest.approx(2.0)  # 12 records / batch 4 × 2 epochs
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gradients_are_zeroed_in_place_between_steps_not_reallocated(tiny_model, tmp_path, method):
+    """keep_gradients: after each optimizer step the Trainer's zero_grad leaves every trained weight's gradient
+    allocated (the same buffer, zeroed), so the next backward pass does not allocate them again."""
+    from transformers import TrainerCallback
+
+    from slmtune.train.dataset import prepare
+    from slmtune.train.trainer import _build_trainer
+
+    path = short_recipe(tmp_path, tiny_model)
+    if method == "full":
+        path.write_text(path.read_text().replace("lora: {r: 8, alpha: 16, dropout: 0.0}\n", "method: full\n"))
+    recipe = load_recipe(path)
+    trainer, _ = _build_trainer(recipe, prepare(recipe), tmp_path / "run" / "checkpoints")
+    assert hasattr(trainer.model, "peft_config") == (method == "lora")
+    # a full fine-tune on the CPU keeps Adam's moments in 8 bits; LoRA keeps transformers' default optimizer
+    assert (trainer.args.optim == "adamw_bnb_8bit") == (method == "full")
+    seen = []
+
+    class Grads(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            grads = [p.grad for p in trainer.model.parameters() if p.requires_grad]
+            assert grads and all(g is not None and not g.any() for g in grads)
+            seen.append([g.data_ptr() for g in grads])
+
+    trainer.add_callback(Grads())
+    trainer.train()
+    assert len(seen) == 2 and seen[0] == seen[1]
+
+
+def test_trainer_block_optim_overrides_the_full_fine_tunes_8bit_adam(tiny_model, tmp_path):
+    from slmtune.train.dataset import prepare
+    from slmtune.train.trainer import _build_trainer
+
+    path = short_recipe(tmp_path, tiny_model, "trainer: {optim: adamw_torch_fused}\n")
+    path.write_text(path.read_text().replace("lora: {r: 8, alpha: 16, dropout: 0.0}\n", "method: full\n"))
+    recipe = load_recipe(path)
+    trainer, _ = _build_trainer(recipe, prepare(recipe), tmp_path / "run" / "checkpoints")
+    assert trainer.args.optim == "adamw_torch_fused"

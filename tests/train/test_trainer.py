@@ -286,6 +286,11 @@ def short_recipe(folder: Path, model: Path, blocks: str = "", lora: str = "", n:
     return recipe
 
 
+def as_full_fine_tune(recipe: Path) -> None:
+    """`short_recipe`'s LoRA run made a full fine-tune (`method: full`, no `lora:` section)."""
+    recipe.write_text(recipe.read_text().replace("lora: {r: 8, alpha: 16, dropout: 0.0}\n", "method: full\n"))
+
+
 def test_tensorboard_by_default_holds_the_train_loss(tiny_model, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -548,7 +553,7 @@ def test_gradients_are_zeroed_in_place_between_steps_not_reallocated(tiny_model,
 
     path = short_recipe(tmp_path, tiny_model)
     if method == "full":
-        path.write_text(path.read_text().replace("lora: {r: 8, alpha: 16, dropout: 0.0}\n", "method: full\n"))
+        as_full_fine_tune(path)
     recipe = load_recipe(path)
     trainer, _ = _build_trainer(recipe, prepare(recipe), tmp_path / "run" / "checkpoints")
     assert hasattr(trainer.model, "peft_config") == (method == "lora")
@@ -572,7 +577,7 @@ def test_trainer_block_optim_overrides_the_full_fine_tunes_8bit_adam(tiny_model,
     from slmtune.train.trainer import _build_trainer
 
     path = short_recipe(tmp_path, tiny_model, "trainer: {optim: adamw_torch_fused}\n")
-    path.write_text(path.read_text().replace("lora: {r: 8, alpha: 16, dropout: 0.0}\n", "method: full\n"))
+    as_full_fine_tune(path)
     recipe = load_recipe(path)
     trainer, _ = _build_trainer(recipe, prepare(recipe), tmp_path / "run" / "checkpoints")
     assert trainer.args.optim == "adamw_torch_fused"

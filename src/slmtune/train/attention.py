@@ -70,8 +70,7 @@ def _flash_cpu():
         @staticmethod
         def forward(ctx, q, k, v, scale):
             group = q.shape[1] // k.shape[1]
-            kr, vr = (k, v) if group == 1 else (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
-            out, lse = flash(q, kr, vr, 0.0, True, scale=scale)
+            out, lse = flash(q, *_per_query_head(k, v, group), 0.0, True, scale=scale)
             ctx.save_for_backward(q, k, v, out, lse)
             ctx.scale, ctx.group = scale, group
             return out
@@ -84,14 +83,19 @@ def _flash_cpu():
                 dq, dk, dv = causal_backward_bf16(grad, q, k, v, out, lse, scale)
                 return dq, dk, dv, None
             g = ctx.group
-            kr, vr = (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
-            dq, dk, dv = flash_bwd(grad.contiguous(), q, kr, vr, out, lse, 0.0, True, scale=ctx.scale)
+            dq, dk, dv = flash_bwd(grad.contiguous(), q, *_per_query_head(k, v, g), out, lse, 0.0, True,
+                                   scale=ctx.scale)
             if g > 1:
                 b, h, t, d = dk.shape
                 dk, dv = dk.view(b, h // g, g, t, d).sum(2), dv.view(b, h // g, g, t, d).sum(2)
             return dq, dk, dv, None
 
     return FlashCpu
+
+
+def _per_query_head(k, v, group: int):
+    """k and v repeated for each of the `group` query heads that share them (as they are when group is 1)."""
+    return (k, v) if group == 1 else (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
 
 
 BLOCK = 128  # query rows per step of causal_backward_bf16 (per query head): 64 and 256 measured slower at 300–948
@@ -104,15 +108,16 @@ def causal_backward_bf16(grad, q, k, v, out, lse, scale: float):
     Why: the CPU flash kernel's bf16 backward runs its small-block gemms at ~17 % of the matmul peak (7.8 ms for one
     SmolLM2 layer at 600 tokens, 6.5× its forward): 27 % of a LoRA step on an AVX512-BF16 CPU. Here each block of
     128 rows (× the query heads sharing a k/v head, so grouped-query attention needs no repeated k/v) takes five
-    batched matmuls and two elementwise passes over the block's probabilities: 1.2–1.5× faster at 300–948 tokens.
+    batched matmuls and two elementwise passes over the block's probabilities: 1.2–1.5× faster at 300–948 tokens
+    (an ad-hoc microbenchmark; the bench_train figures are in README).
 
     Precision: a bf16 matmul returns bf16, so the log-probabilities `scale·q·k − lse` cannot be formed in fp32 as
     the kernel does. They come out of one matmul instead, the subtraction done inside its fp32 accumulation (each
     row's −lse/scale, split into three bf16 parts, is three extra columns of q against columns of ones in k), so
     each is rounded once, relative to its own size: the largest probabilities (log-probability near 0) keep nearly
     fp32 accuracy, a probability p gets a relative error of ~|ln p|·2⁻⁹. `dP − Δ` (Δ = rowsum(dO·O)) is formed the
-    same way. Gradient error against fp64 (random q, k, v): 0.6–0.7 % of the gradient's norm, the kernel's
-    0.25–0.55 %; the held-out loss of a bench_train run is unchanged (see README)."""
+    same way. Gradient error against fp64 (random q, k, v; tests/train/test_bins.py bounds it at 1 %): 0.6–0.7 % of
+    the gradient's norm, the kernel's 0.25–0.55 %; the held-out loss of a bench_train run is unchanged (see README)."""
     import torch
 
     _, h, n, d = q.shape

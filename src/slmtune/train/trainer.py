@@ -311,8 +311,8 @@ def keep_gradients(model) -> None:
     With gradients freed after every optimizer step (the default, `set_to_none=True`), the next backward pass
     allocates them anew, in between the activations it frees: for a full fine-tune of SmolLM2-135M that is 0.5 GB
     of fp32 buffers per step that glibc's heap fits around holes, and the process kept 0.3–0.5 GB more resident at
-    its peak (4.72 vs 4.20–4.45 GB in the same 5 steps of 1,280-token records; same speed). Kept, they are allocated
-    once. LoRA's adapter gradients are small either way. `_save` frees them."""
+    its peak (an ad-hoc probe: 4.72 vs 4.20–4.45 GB in the same 5 steps of 1,280-token records; same speed). Kept,
+    they are allocated once. LoRA's adapter gradients are small either way. `_save` frees them."""
     import functools
 
     import torch
@@ -354,8 +354,8 @@ def _sft_config(recipe: Recipe, prep: Prepared, ckpt_root: Path, precision: str,
                 "dataloader_num_workers": 0}
     if recipe.method == "full" and not cuda():
         # A full fine-tune on the CPU: Adam's moments in 8 bits (bitsandbytes, blockwise): 1.0 GB → 0.27 GB for
-        # SmolLM2-135M. 277 records × 2 epochs at 1,280 tokens: peak 4.79 GB (fused fp32 AdamW: 8.0 GB before the
-        # heap trimming, ~5.0–5.3 with it), held-out loss 0.0463 vs 0.0469, 18 % slower (README, docs/defaults.md).
+        # SmolLM2-135M. 277 records × 2 epochs at 1,280 tokens: peak 4.78 GB (fused fp32 AdamW: 8.0 GB before the
+        # heap trimming, ~5.0–5.3 with it), held-out loss 0.0463 vs 0.0469, 14 % slower (README, docs/defaults.md).
         # `trainer: {optim: adamw_torch_fused}` takes the fp32 optimizer back.
         defaults["optim"] = "adamw_bnb_8bit"
     kwargs = dict(

@@ -141,8 +141,9 @@ def split(entries: list[dict], n_train: int, n_test: int, seed: int) -> tuple[li
 
 def first_value(v):
     """The teacher's value: the first acceptable one, recursively for nested objects ("" = may be omitted)."""
-    if isinstance(v, dict):
-        return {k: first_value(vals[0]) for k, vals in v.items() if vals and vals[0] != ""}
+    if isinstance(v, dict):  # each key's acceptable values; a few entries hold a plain value there instead
+        return {k: first_value(vals[0] if isinstance(vals, list) else vals) for k, vals in v.items()
+                if not isinstance(vals, list) or (vals and vals[0] != "")}
     if isinstance(v, list):
         return [first_value(x) for x in v]
     return v

@@ -46,7 +46,8 @@ verdict (correct vs not) over every test record. Then the test records are dealt
 A), and applied to the other half, which reports the share the SLM answered (coverage) and those answers' BFCL
 accuracy, beside the raw accuracy of answering every call. Then the halves swap and both are reported. As
 serving does, only answers that call a tool count as answered: a text answer ("none of the offered functions
-fits") goes to the LLM whatever its confidence (`slmtune.eval.selective.servable`), even when it is right.
+fits") goes to the LLM whatever its confidence (`slmtune.eval.selective.servable`), even when it is right, and so
+does a call holding a scrub placeholder (`<SECRET_1>`: curate scrubbed the training logs) that its prompt does not.
 
 Scoring: every prediction (an OpenAI assistant message) is decoded as BFCL decodes an OpenAI function-calling
 model's output (`[{name: arguments}]`) and checked by `bfcl_eval`'s `ast_checker` against the category's possible
@@ -232,7 +233,8 @@ def selective_figures(b, by_id: dict[str, dict], preds: dict[str, dict], conf: d
 
     ids = sorted(rid for rid in by_id if rid in preds and conf.get(rid))
     correct = {rid: float(score(b, by_id[rid], preds[rid])["correct"]) for rid in ids}
-    served = {rid: conf[rid][DEFAULT] if servable("tool_calling", preds[rid]) else None for rid in ids}
+    served = {rid: conf[rid][DEFAULT] if servable("tool_calling", preds[rid], by_id[rid]["question"]) else None
+              for rid in ids}
     calls = [r for r in ids if served[r] is not None]
     out = {"n": len(ids), "auroc": {k: auroc([conf[r][k] for r in ids], [correct[r] for r in ids])
                                     for k in CANDIDATES},

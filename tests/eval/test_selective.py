@@ -88,3 +88,13 @@ def test_answers_serving_would_not_hand_the_agent_are_never_answered():
     sel = selective(conf, scores, 0.9, serves=serves)
     assert sel["threshold"] is None and sel["coverage"] == 0.0 and sel["auroc"] == auroc(conf, scores)
     assert sel["curve"][-1]["answered"] == 10 and sel["curve"][-1]["coverage"] == 0.25
+
+
+def test_an_answer_holding_a_placeholder_its_prompt_does_not_is_not_servable():
+    from slmtune.eval.selective import servable
+
+    call = {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "login", "arguments": '{"password": "<SECRET_1>"}'}}]}
+    assert not servable("tool_calling", call, [{"role": "user", "content": "my password is hunter2"}])
+    assert servable("tool_calling", call, [{"role": "user", "content": "my password is <SECRET_1>"}])
+    assert not servable("extraction", {"role": "assistant", "content": '{"email": "<EMAIL_1>"}'}, [])

@@ -315,6 +315,26 @@ def test_the_guard_names_what_is_wrong():
     assert check_answer("summarization", None, {"content": "  "}, True, None) == "invalid_output"
 
 
+def test_the_guard_defers_a_scrub_placeholder_the_request_does_not_hold():
+    """An SLM trained on scrubbed logs learned that a password is written <SECRET_1>: asked with the real one, it
+    may still answer the placeholder (6 of 428 BFCL calls in bench_quality, at confidence up to 0.96)."""
+    tools = [{"type": "function", "function": {"name": "add_server", "parameters": {
+        "type": "object", "properties": {"host": {"type": "string"}, "password": {"type": "string"}}}}}]
+    asked = [{"role": "user", "content": "Add db.example.com with password 1234567890."}]
+    answer = {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "add_server", "arguments": '{"host": "db.example.com", "password": "<SECRET_1>"}'}}]}
+    assert check_answer("tool_calling", None, answer, True, tools) == "placeholder"  # no prompt: nothing holds it
+    assert check_answer("tool_calling", None, answer, True, tools, prompt=asked) == "placeholder"
+    scrubbed = [{"role": "user", "content": "Add db.example.com with password <SECRET_1>."}]
+    assert check_answer("tool_calling", None, answer, True, tools, prompt=scrubbed) is None  # the client's own
+    angle = {"role": "assistant", "content": "Use <br_1> or <Secret_1> or <ZIP_1>."}  # not slmtune's placeholders
+    assert check_answer("summarization", None, angle, True, None, prompt=asked) is None
+    email = {"role": "assistant", "content": "Forward it to <EMAIL_2>."}
+    assert check_answer("summarization", None, email, True, None, prompt=asked) == "placeholder"
+    assert check_answer("tool_calling", None, {"content": "<SECRET_1>"}, True, tools, prompt=asked) == \
+        "invalid_output"  # form first: a text answer to a tool-calling route
+
+
 # ----------------------------------------------------------------------------- load, logs, metrics
 def test_32_concurrent_requests_are_all_answered_and_logged_once(work, servers):
     server = servers("main")

@@ -36,6 +36,7 @@ PLACEHOLDER_TYPES = ("PRIVATE_KEY", "URL_CREDENTIALS", "JWT", "API_KEY", "SECRET
                      "IBAN", "CARD", "SSN", "PHONE", "IP", "PERSON", "ADDRESS")
 SECRET_TYPES = frozenset({"PRIVATE_KEY", "URL_CREDENTIALS", "JWT", "API_KEY", "SECRET"})
 _PLACEHOLDER = re.compile(r"<[A-Z_]+_\d+>")
+_TYPED_PLACEHOLDER = re.compile(rf"<(?:{'|'.join(PLACEHOLDER_TYPES)})_\d+>")
 
 # A date as people write one: 02/04/1990, 1990-04-02, 2nd April 1990, April 2, 1990 (case-blind patterns).
 _MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|"
@@ -313,3 +314,19 @@ def _walk(obj: Any, table: dict, counts: Counter, backend: Backend | None, field
     if isinstance(obj, dict):
         return {k: _walk(v, table, counts, backend, k) for k, v in obj.items()}
     return obj
+
+
+def invented_placeholders(answer: Any, prompt: Any) -> list[str]:
+    """The scrub placeholders (`<SECRET_1>`, `<EMAIL_2>`, ...) in `answer` that `prompt` does not hold, sorted.
+
+    A model trained on scrubbed logs learns that a password or an address is written `<SECRET_1>`; asked with the
+    real value in the prompt, it may still answer the placeholder: a well-formed answer that names a value it
+    does not have. Serving defers such an answer and eval does not count it as answered (`placeholder`). Both
+    arguments may be any JSON value (messages, a parsed answer); a placeholder the prompt itself holds may be
+    copied."""
+    found = set(_TYPED_PLACEHOLDER.findall(_as_text(answer)))
+    return sorted(found - set(_TYPED_PLACEHOLDER.findall(_as_text(prompt)))) if found else []
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)

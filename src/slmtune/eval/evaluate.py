@@ -355,7 +355,8 @@ def score_row(row: Row, records: list[dict], task: Task, target: float | None = 
     verdicts = record_scores([o["verdicts"] for o in row.outputs], key_metric(task.category))
     row.selective = selective([o.get("confidence") for o in row.outputs], verdicts, target,
                               text_task=task.category not in KEY_METRICS,
-                              serves=[servable(task.category, o["message"]) for o in row.outputs])
+                              serves=[servable(task.category, o["message"], split_prompt_target(rec)[0])
+                                      for o, rec in zip(row.outputs, records, strict=False)])
     return row
 
 

@@ -17,7 +17,8 @@ the rest (to the LLM, when serving):
   a guess.
 
 Only answers serving would hand the agent count as answered: on a tool-calling task a text answer goes to the
-LLM whatever its confidence (the guard's rule, `slmtune.serve.guard`), so such records (`servable` False, given
+LLM whatever its confidence (the guard's rule, `slmtune.serve.guard`), and so does an answer holding a scrub
+placeholder (`<SECRET_1>`) that its prompt does not, so such records (`servable` False, given
 as confidence None to the functions below) are never answered at any threshold — an abstention the SLM got right
 does not buy the calls it gets wrong a route. The AUROC still reads every record's own confidence.
 
@@ -33,15 +34,21 @@ calls' accuracy on another (`slmtune.flywheel`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from slmtune.data.scrub import invented_placeholders
 from slmtune.infer.calls import TOOL_CALLING
 
 LEVEL = 0.9  # one-sided confidence of the Clopper–Pearson bound
 
 
-def servable(category: str, message: dict | None) -> bool:
-    """Whether serving could hand the agent this answer: on a tool-calling task only one that calls a tool."""
-    return category != TOOL_CALLING or bool((message or {}).get("tool_calls"))
+def servable(category: str, message: dict | None, prompt: Any = None) -> bool:
+    """Whether serving could hand the agent this answer: on a tool-calling task only one that calls a tool, and
+    on any task not one that holds a scrub placeholder its prompt does not (the guard's `placeholder`)."""
+    m = message or {}
+    if category == TOOL_CALLING and not m.get("tool_calls"):
+        return False
+    return not invented_placeholders([m.get("content"), m.get("tool_calls")], prompt)
 
 
 def record_scores(verdicts: Sequence[dict[str, list[float]]], key: str) -> list[float]:

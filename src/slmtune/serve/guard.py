@@ -11,7 +11,10 @@
   classification or text task with non-empty text and no tool-call markup;
 * `schema_invalid` — it parses but breaks the contract: a call names a tool the request did not offer (or not
   the one `tool_choice` names), its arguments fail that tool's JSON Schema, an extraction object fails the task
-  schema from the export manifest, a label is not one of the task's labels — or the schema can't be applied.
+  schema from the export manifest, a label is not one of the task's labels — or the schema can't be applied;
+* `placeholder` — it is well-formed but holds a scrub placeholder (`<SECRET_1>`, `<EMAIL_2>`, ...) the request's
+  messages do not: learned from scrubbed logs, it stands for a value the model does not have
+  (`slmtune.data.scrub.invented_placeholders`).
 
 Schemas are checked by `slmtune.schema_check` (as curate and eval check them): Draft 7, local `$ref`s only, an
 empty registry, so nothing in a request makes the server fetch anything. A request's tool schemas are checked
@@ -24,12 +27,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from slmtune.data.scrub import invented_placeholders
 from slmtune.infer.calls import CLASSIFICATION, EXTRACTION, TOOL_CALLING, decode_calls, label_of
 from slmtune.records import ROLES
 from slmtune.schema_check import is_valid, schema_problem, tool_params
 
 FALLBACK_REASONS = ("no_route", "unsupported", "disabled", "too_long", "invalid_output", "schema_invalid",
-                    "low_confidence", "timeout", "error")
+                    "placeholder", "low_confidence", "timeout", "error")
 _ROLES = (*ROLES, "developer", "function")
 
 
@@ -178,8 +182,17 @@ def _call(c: dict) -> dict:
 
 # ----------------------------------------------------------------------------- answers
 def check_answer(category: str, schema: Any, message: dict, finished: bool, tools: list | None,
-                 tool_choice: Any = None) -> str | None:
-    """None when `message` (parsed with `render.parse_output`) may be returned; else the fallback reason."""
+                 tool_choice: Any = None, prompt: Any = None) -> str | None:
+    """None when `message` (parsed with `render.parse_output`) may be returned; else the fallback reason.
+    `prompt`: the request's messages, against which a scrub placeholder in the answer is checked."""
+    reason = _check_form(category, schema, message, finished, tools, tool_choice)
+    if reason is None and invented_placeholders([message.get("content"), message.get("tool_calls")], prompt):
+        return "placeholder"
+    return reason
+
+
+def _check_form(category: str, schema: Any, message: dict, finished: bool, tools: list | None,
+                tool_choice: Any) -> str | None:
     if not finished:
         return "invalid_output"
     if category == TOOL_CALLING:

@@ -14,7 +14,8 @@ upstream LLM instead, verbatim. The client always gets one OpenAI response; head
     x-slmtune-fallback   why the LLM answered: no_route | unsupported (n > 1, logprobs, tool_choice none or
                          naming a tool not offered) | disabled (route below --min-score) | too_long (prompt and
                          max_tokens over the model's context) | invalid_output (a text answer to a
-                         tool-calling route included) | schema_invalid | low_confidence (a well-formed answer
+                         tool-calling route included) | schema_invalid | placeholder (a scrub placeholder such
+                         as <SECRET_1> the request does not hold) | low_confidence (a well-formed answer
                          less confident than its route's calibrated `threshold` in router.json) | timeout | error
 
 and the response's `model` is the export's name or the upstream's model. Upstream errors come back with the
@@ -385,7 +386,8 @@ async def _ask_slm(ctx: Ctx, body: dict, ck: Checkpoint):
     if comp.confidence is not None:
         ctx.metrics.confidence.labels(ck.task).observe(comp.confidence)
     msg = parse_output(comp.text)
-    reason = check_answer(ck.category, ck.schema, msg, comp.finished, body.get("tools"), body.get("tool_choice"))
+    reason = check_answer(ck.category, ck.schema, msg, comp.finished, body.get("tools"), body.get("tool_choice"),
+                          prompt=body.get("messages"))
     if reason is None and ck.threshold is not None and (comp.confidence is None or comp.confidence < ck.threshold):
         reason = "low_confidence"  # well-formed, but not as sure as the answers that agreed with the teacher
     return (None, reason, comp.confidence) if reason else ((ck, msg, comp), None, comp.confidence)

@@ -316,11 +316,12 @@ def _task_stages(task: dict, out: TaskOutcome, round_dir: Path, prev: Path | Non
 
 
 def _eval_fp(train_fp: str, round_dir: Path, name: str, config: FlywheelConfig) -> str:
+    # "cross_fit", "placeholder": reports written before eval wrote `selective.cross_fit`, or before an answer
+    # holding a scrub placeholder its prompt does not became unservable, are redone
     return fingerprint(["eval", train_fp, file_fingerprint(round_dir / "tasks" / name / "eval.jsonl"),
                         config.eval_limit, config.eval_batch_size, EVAL_DECODING,
                         file_fingerprint(config.gate) if config.gate else None, config.target_accuracy,
-                        "cross_fit", "placeholder"])  # reports before eval wrote `selective.cross_fit`, or
-    # before a scrub placeholder the prompt does not hold made an answer unservable, are redone
+                        "cross_fit", "placeholder"])
 
 
 def _candidate(stem: str, recipe, train_fp: str, model: str, name: str, out: TaskOutcome, round_dir: Path,

@@ -283,8 +283,9 @@ def main() -> None:
     peaks = {"fp32": peak_flops(torch.float32, "cuda" if cuda() else "cpu")}
     if fast_bf16:
         peaks["bf16"] = peak_flops(torch.bfloat16, "cuda" if cuda() else "cpu")
-    for name, r in results.items():  # the precision each arm computed in: slmtune's metrics say; TRL's defaults
-        r["precision"] = r.pop("precision_used", None) or ("bf16" if name == "baseline" else "fp32")  # autocast
+    for name, r in results.items():  # the precision each arm computed in: slmtune's from its metrics; TRL's
+        # defaults (the baseline arm) autocast to bf16, its other arms run fp32
+        r["precision"] = r.pop("precision_used", None) or ("bf16" if name == "baseline" else "fp32")
         peak = peaks.get(r["precision"]) or peak_flops(torch.bfloat16)
         # shared-prefix batches compute each prefix once: count the token-passes actually run
         done = 1 - (r.get("batching") or {}).get("token_saving", 0.0)

@@ -322,8 +322,8 @@ def invented_placeholders(answer: Any, prompt: Any) -> list[str]:
     A model trained on scrubbed logs learns that a password or an address is written `<SECRET_1>`; asked with the
     real value in the prompt, it may still answer the placeholder: a well-formed answer that names a value it
     does not have. Serving defers such an answer and eval does not count it as answered (`placeholder`). Both
-    arguments may be any JSON value (messages, a parsed answer); a placeholder the prompt itself holds may be
-    copied."""
+    arguments may be any JSON value (an assistant message, the prompt's messages); a placeholder the prompt itself
+    holds may be copied."""
     found = set(_TYPED_PLACEHOLDER.findall(_as_text(answer)))
     return sorted(found - set(_TYPED_PLACEHOLDER.findall(_as_text(prompt)))) if found else []
 

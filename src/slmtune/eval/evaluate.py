@@ -346,17 +346,18 @@ def _run(name: str, ref: ModelRef, gens: list, gs: GenSettings, budget: int, mod
 
 # ----------------------------------------------------------------------------- scoring and the whole run
 def score_row(row: Row, records: list[dict], task: Task, target: float | None = None) -> Row:
+    serves = []  # whether serving would hand the agent each answer (`selective.servable`)
     for out, rec in zip(row.outputs, records, strict=False):
-        out["verdicts"] = score(task.category, task.schema, out["message"], split_prompt_target(rec)[1],
-                                rec.get("tools"))
+        prompt, reference = split_prompt_target(rec)
+        out["verdicts"] = score(task.category, task.schema, out["message"], reference, rec.get("tools"))
+        serves.append(servable(task.category, out["message"], prompt))
     row.metrics = aggregate([o["verdicts"] for o in row.outputs], task.category)
     if task.category == TOOL_CALLING and row.kind != "teacher":
         row.failures = failure_report(records, row.outputs, task.schema)
     verdicts = record_scores([o["verdicts"] for o in row.outputs], key_metric(task.category))
     row.selective = selective([o.get("confidence") for o in row.outputs], verdicts, target,
                               text_task=task.category not in KEY_METRICS,
-                              serves=[servable(task.category, o["message"], split_prompt_target(rec)[0])
-                                      for o, rec in zip(row.outputs, records, strict=False)])
+                              serves=serves)
     return row
 
 

@@ -48,7 +48,7 @@ def servable(category: str, message: dict | None, prompt: Any = None) -> bool:
     m = message or {}
     if category == TOOL_CALLING and not m.get("tool_calls"):
         return False
-    return not invented_placeholders([m.get("content"), m.get("tool_calls")], prompt)
+    return not invented_placeholders(m, prompt)
 
 
 def record_scores(verdicts: Sequence[dict[str, list[float]]], key: str) -> list[float]:

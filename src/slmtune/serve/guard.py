@@ -186,7 +186,7 @@ def check_answer(category: str, schema: Any, message: dict, finished: bool, tool
     """None when `message` (parsed with `render.parse_output`) may be returned; else the fallback reason.
     `prompt`: the request's messages, against which a scrub placeholder in the answer is checked."""
     reason = _check_form(category, schema, message, finished, tools, tool_choice)
-    if reason is None and invented_placeholders([message.get("content"), message.get("tool_calls")], prompt):
+    if reason is None and invented_placeholders(message, prompt):
         return "placeholder"
     return reason
 
